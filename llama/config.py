@@ -93,7 +93,7 @@ class ModelArgs:
 
     @property
     def attention_kind(self) -> str:
-        """"MHA", "GQA" or "MQA"."""
+        """One of "MHA", "GQA" or "MQA"."""
         if self.kv_heads == self.n_heads:
             return "MHA"
         return "MQA" if self.kv_heads == 1 else "GQA"
@@ -150,7 +150,9 @@ class ModelArgs:
             )
         scaling = raw.get("rope_scaling")
         if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-            raise ConfigError(f"{path}: rope_scaling {scaling!r} is not supported (LLaMA-2 has none)")
+            raise ConfigError(
+                f"{path}: rope_scaling {scaling!r} is not supported (LLaMA-2 has none)"
+            )
         kwargs = dict(
             dim=raw["hidden_size"],
             n_layers=raw["num_hidden_layers"],
@@ -166,15 +168,22 @@ class ModelArgs:
         return _build(cls, kwargs, path)
 
     @classmethod
-    def from_llama2c_header(cls, header: tuple[int, ...], source: str = "llama2.c header") -> ModelArgs:
+    def from_llama2c_header(
+        cls, header: tuple[int, ...], source: str = "llama2.c header"
+    ) -> ModelArgs:
         """llama2.c's header: (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab, seq_len).
 
         The vocab size's sign only says whether the classifier is shared; the caller handles it.
         """
         dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = header
         kwargs = dict(
-            dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads,
-            n_kv_heads=n_kv_heads, vocab_size=abs(vocab), max_seq_len=seq_len,
+            dim=dim,
+            hidden_dim=hidden,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            vocab_size=abs(vocab),
+            max_seq_len=seq_len,
         )
         return _build(cls, kwargs, source)
 
@@ -200,14 +209,30 @@ def _build(cls: type[ModelArgs], kwargs: dict[str, Any], source: object) -> Mode
 
 # Published shapes, for benchmarks and the README's memory arithmetic.
 PRESETS: dict[str, ModelArgs] = {
-    "stories260K": ModelArgs(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512,
-                             hidden_dim=172, max_seq_len=512),
-    "stories15M": ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, hidden_dim=768,
-                            max_seq_len=256),
-    "tinyllama-1.1b": ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
-                                vocab_size=32000, hidden_dim=5632, max_seq_len=2048),
+    "stories260K": ModelArgs(
+        dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, hidden_dim=172, max_seq_len=512
+    ),
+    "stories15M": ModelArgs(
+        dim=288, n_layers=6, n_heads=6, vocab_size=32000, hidden_dim=768, max_seq_len=256
+    ),
+    "tinyllama-1.1b": ModelArgs(
+        dim=2048,
+        n_layers=22,
+        n_heads=32,
+        n_kv_heads=4,
+        vocab_size=32000,
+        hidden_dim=5632,
+        max_seq_len=2048,
+    ),
     "llama2-7b": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000),
     "llama2-13b": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000),
-    "llama2-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000,
-                            ffn_dim_multiplier=1.3, multiple_of=4096),
+    "llama2-70b": ModelArgs(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        vocab_size=32000,
+        ffn_dim_multiplier=1.3,
+        multiple_of=4096,
+    ),
 }

@@ -22,12 +22,15 @@ def shared_file(*parts: str) -> Path:
 
 
 TINY_CONFIGS = {
-    "mha": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=97,
-                     multiple_of=16, max_seq_len=64),
-    "gqa": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97,
-                     multiple_of=16, max_seq_len=64),
-    "mqa": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=97,
-                     multiple_of=16, max_seq_len=64),
+    "mha": ModelArgs(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=97, multiple_of=16, max_seq_len=64
+    ),
+    "gqa": ModelArgs(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64
+    ),
+    "mqa": ModelArgs(
+        dim=64, n_layers=2, n_heads=4, n_kv_heads=1, vocab_size=97, multiple_of=16, max_seq_len=64
+    ),
 }
 
 
