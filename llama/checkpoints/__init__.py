@@ -1,0 +1,174 @@
+"""Load LLaMA-2 checkpoints in every on-disk format people have, and save the native one.
+
+Formats (one module each; `detect` tells them apart by the files present, never by the
+directory's name):
+- "meta":    params.json + consolidated.NN.pth (1..8 model-parallel shards) + tokenizer.model
+- "hf":      config.json + model*.safetensors (index json when sharded) or pytorch_model*.bin
+- "llama2c": one llama2.c .bin (legacy or v1 "ak42"); the path may be the file itself
+- "native":  params.json + model.safetensors (+ tokenizer.model), what `save` writes
+
+`load` builds the model on the meta device, streams memory-mapped tensors into it (converting
+or quantising each as it arrives), and returns a `LoadedModel`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llama.checkpoints import hf, llama2c, meta, native
+from llama.checkpoints.common import (
+    TOKENIZER_NAME,
+    CheckpointError,
+    LoadedModel,
+    Source,
+    assemble,
+    check_vocab,
+    config_error,
+    progress_bar,
+    require_file,
+)
+from llama.config import ConfigError
+
+__all__ = ["CheckpointError", "LoadedModel", "detect", "load", "save"]
+
+save = native.save
+
+FORMATS = ("meta", "hf", "llama2c", "native")
+
+
+def detect(path: str | Path) -> str:
+    """Name the checkpoint format at `path` (a directory, or a llama2.c .bin file).
+
+    Raises CheckpointError when nothing matches or when one directory holds two formats.
+    """
+    path = Path(path)
+    if path.is_file():
+        llama2c.read_header(path)  # raises with the reason when it is not llama2.c
+        return "llama2c"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or directory")
+    found = _formats_in(path)
+    if len(found) > 1:
+        raise CheckpointError(
+            f"{path}: holds more than one checkpoint format ({', '.join(found)}); "
+            "keep one per directory"
+        )
+    if not found:
+        raise CheckpointError(f"{path}: {_why_nothing(path)}")
+    return found[0]
+
+
+def _formats_in(d: Path) -> list[str]:
+    params, config = (d / "params.json").is_file(), (d / "config.json").is_file()
+    found = []
+    if params and meta.shard_files(d):
+        found.append("meta")
+    if config and hf.weight_files_present(d):
+        found.append("hf")
+    if llama2c_files(d):
+        found.append("llama2c")
+    if params and (d / native.WEIGHTS_NAME).is_file():
+        found.append("native")
+    return found
+
+
+def _why_nothing(d: Path) -> str:
+    if meta.shard_files(d):
+        return "missing params.json beside the consolidated.*.pth shards"
+    if (d / native.WEIGHTS_NAME).is_file() or hf.weight_files_present(d):
+        return "missing config.json (Hugging Face) or params.json (native) beside the weights"
+    if (d / "params.json").is_file() or (d / "config.json").is_file():
+        return "a config file but no weights (consolidated.*.pth, *.safetensors, *.bin)"
+    return ("no checkpoint found: expected params.json + consolidated.*.pth (Meta), "
+            "config.json + *.safetensors (Hugging Face), params.json + model.safetensors "
+            "(native) or a llama2.c .bin")
+
+
+def llama2c_files(d: Path) -> list[Path]:
+    """The .bin files in `d` whose header and size match a llama2.c checkpoint."""
+    return [p for p in sorted(d.glob("*.bin")) if llama2c.looks_like_llama2c(p)]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp16 on MPS, fp32 on CPU (bf16 matmuls are slow on AVX2 CPUs)."""
+    return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+
+
+def load(
+    path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    load_in_8bit: bool = False,
+    max_seq_len: int | None = None,
+    tokenizer_path: str | Path | None = None,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load the checkpoint at `path` (any format `detect` knows) ready for inference.
+
+    device: default cuda when available, else cpu. dtype: default `default_dtype(device)`.
+    load_in_8bit: the block Linears become bitsandbytes Linear8bitLt, quantised one by one
+    while loading. max_seq_len: overrides the config's (it sizes RoPE tables and KV caches).
+    tokenizer_path: default tokenizer.model beside the weights (llama2.c: also the single
+    *.model file there). The model's vocab_size must equal the tokenizer's.
+    """
+    path = Path(path)
+    fmt = detect(path)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    tokenizer = _tokenizer(path, fmt, tokenizer_path)
+    source = _open(fmt, path, tokenizer)
+    if max_seq_len is not None:
+        source.args = _with_seq_len(source.args, max_seq_len, path)
+    check_vocab(source.args, tokenizer, path)
+    quantise = None
+    if load_in_8bit:
+        from llama.quant import make_quantiser
+
+        quantise = make_quantiser(device)
+    stream = progress_bar(source.tensors, source.count, f"loading {path.name}", progress)
+    model = assemble(source.args, stream, path, device, dtype,
+                     tie_allowed=source.tie_allowed, quantise=quantise)
+    return LoadedModel(model, tokenizer, fmt, path, dtype, device, load_in_8bit)
+
+
+def _open(fmt: str, path: Path, tokenizer: Path | None) -> Source:
+    if fmt == "llama2c":
+        file = path if path.is_file() else _single_llama2c(path)
+        return llama2c.open_source(file)
+    return {"meta": meta.open_source, "hf": hf.open_source,
+            "native": native.open_source}[fmt](path, tokenizer)
+
+
+def _single_llama2c(d: Path) -> Path:
+    files = llama2c_files(d)
+    if len(files) != 1:
+        names = ", ".join(p.name for p in files)
+        raise CheckpointError(f"{d}: expected one llama2.c .bin file, found {len(files)}: {names}")
+    return files[0]
+
+
+def _tokenizer(path: Path, fmt: str, explicit: str | Path | None) -> Path | None:
+    if explicit is not None:
+        return require_file(Path(explicit), "tokenizer")
+    root = path.parent if path.is_file() else path
+    if (root / TOKENIZER_NAME).is_file():
+        return root / TOKENIZER_NAME
+    if fmt == "llama2c":
+        models = sorted(root.glob("*.model"))
+        if len(models) == 1:
+            return models[0]
+    return None
+
+
+def _with_seq_len(args: Any, max_seq_len: int, path: Path) -> Any:
+    try:
+        return args.replace(max_seq_len=max_seq_len)
+    except ConfigError as exc:
+        raise config_error(ConfigError(f"{path}: max_seq_len: {exc}")) from None
