@@ -1,0 +1,370 @@
+"""Opt-in capture of the model's insides while it decodes: attention, RoPE and the KV cache.
+
+A `Probe` is handed to `generate()`, which calls `begin(model, prompt_ids)` before prefill,
+`on_step(step)` after every Step and `end(model)` in a finally block. The probe attaches itself
+to the traced layers with `model.set_observer`; with no probe the model's SDPA fast path runs
+untouched. For the traced layers only, the attention probabilities softmax(q k^T / sqrt(D)) are
+recomputed (Vaswani et al. 2017, eq. 1) with the causal rule; a decode step costs one row per
+query head.
+
+Everything stored is a small CPU fp32 tensor keyed by absolute position, and only the last
+`window` positions are kept (rows are cut to their last `window` keys), so memory stays
+bounded in long chats: about n_layers_traced * H * window^2 * 4 bytes for attention.
+`snapshot()` assembles an immutable `Trace` for ui/figures.py.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Set
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llama.config import ModelArgs
+from llama.model import AttentionCapture, Transformer
+from llama.rope import apply_rope, rope_angles, rope_frequencies
+
+KV_HISTORY = 4096  # steps of KV-cache history kept (two small ints per layer each)
+
+
+# Pure helpers ------------------------------------------------------------------------------
+def attention_probs(capture: AttentionCapture, batch: int = 0, rows: int | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(D)) with the causal rule, for one batch row: (H, T_rows, T_kv) fp32.
+
+    Query head h reads KV head h // n_rep (the grouping SDPA's enable_gqa and Meta's repeat_kv
+    use). Key j is visible to the query at absolute position p iff j <= p. `rows` keeps only
+    the last `rows` queries (the softmax still runs over every cached key, so rows sum to 1).
+    """
+    q = capture.q[batch].float()  # (H, T, D)
+    keys = capture.keys[batch].float()  # (H_kv, T_kv, D)
+    pos = capture.input_pos
+    if rows is not None and rows < q.shape[1]:
+        q, pos = q[:, -rows:], pos[-rows:]
+    n_heads, t_q, d = q.shape
+    n_kv, t_kv = keys.shape[0], keys.shape[1]
+    grouped = q.view(n_kv, n_heads // n_kv, t_q, d)  # (H_kv, n_rep, T, D)
+    scores = torch.einsum("grtd,gsd->grts", grouped, keys) / math.sqrt(d)  # (H_kv, n_rep, T, T_kv)
+    visible = torch.arange(t_kv, device=pos.device)[None, :] <= pos[:, None]  # (T, T_kv)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1).reshape(n_heads, t_q, t_kv).cpu()  # (H, T, T_kv)
+
+
+def group_reduce(probs: Tensor, n_kv_heads: int) -> tuple[Tensor, Tensor]:
+    """Per GQA group g (query heads g*n_rep .. g*n_rep+n_rep-1): mean and spread (max - min).
+
+    probs (H, T_q, T_kv) -> two (H_kv, T_q, T_kv) tensors. Groups of one head have spread 0.
+    """
+    n_heads = probs.shape[0]
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_kv_heads: expected a divisor of {n_heads} heads, found {n_kv_heads}")
+    grouped = probs.view(n_kv_heads, n_heads // n_kv_heads, *probs.shape[1:])  # (H_kv, n_rep, ..)
+    return grouped.mean(1), grouped.amax(1) - grouped.amin(1)
+
+
+def kv_bytes(args: ModelArgs, positions: int, itemsize: int, n_kv_heads: int | None = None,
+             batch: int = 1) -> int:
+    """K and V bytes over all layers: 2 * B * n_layers * H_kv * head_dim * positions * itemsize."""
+    n_kv = args.kv_heads if n_kv_heads is None else n_kv_heads
+    return 2 * batch * args.n_layers * n_kv * args.head_dim * positions * itemsize
+
+
+def counterfactual_kv_heads(args: ModelArgs) -> dict[str, int]:
+    """KV-head counts to compare: MHA (H), a GQA grouping, MQA (1); the model's own included.
+
+    The GQA example is the model's own when it is GQA, else the divisor of H nearest H/8
+    (LLaMA-2 70B's ratio), left out when H has no divisor strictly between 1 and H.
+    """
+    h = args.n_heads
+    out = {f"MHA (H_kv={h})": h}
+    divisors = [d for d in range(2, h) if h % d == 0]
+    if args.attention_kind == "GQA":
+        out[f"GQA (H_kv={args.kv_heads})"] = args.kv_heads
+    elif divisors:
+        g = min(divisors, key=lambda d: (abs(d - h / 8), d))
+        out[f"GQA (H_kv={g})"] = g
+    out["MQA (H_kv=1)"] = 1
+    return out
+
+
+def token_label(piece: str) -> str:
+    """A token piece made visible on an axis: spaces, newlines and tabs get glyphs."""
+    return piece.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
+# Immutable views for figures ---------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerAttention:
+    """One layer's attention over the window. probs (H, T_q, T_kv): row i is the query at
+    query_positions[i], column j the key at key_positions[j]; future keys are exactly 0.
+    outside (H, T_q): probability mass on keys older than the window (0 when it fits)."""
+
+    layer: int
+    query_positions: list[int]
+    key_positions: list[int]
+    probs: Tensor
+    outside: Tensor
+    group_mean: Tensor  # (H_kv, T_q, T_kv)
+    group_spread: Tensor  # (H_kv, T_q, T_kv), max - min over the group's heads
+
+
+@dataclass(frozen=True)
+class RopeTrace:
+    """Query head `head` (KV head `kv_head`) of `layer` at the newest position.
+
+    q_raw/q_rot, k_raw/k_rot: (D,) before/after rotation; angles (D/2,) = position * freqs.
+    key_positions (T,), scores_rope/scores_plain (T,): q.k / sqrt(D) against the window's keys
+    with and without RoPE. path_positions (P,), q_path (P, D): q_raw rotated as if it sat at
+    each of those positions (how a pair turns as position advances).
+    """
+
+    layer: int
+    head: int
+    kv_head: int
+    position: int
+    q_raw: Tensor
+    q_rot: Tensor
+    k_raw: Tensor
+    k_rot: Tensor
+    freqs: Tensor
+    angles: Tensor
+    key_positions: list[int]
+    scores_rope: Tensor
+    scores_plain: Tensor
+    path_positions: list[int]
+    q_path: Tensor
+
+
+@dataclass(frozen=True)
+class KVTrace:
+    """KV-cache fill after each step. bytes_per_layer[s][l]: bytes of layer l after step s."""
+
+    steps: list[int]
+    positions: list[int]
+    bytes_per_layer: list[tuple[int, ...]]
+    capacity_positions: int
+    capacity_bytes_per_layer: tuple[int, ...]
+    itemsize: int
+    batch: int
+    args: ModelArgs
+    counterfactual: dict[str, int]  # label -> n_kv_heads
+
+    def bytes_for(self, n_kv_heads: int, positions: int) -> int:
+        """All-layer bytes if the same model kept n_kv_heads KV heads."""
+        return kv_bytes(self.args, positions, self.itemsize, n_kv_heads, self.batch)
+
+
+@dataclass(frozen=True)
+class Trace:
+    """What the probe has seen, frozen for drawing. tokens[i] labels positions[i]."""
+
+    args: ModelArgs
+    positions: list[int]
+    tokens: list[str]
+    attention: dict[int, LayerAttention]
+    rope: RopeTrace | None
+    kv: KVTrace | None
+    step: Any | None
+    n_steps: int
+
+    def label(self, position: int) -> str:
+        """The token label of an absolute position ('?' when not seen)."""
+        lookup = dict(zip(self.positions, self.tokens, strict=True))
+        return lookup.get(position, "?")
+
+
+@dataclass
+class _RopeState:
+    keys: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # pos -> (k_raw, k_rot)
+    current: tuple[int, Tensor, Tensor] | None = None  # (pos, q_raw, q_rot)
+
+
+# The probe ---------------------------------------------------------------------------------
+class Probe:
+    """Records attention rows, RoPE data and KV-cache fill for chosen layers during generate().
+
+    layers: traced layer indices (None = all). rope_head: the query head whose q/k are shown
+    (taken from the first traced layer). window: positions kept. token_pieces: id -> text for
+    axis labels (default: the id). attention / rope / kv_cache switch each record on or off.
+    """
+
+    def __init__(self, args: ModelArgs, layers: Set[int] | None = frozenset({0}),
+                 rope_head: int = 0, window: int = 256,
+                 token_pieces: Callable[[int], str] | None = None, attention: bool = True,
+                 rope: bool = True, kv_cache: bool = True) -> None:
+        self.args = args
+        self.layers = _check_layers(args, layers)
+        if not 0 <= rope_head < args.n_heads:
+            raise ValueError(f"rope_head: expected 0..{args.n_heads - 1}, found {rope_head}")
+        if window < 1:
+            raise ValueError(f"window: expected a positive number of positions, found {window}")
+        self.rope_head, self.window = rope_head, window
+        self.rope_layer = min(self.layers)
+        self.token_pieces = token_pieces or str
+        self.want_attention, self.want_rope, self.want_kv = attention, rope, kv_cache
+        self._reset()
+
+    # generate() contract ---------------------------------------------------------------
+    def begin(self, model: Transformer, prompt_ids: Iterable[int]) -> None:
+        """Forget the previous run, note the prompt tokens and attach to the model."""
+        self._reset()
+        self._model = model
+        self._tokens = {i: int(t) for i, t in enumerate(prompt_ids)}
+        observed = set(self.layers) if self.want_attention else set()
+        if self.want_rope:
+            observed.add(self.rope_layer)
+        if self.want_kv and not observed:
+            observed.add(self.rope_layer)  # only to learn how many positions are filled
+        if observed:
+            model.set_observer(self._observe, observed)
+
+    def on_step(self, step: Any) -> None:
+        """Record a generate Step: its token (at step.position) and the cache fill after it."""
+        self._step, self._n_steps = step, self._n_steps + 1
+        token, position = getattr(step, "token_id", None), getattr(step, "position", None)
+        if token is not None and position is not None:
+            self._tokens[int(position)] = int(token)
+            # window + 1 kept: the newest token is sampled before the model has processed it
+            self._forget_before(int(position) - self.window, self._tokens)
+        if self.want_kv and self._model is not None:
+            self._record_kv()
+
+    def end(self, model: Transformer) -> None:
+        """Detach from the model (the recorded data stays readable through snapshot())."""
+        model.set_observer(None)
+        self._model = None
+
+    # Capture -----------------------------------------------------------------------------
+    def _reset(self) -> None:
+        self._model: Transformer | None = None
+        self._tokens: dict[int, int] = {}
+        self._rows: dict[int, dict[int, Tensor]] = {layer: {} for layer in self.layers}
+        self._rope = _RopeState()
+        self._filled = 0
+        self._kv: deque[tuple[int, int, tuple[int, ...]]] = deque(maxlen=KV_HISTORY)
+        self._kv_capacity: tuple[int, tuple[int, ...], int, int] | None = None
+        self._step: Any | None = None
+        self._n_steps = 0
+
+    def _observe(self, cap: AttentionCapture) -> None:
+        newest = int(cap.input_pos[-1])
+        self._filled = max(self._filled, newest + 1)
+        if self.want_attention and cap.layer in self._rows:
+            self._store_rows(cap, newest)
+        if self.want_rope and cap.layer == self.rope_layer:
+            self._store_rope(cap)
+
+    def _store_rows(self, cap: AttentionCapture, newest: int) -> None:
+        rows = self._rows[cap.layer]
+        probs = attention_probs(cap, rows=self.window)  # (H, T_rows, T_kv)
+        positions = cap.input_pos[-probs.shape[1]:].tolist()
+        for t, pos in enumerate(positions):
+            lo = max(0, pos - self.window + 1)
+            rows[pos] = probs[:, t, lo:pos + 1].clone()  # (H, <= window)
+        self._forget_before(newest - self.window + 1, rows)
+
+    def _store_rope(self, cap: AttentionCapture) -> None:
+        h = self.rope_head
+        g = h // self.args.n_rep
+        t_keep = min(cap.k_raw.shape[1], self.window)
+        for t, pos in enumerate(cap.input_pos[-t_keep:].tolist()):
+            k_raw = cap.k_raw[0, cap.k_raw.shape[1] - t_keep + t, g].float().cpu()  # (D,)
+            self._rope.keys[pos] = (k_raw, cap.keys[0, g, pos].float().cpu())
+        newest = int(cap.input_pos[-1])
+        self._forget_before(newest - self.window + 1, self._rope.keys)
+        self._rope.current = (newest, cap.q_raw[0, -1, h].float().cpu(),
+                              cap.q[0, h, -1].float().cpu())
+
+    def _record_kv(self) -> None:
+        assert self._model is not None
+        caches = self._model.caches()
+        if not caches:
+            return
+        if self._kv_capacity is None:
+            self._kv_capacity = (caches[0].capacity, tuple(c.nbytes() for c in caches),
+                                 caches[0].k.element_size(), caches[0].k.shape[0])
+        per_layer = tuple(c.nbytes(self._filled) for c in caches)
+        self._kv.append((self._n_steps - 1, self._filled, per_layer))
+
+    @staticmethod
+    def _forget_before(lowest: int, store: dict[int, Any]) -> None:
+        for pos in [p for p in store if p < lowest]:
+            del store[pos]
+
+    # Snapshot ----------------------------------------------------------------------------
+    def snapshot(self) -> Trace:
+        """An immutable Trace of the last `window` positions (new tensors; safe to keep)."""
+        newest = self._newest()
+        lo = max(0, newest - self.window + 1)
+        positions = list(range(lo, newest + 1))
+        tokens = [token_label(self.token_pieces(self._tokens[p])) if p in self._tokens else "?"
+                  for p in positions]
+        attention = {layer: view for layer in sorted(self._rows)
+                     if (view := self._layer_view(layer, positions)) is not None}
+        return Trace(self.args, positions, tokens, attention, self._rope_view(),
+                     self._kv_view(), self._step, self._n_steps)
+
+    def _newest(self) -> int:
+        """The newest position the model has processed (else the newest token known)."""
+        if self._filled:
+            return self._filled - 1
+        return max(self._tokens, default=-1)
+
+    def _layer_view(self, layer: int, positions: list[int]) -> LayerAttention | None:
+        rows = self._rows[layer]
+        queries = [p for p in positions if p in rows]
+        if not queries:
+            return None
+        lo = positions[0]
+        probs = torch.zeros(self.args.n_heads, len(queries), len(positions))  # (H, T_q, T_kv)
+        for i, q in enumerate(queries):
+            row = rows[q]  # keys max(0, q-window+1) .. q, which covers lo .. q
+            start = lo - max(0, q - self.window + 1)
+            probs[:, i, : q - lo + 1] = row[:, start:]
+        outside = (1.0 - probs.sum(-1)).clamp_min(0.0)  # (H, T_q)
+        mean, spread = group_reduce(probs, self.args.kv_heads)
+        return LayerAttention(layer, queries, positions, probs, outside, mean, spread)
+
+    def _rope_view(self) -> RopeTrace | None:
+        if self._rope.current is None:
+            return None
+        pos, q_raw, q_rot = self._rope.current
+        d, theta = self.args.head_dim, self.args.rope_theta
+        key_positions = sorted(self._rope.keys)
+        k_raws = torch.stack([self._rope.keys[p][0] for p in key_positions])  # (T, D)
+        k_rots = torch.stack([self._rope.keys[p][1] for p in key_positions])  # (T, D)
+        path_positions = list(range(max(0, pos - self.window + 1), pos + 1))
+        angles = rope_angles(torch.tensor(path_positions), d, theta)  # (P, D/2)
+        q_path = apply_rope(q_raw.expand(1, len(path_positions), 1, d),
+                            torch.cos(angles), torch.sin(angles))[0, :, 0]  # (P, D)
+        k_raw, k_rot = self._rope.keys.get(pos, (k_raws[-1], k_rots[-1]))
+        return RopeTrace(
+            self.rope_layer, self.rope_head, self.rope_head // self.args.n_rep, pos,
+            q_raw, q_rot, k_raw, k_rot, rope_frequencies(d, theta), angles[-1].clone(),
+            key_positions, k_rots @ q_rot / math.sqrt(d), k_raws @ q_raw / math.sqrt(d),
+            path_positions, q_path,
+        )
+
+    def _kv_view(self) -> KVTrace | None:
+        if not self.want_kv or self._kv_capacity is None or not self._kv:
+            return None
+        capacity, capacity_bytes, itemsize, batch = self._kv_capacity
+        steps, positions, per_layer = (list(col) for col in zip(*self._kv, strict=True))
+        return KVTrace(steps, positions, per_layer, capacity, capacity_bytes, itemsize, batch,
+                       self.args, counterfactual_kv_heads(self.args))
+
+
+def _check_layers(args: ModelArgs, layers: Set[int] | None) -> frozenset[int]:
+    if layers is None:
+        return frozenset(range(args.n_layers))
+    chosen = frozenset(int(i) for i in layers)
+    bad = sorted(i for i in chosen if not 0 <= i < args.n_layers)
+    if not chosen or bad:
+        raise ValueError(
+            f"layers: expected a non-empty set within 0..{args.n_layers - 1}, found "
+            f"{sorted(chosen)}"
+        )
+    return chosen
