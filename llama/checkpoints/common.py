@@ -150,7 +150,7 @@ def assemble(
     """Bind a stream of (Meta name, tensor) to a fresh model; see the module docstring.
 
     tie_allowed: a missing output.weight means the output shares tok_embeddings' weight.
-    quantise(model, name, tensor) -> True when it consumed the tensor (8-bit mode).
+    quantise(model, name, tensor as read) -> True when it consumed the tensor (8-bit mode).
     Streams drop the resident pages of their file-mapped tensors once each is consumed.
     """
     model = build_on_meta(args)
@@ -162,9 +162,8 @@ def assemble(
             continue
         _check_entry(name, raw, shapes, seen, source)
         seen.add(name)
-        t = raw.to(device=device, dtype=dtype)
-        if quantise is None or not quantise(model, name, t):
-            state[name] = t
+        if quantise is None or not quantise(model, name, raw):
+            state[name] = raw.to(device=device, dtype=dtype)
     _tie_or_fail(state, seen, shapes, source, tie_allowed)
     _bind(model, state, strict=quantise is None, source=source)
     return finish(model, device)

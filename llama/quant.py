@@ -1,0 +1,112 @@
+"""8-bit weights (LLM.int8, Dettmers et al. 2022) via bitsandbytes' Linear8bitLt.
+
+Every nn.Linear inside the transformer blocks (wq, wk, wv, wo, w1, w2, w3) becomes a
+Linear8bitLt holding int8 weights with one fp32 scale per output row; activations columns
+above `threshold` go through an fp16/fp32 side path. Embeddings, norms and the output stay in
+the model dtype. Quantisation happens one tensor at a time as the checkpoint streams in, so a
+full-precision copy of the model never exists in RAM.
+
+bitsandbytes 0.50 runs this on CPU as well as CUDA. It saves memory, not time: on CPU an
+int8 matvec is several times slower than fp32.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+from torch import Tensor, nn
+
+THRESHOLD = 6.0  # LLM.int8's outlier threshold (the paper's and bitsandbytes' default)
+INSTALL_HINT = "pip install bitsandbytes"
+
+
+class QuantisationUnavailableError(ImportError):
+    """8-bit was asked for but bitsandbytes cannot be imported."""
+
+
+def bitsandbytes() -> ModuleType:
+    """The bitsandbytes module, or an error that says how to install it."""
+    try:
+        return importlib.import_module("bitsandbytes")
+    except ImportError as exc:
+        raise QuantisationUnavailableError(
+            f"load_in_8bit=True needs the bitsandbytes package, which is not importable "
+            f"({exc}). Install it with: {INSTALL_HINT}"
+        ) from None
+
+
+def quantise_weight(
+    weight: Tensor, device: torch.device, threshold: float = THRESHOLD
+) -> nn.Module:
+    """A Linear8bitLt on `device` whose int8 weights are quantised from `weight` (out, in)."""
+    bnb = bitsandbytes()
+    # bitsandbytes warns on every fp32/bf16 call that activations go through fp16: expected.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast",
+                            category=UserWarning)
+    out_features, in_features = weight.shape
+    layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False,
+                                threshold=threshold, device="meta")
+    # Int8Params quantises when moved from CPU to a device (bitsandbytes' convention).
+    layer.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False,
+                                     has_fp16_weights=False)
+    return layer.to(device)
+
+
+def is_block_linear(model: nn.Module, name: str) -> bool:
+    """Whether parameter `name` is the weight of an nn.Linear inside a transformer block."""
+    if not name.startswith("layers.") or not name.endswith(".weight"):
+        return False
+    return type(model.get_submodule(name.removesuffix(".weight"))) is nn.Linear
+
+
+def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def make_quantiser(
+    device: torch.device, dtype: torch.dtype
+) -> Callable[[nn.Module, str, Tensor], bool]:
+    """For checkpoints.assemble: quantise block Linear weights as they arrive.
+
+    The returned function gets (model, name, tensor as read) and returns True when it
+    consumed the tensor. Fails at once (not mid-load) when bitsandbytes is missing.
+    """
+    bitsandbytes()
+
+    def quantise(model: nn.Module, name: str, tensor: Tensor) -> bool:
+        if not is_block_linear(model, name):
+            return False
+        weight = tensor.to(dtype=dtype)
+        replace_module(model, name.removesuffix(".weight"), quantise_weight(weight, device))
+        return True
+
+    return quantise
+
+
+def quantise_model(model: nn.Module) -> nn.Module:
+    """Swap the block Linears of an already-loaded model for 8-bit ones, in place."""
+    names = [n for n, _ in model.named_parameters() if is_block_linear(model, n)]
+    for name in names:
+        weight = model.get_parameter(name).detach()
+        replace_module(model, name.removesuffix(".weight"), quantise_weight(weight, weight.device))
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by parameters and persistent state (int8 weights and their row scales),
+    counting shared (tied) storage once."""
+    seen: set[int] = set()
+    total = 0
+    tensors = [*model.parameters(), *(getattr(m.weight, "SCB", None) for m in model.modules()
+                                      if hasattr(m, "weight") and m.weight is not None)]
+    for t in tensors:
+        if t is None or t.device.type == "meta" or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
