@@ -91,19 +91,29 @@ def _check_shards(
             diff = sorted(keys.symmetric_difference(shard))[:5]
             raise CheckpointError(f"{path}: keys differ from {files[0].name}: {diff}")
     shapes = expected_shapes(build_on_meta(args))
-    n = len(shards)
-    for name, t in shards[0].items():
-        axis = merge_axis(name)
-        if name not in shapes or axis is None or t.dim() != 2:
-            continue  # unexpected keys and wrong ranks are reported while assembling
-        merged = list(t.shape)
-        merged[axis] *= n
-        if tuple(merged) != shapes[name]:
-            raise CheckpointError(
-                f"{files[0]}: {name!r} slice {tuple(t.shape)} x {n} shard(s) along dim {axis} "
-                f"gives {tuple(merged)}, expected {shapes[name]} (wrong number of shards, or a "
-                "params.json for another model?)"
-            )
+    for name in shards[0]:
+        if name in shapes:
+            _check_slices(name, [tuple(s[name].shape) for s in shards], shapes[name], files)
+
+
+def _check_slices(
+    name: str, slices: list[tuple[int, ...]], expected: tuple[int, ...], files: list[Path]
+) -> None:
+    """The shards' slices of `name` must concatenate (or, replicated, equal) `expected`."""
+    axis = merge_axis(name)
+    if len(slices) == 1 or axis is None or len(expected) != 2:
+        found = slices[0] if all(s == slices[0] for s in slices) else slices
+    elif any(len(s) != 2 or s[1 - axis] != slices[0][1 - axis] for s in slices):
+        found = slices
+    else:
+        found = tuple(sum(s[axis] for s in slices) if d == axis else slices[0][d]
+                      for d in range(2))
+    if found != expected:
+        raise CheckpointError(
+            f"{files[0].parent}: tensor {name!r}: {len(files)} shard(s) with slices "
+            f"{slices} give {found}, expected {expected} (wrong number of shards, or a "
+            "params.json for another model?)"
+        )
 
 
 def _stream(shards: list[dict[str, Tensor]]) -> TensorStream:

@@ -144,3 +144,16 @@ def write_llama2c(
             t = state[name] if name else next(tables)
             f.write(t.detach().to(torch.float32).numpy().astype(np.dtype("<f4")).tobytes())
     return path
+
+
+def random_transformer(args: ModelArgs, seed: int = 0) -> Transformer:
+    """A fp32 model with random weights everywhere, norms included (so a mixed-up norm or a
+    missing permutation changes the logits), for tests and benchmarks."""
+    gen = torch.Generator().manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() == 1 else 0.08))
+            if p.dim() == 1:
+                p.add_(1.0)
+    return model.eval()
