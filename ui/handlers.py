@@ -1,0 +1,338 @@
+"""Gradio callbacks: glue between the widgets and llama/ (no model state of their own).
+
+`Handlers(runtime)` holds only the shared Runtime. Everything a user owns arrives as inputs:
+the chat history (a list of {"role", "content"} dicts in a gr.State), the session's
+`SessionControl` (Stop's cancel Event), the widgets' values, and the last probe trace. The
+argument order of each method is the order of its `inputs` in ui/layout.py.
+
+A message goes through two events: `add_message` (instant: shows the message, refuses a
+second one while a reply is pending) then `respond` (queued in the model's concurrency group,
+streams the reply). Bad input never raises out of `respond`: it shows a warning, puts the
+message back in the text box and leaves the history as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+
+from llama.chat import ChatError
+from llama.generate import GenerateError
+from llama.sampling import SamplingError
+from llama.tokenizer import TokenizerError
+from ui import chat_io, figures
+from ui.runtime import Runtime
+from ui.settings import (
+    SAMPLING_FIELDS,
+    SLIDERS,
+    Settings,
+    SettingsError,
+    format_stop,
+    settings_from_values,
+)
+from ui.turn import FIGURE_KEYS, Message, SessionControl, TurnUpdate, Views, draw, run_turn
+
+log = logging.getLogger(__name__)
+
+VIEW_LABELS = {
+    "attention": "Attention",
+    "probs": "Token probabilities",
+    "rope": "RoPE",
+    "kv": "KV cache",
+}
+ALL_HEADS = -1
+MAX_MESSAGE_CHARS = 100_000
+INPUT_ERRORS = (ChatError, SamplingError, SettingsError, TokenizerError, GenerateError)
+
+
+def views_from(shown: list[str] | None, layer: Any, head: Any, mode: str, every: Any) -> Views:
+    """Views from the widgets: shown holds keys of VIEW_LABELS; head -1 (or None) = all."""
+    keys = frozenset(k for k in (shown or []) if k in VIEW_LABELS)
+    head_i = None if head in (None, "", ALL_HEADS) else int(head)
+    return Views(keys, int(layer or 0), head_i, mode or "heads", max(1, int(every or 1)))
+
+
+def settings_from(values: tuple[Any, ...], seed: Any, stop: Any) -> Settings:
+    """Settings from the sampling widgets, in SAMPLING_FIELDS order."""
+    return settings_from_values(dict(zip(SAMPLING_FIELDS, values, strict=True)), seed, stop)
+
+
+class Handlers:
+    """The callbacks of one playground (one Runtime)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+
+    # Sending, answering, stopping ------------------------------------------------------------
+    def add_message(
+        self, message: str, history: list[Message], control: SessionControl
+    ) -> tuple[str, list[Message], list[Message]]:
+        """Append the user's message; gr.Error (text box kept) when it cannot be sent now."""
+        message = message if isinstance(message, str) else ""
+        if not message.strip():
+            raise gr.Error("Type a message first (it is empty).")
+        if len(message) > MAX_MESSAGE_CHARS:
+            raise gr.Error(
+                f"The message has {len(message)} characters; at most "
+                f"{MAX_MESSAGE_CHARS} are accepted."
+            )
+        if control.running or (history and history[-1]["role"] == "user"):
+            raise gr.Error("A reply is still being written: wait for it or press Stop.")
+        control.cancel.clear()
+        history = [*history, {"role": "user", "content": message}]
+        return "", history, history
+
+    def respond(  # one parameter per widget, named for the API docs
+        self,
+        history: list[Message],
+        control: SessionControl,
+        system: str,
+        template: str,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        min_p: float,
+        repetition_penalty: float,
+        presence_penalty: float,
+        frequency_penalty: float,
+        max_new_tokens: int,
+        seed: float | None,
+        stop: str,
+        views: list[str],
+        layer: int,
+        head: int,
+        mode: str,
+        every: int,
+    ) -> Iterator[tuple[Any, ...]]:
+        """Stream the reply to the pending user message; `_outputs` gives the output order."""
+        if not history or history[-1]["role"] != "user":
+            gr.Warning("There is no message waiting for a reply.")
+            return
+        sampling = (
+            temperature,
+            top_p,
+            top_k,
+            min_p,
+            repetition_penalty,
+            presence_penalty,
+            frequency_penalty,
+            max_new_tokens,
+        )
+        control.running = True
+        try:
+            try:
+                settings = settings_from(sampling, seed, stop)
+            except SettingsError as exc:
+                yield self._refused(history, str(exc))
+                return
+            shown = views_from(views, layer, head, mode, every)
+            yield from self._stream(history, control, settings, shown, template, system)
+        finally:
+            control.running = False
+
+    def _stream(
+        self,
+        history: list[Message],
+        control: SessionControl,
+        settings: Settings,
+        views: Views,
+        template: str,
+        system: str,
+    ) -> Iterator[tuple[Any, ...]]:
+        update: TurnUpdate | None = None
+        try:
+            for update in run_turn(self.rt, history, settings, views, template, system, control):
+                if update.done and update.step is None and not update.chat[-1]["content"]:
+                    yield self._refused(history, "Stopped before the first token.", warn=False)
+                    return
+                yield self._outputs(update)
+        except Exception as exc:
+            if update is None and isinstance(exc, INPUT_ERRORS):
+                yield self._refused(history, str(exc))
+                return
+            log.exception("generation failed")
+            if update is None:
+                yield self._refused(history, f"Generation failed: {exc}")
+                return
+            # Keep the partial reply: the history already holds it.
+            gr.Warning(f"Generation failed: {exc}")
+            skip = gr.skip()
+            yield (
+                skip,
+                skip,
+                *([skip] * len(FIGURE_KEYS)),
+                f"⚠ Generation failed: {exc}",
+                skip,
+                skip,
+                skip,
+                skip,
+                skip,
+            )
+
+    def _outputs(self, u: TurnUpdate) -> tuple[Any, ...]:
+        """(chatbot, history, 4 figures, status, prompt text, prompt ids, seed used, last
+        trace, text box); figures, prompt, seed and trace only when they changed."""
+        skip = gr.skip()
+        figs = [skip] * len(FIGURE_KEYS)
+        if u.figures is not None:
+            figs = [u.figures.get(k, skip) for k in FIGURE_KEYS]
+        first = u.step is not None and u.step.position == len(u.prompt.ids)
+        prompt = (
+            (u.prompt.text, " ".join(map(str, u.prompt.ids))) if first or u.done else (skip, skip)
+        )
+        trace = (u.trace, u.step) if u.figures is not None else skip
+        return (u.chat, u.chat, *figs, u.status, *prompt, u.seed if first else skip, trace, skip)
+
+    def _refused(self, history: list[Message], why: str, warn: bool = True) -> tuple[Any, ...]:
+        """Outputs that undo the pending message: history back, the text in the box."""
+        if warn:
+            gr.Warning(why)
+        skip = gr.skip()
+        kept, text = history[:-1], history[-1]["content"]
+        return (kept, kept, *([skip] * len(FIGURE_KEYS)), f"⚠ {why}", skip, skip, skip, skip, text)
+
+    def stop(self, control: SessionControl) -> None:
+        """Ask the running reply to end after its current token (pressing twice is harmless)."""
+        control.cancel.set()
+
+    # Editing the chat ------------------------------------------------------------------------
+    def regenerate(
+        self, history: list[Message], control: SessionControl
+    ) -> tuple[list[Message], list[Message]]:
+        """Drop the last reply so `respond` writes a new one."""
+        self._refuse_while_running(control)
+        if not history:
+            raise gr.Error("Nothing to regenerate: the chat is empty.")
+        if history[-1]["role"] == "assistant":
+            history = history[:-1]
+        control.cancel.clear()
+        return history, history
+
+    def undo(
+        self, history: list[Message], control: SessionControl
+    ) -> tuple[str, list[Message], list[Message]]:
+        """Remove the last exchange and put its message back in the box for editing."""
+        self._refuse_while_running(control)
+        if not history:
+            raise gr.Error("Nothing to undo: the chat is empty.")
+        if history[-1]["role"] == "assistant":
+            history = history[:-1]
+        text = history[-1]["content"]
+        history = history[:-1]
+        return text, history, history
+
+    def clear(self, control: SessionControl) -> tuple[Any, ...]:
+        """Empty chat, figures back to their placeholders, status back to the model line."""
+        self._refuse_while_running(control)
+        empty = draw(None, None, Views())
+        return (
+            [],
+            [],
+            *[empty[k] for k in FIGURE_KEYS],
+            self.rt.describe(),
+            "",
+            "",
+            None,
+            None,
+            "",
+        )
+
+    @staticmethod
+    def _refuse_while_running(control: SessionControl) -> None:
+        if control.running:
+            raise gr.Error("A reply is being written: press Stop first.")
+
+    # Figures ---------------------------------------------------------------------------------
+    def redraw(
+        self, last: tuple[Any, Any] | None, shown: list[str], layer: Any, head: Any, mode: str
+    ) -> tuple[Any, ...]:
+        """Figures again from the last trace (layer, head or mode changed; no model run)."""
+        views = views_from(shown, layer, head, mode, 1)
+        trace, step = last if last else (None, None)
+        figs = draw(trace, step, views)
+        return tuple(figs.get(k, gr.skip()) for k in FIGURE_KEYS)
+
+    def set_views(self, shown: list[str]) -> tuple[Any, ...]:
+        """Show the plots that are on; hidden ones cost nothing (no probe, no drawing)."""
+        return tuple(gr.update(visible=k in (shown or [])) for k in FIGURE_KEYS)
+
+    # Settings ----------------------------------------------------------------------------------
+    def reset_defaults(self) -> tuple[Any, ...]:
+        """Meta's chat defaults (temperature 0.6, top-p 0.9, no other filter), seed random."""
+        keep = {"max_new_tokens"}
+        values = [gr.skip() if k in keep else SLIDERS[k].default for k in SAMPLING_FIELDS]
+        return (*values, None)
+
+    def examples(self, template: str) -> Any:
+        return gr.Dataset(samples=[[e] for e in self.rt.examples(template)])
+
+    # Export / import -------------------------------------------------------------------------
+    def export_chat(
+        self,
+        history: list[Message],
+        system: str,
+        template: str,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        min_p: float,
+        repetition_penalty: float,
+        presence_penalty: float,
+        frequency_penalty: float,
+        max_new_tokens: int,
+        seed: float | None,
+        stop: str,
+        seed_used: float | None,
+    ) -> str:
+        """Write the chat and its sampling settings to a JSON file; return its path."""
+        sampling = (
+            temperature,
+            top_p,
+            top_k,
+            min_p,
+            repetition_penalty,
+            presence_penalty,
+            frequency_penalty,
+            max_new_tokens,
+        )
+        try:
+            settings = settings_from(sampling, seed, stop)
+        except SettingsError as exc:
+            raise gr.Error(f"Cannot export: {exc}") from None
+        last = int(seed_used) if isinstance(seed_used, (int, float)) else None
+        chat = chat_io.ChatFile(
+            [dict(m) for m in history], system or "", template, settings, self.rt.name, last
+        )
+        return str(chat_io.write_chat(chat))
+
+    def import_chat(self, path: Any, control: SessionControl) -> tuple[Any, ...]:
+        """Read a chat file; apply all of it or nothing (gr.Error names the problem)."""
+        self._refuse_while_running(control)
+        if path is None:
+            raise gr.Error("No file was uploaded.")
+        try:
+            chat = chat_io.read_chat(getattr(path, "name", path))
+        except chat_io.ChatFileError as exc:
+            raise gr.Error(f"Cannot import: {exc}") from None
+        s = chat.settings
+        sliders = [getattr(s, k) for k in SAMPLING_FIELDS]
+        return (
+            chat.messages,
+            chat.messages,
+            chat.system,
+            chat.template,
+            *sliders,
+            s.seed,
+            format_stop(s.stop),
+        )
+
+
+def placeholder_figures() -> dict[str, Any]:
+    """What the plots show before the first reply."""
+    return draw(None, None, Views())
+
+
+__all__ = ["ALL_HEADS", "VIEW_LABELS", "Handlers", "figures", "placeholder_figures"]

@@ -1,0 +1,345 @@
+"""build_demo(runtime) -> gr.Blocks: the playground's components and their wiring, nothing else.
+
+Every event that runs the model (`respond`) is in the runtime's concurrency group with limit 1:
+one generation at a time per model, others wait in gradio's queue and see their position.
+Everything else (adding a message, Stop, redrawing a figure, export/import) is instant and runs
+outside that group, so Stop is never stuck behind a generation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ui import figures
+from ui.handlers import ALL_HEADS, VIEW_LABELS, Handlers, placeholder_figures
+from ui.runtime import TEMPLATES, Runtime
+from ui.settings import SAMPLING_FIELDS, SLIDERS
+from ui.turn import FIGURE_KEYS, SessionControl
+
+CSS_PATH = Path(__file__).with_name("style.css")
+FIGURE_TITLES = {
+    "attention": "Attention per GQA group",
+    "probs": "Token probabilities",
+    "rope": "RoPE rotation",
+    "kv": "KV-cache growth",
+}
+INTRO = (
+    "Chat with a LLaMA-2 model written from scratch and watch it decode: attention per GQA "
+    "group, RoPE, the KV cache and the probabilities behind each token update while the reply "
+    "streams."
+)
+
+
+def build_demo(runtime: Runtime) -> gr.Blocks:
+    """The playground for one loaded model (launch it with `launch_kwargs()`)."""
+    h = Handlers(runtime)
+    with gr.Blocks(title=f"LLaMA-2 playground · {runtime.name}") as demo:
+        gr.Markdown(f"# LLaMA-2 playground\n{INTRO}", elem_id="intro")
+        gr.Markdown(f"**Model:** {runtime.describe()}", elem_id="model-line")
+        with gr.Tab("Playground"):
+            ui = _playground(runtime)
+        with gr.Tab("RoPE lab"):
+            _rope_lab(runtime)
+        _wire(h, runtime, ui, demo)
+    return demo
+
+
+def launch_kwargs() -> dict[str, Any]:
+    """Arguments for demo.launch() that belong to the app's look (Gradio 6: css, theme)."""
+    return {"css_paths": [CSS_PATH], "theme": gr.themes.Soft(primary_hue="indigo")}
+
+
+def _playground(rt: Runtime) -> dict[str, Any]:
+    ui: dict[str, Any] = {
+        "history": gr.State([]),
+        "control": gr.State(SessionControl()),
+        "last": gr.State(None),
+    }
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, min_width=380, elem_id="chat-column"):
+            _chat_column(rt, ui)
+        with gr.Column(scale=6, min_width=420, elem_id="figure-column"):
+            _figure_column(rt, ui)
+    return ui
+
+
+def _chat_column(rt: Runtime, ui: dict[str, Any]) -> None:
+    ui["chatbot"] = gr.Chatbot(
+        label="Chat",
+        height=460,
+        elem_id="chatbot",
+        buttons=["copy"],
+        feedback_options=None,
+        placeholder=_placeholder(rt),
+    )
+    with gr.Row(elem_id="input-row"):
+        ui["message"] = gr.Textbox(
+            show_label=False,
+            placeholder="Type a message and press Enter",
+            lines=1,
+            max_lines=6,
+            scale=8,
+            elem_id="message",
+            autofocus=True,
+        )
+        ui["send"] = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
+        ui["stop"] = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="stop")
+    with gr.Row(elem_id="edit-row"):
+        ui["regenerate"] = gr.Button("↻ Regenerate", size="sm", elem_id="regenerate")
+        ui["undo"] = gr.Button("↶ Undo / edit last", size="sm", elem_id="undo")
+        ui["clear"] = gr.Button("✕ Clear", size="sm", elem_id="clear")
+    ui["status"] = gr.Markdown(rt.describe(), elem_id="status")
+    ui["examples"] = gr.Examples(
+        [[e] for e in rt.examples(rt.default_template)], inputs=[ui["message"]], label="Examples"
+    )
+    with gr.Accordion("Template and system prompt", open=False):
+        ui["template"] = gr.Radio(
+            [(v, k) for k, v in TEMPLATES.items()],
+            value=rt.default_template,
+            label="Chat template",
+            info="default from the model",
+            elem_id="template",
+        )
+        ui["system"] = gr.Textbox(
+            label="System prompt (Llama-2-chat only)", lines=2, elem_id="system"
+        )
+    with gr.Accordion("Sampling", open=True, elem_id="sampling"):
+        _sampling_controls(ui)
+    with gr.Accordion("Prompt the model saw", open=False, elem_id="prompt-panel"):
+        ui["prompt_text"] = gr.Textbox(
+            label="Text (<s> and </s> are BOS/EOS)",
+            lines=4,
+            max_lines=12,
+            interactive=False,
+            elem_id="prompt-text",
+        )
+        ui["prompt_ids"] = gr.Textbox(
+            label="Token ids", lines=2, max_lines=8, interactive=False, elem_id="prompt-ids"
+        )
+    with gr.Accordion("Export / import chat", open=False, elem_id="io-panel"):
+        with gr.Row():
+            ui["export"] = gr.Button("Export chat (JSON)", size="sm", elem_id="export")
+            ui["import"] = gr.UploadButton(
+                "Import chat", file_types=[".json"], size="sm", elem_id="import"
+            )
+        ui["export_file"] = gr.File(label="Exported chat", interactive=False, elem_id="export-file")
+
+
+def _sampling_controls(ui: dict[str, Any]) -> None:
+    with gr.Row():
+        for name in SAMPLING_FIELDS[:4]:
+            ui[name] = _slider(name)
+    with gr.Row():
+        for name in SAMPLING_FIELDS[4:]:
+            ui[name] = _slider(name)
+    with gr.Row(equal_height=True):
+        ui["seed"] = gr.Number(
+            label="Seed", info="blank = random", precision=0, minimum=0, value=None, elem_id="seed"
+        )
+        ui["seed_used"] = gr.Number(
+            label="Seed used", precision=0, interactive=False, elem_id="seed-used"
+        )
+        ui["reuse_seed"] = gr.Button("Reuse seed", size="sm", elem_id="reuse-seed")
+    ui["stop_strings"] = gr.Textbox(
+        label="Stop strings",
+        info="one per line; \\n = newline",
+        lines=1,
+        max_lines=4,
+        elem_id="stop-strings",
+    )
+    ui["reset"] = gr.Button("Reset to Meta defaults (T 0.6, top-p 0.9)", size="sm", elem_id="reset")
+
+
+def _slider(name: str) -> gr.Slider:
+    spec = SLIDERS[name]
+    return gr.Slider(
+        spec.minimum,
+        spec.maximum,
+        value=spec.default,
+        step=spec.step,
+        label=spec.label,
+        info=spec.info,
+        elem_id=name.replace("_", "-"),
+        min_width=120,
+    )
+
+
+def _figure_column(rt: Runtime, ui: dict[str, Any]) -> None:
+    a = rt.args
+    with gr.Row(elem_id="view-controls"):
+        ui["shown"] = gr.CheckboxGroup(
+            [(v, k) for k, v in VIEW_LABELS.items()],
+            value=list(VIEW_LABELS),
+            label="Live views",
+            elem_id="views",
+            scale=3,
+        )
+        ui["every"] = gr.Slider(
+            1,
+            64,
+            value=8,
+            step=1,
+            label="Redraw every N tokens",
+            elem_id="every",
+            scale=1,
+            min_width=140,
+        )
+    with gr.Row(elem_id="picker-row"):
+        ui["layer"] = gr.Dropdown(
+            [(f"layer {i}", i) for i in range(a.n_layers)],
+            value=0,
+            label="Layer",
+            elem_id="layer",
+            min_width=100,
+        )
+        ui["head"] = gr.Dropdown(
+            [("all heads", ALL_HEADS)]
+            + [(f"head {i} (group {i // a.n_rep})", i) for i in range(a.n_heads)],
+            value=ALL_HEADS,
+            label="Head",
+            elem_id="head",
+            min_width=120,
+        )
+        ui["mode"] = gr.Radio(
+            [("heads", "heads"), ("group mean", "mean"), ("group spread", "spread")],
+            value="heads",
+            label="Attention panels",
+            elem_id="mode",
+        )
+    start = placeholder_figures()
+    for key in FIGURE_KEYS:
+        ui[f"plot_{key}"] = gr.Plot(
+            start[key],
+            label=FIGURE_TITLES[key],
+            show_label=False,
+            elem_id=f"plot-{key}",
+            elem_classes=["live-figure"],
+        )
+
+
+def _rope_lab(rt: Runtime) -> None:
+    gr.Markdown(
+        f"Static RoPE figures for this model (head_dim {rt.args.head_dim}, "
+        f"rope_theta {rt.args.rope_theta:g}); no generation needed."
+    )
+    for name, fig in figures.rope_lab(rt.args).items():
+        gr.Plot(fig, label=name, elem_classes=["rope-lab-figure"])
+
+
+def _placeholder(rt: Runtime) -> str:
+    mode = "chat" if rt.default_template == "chat" else "text completion"
+    return f"**{rt.name}** is ready ({mode}). Type a message or pick an example below."
+
+
+def _wire(h: Handlers, rt: Runtime, ui: dict[str, Any], demo: gr.Blocks) -> None:
+    sampling = [ui[name] for name in SAMPLING_FIELDS]
+    views = [ui["shown"], ui["layer"], ui["head"], ui["mode"], ui["every"]]
+    plots = [ui[f"plot_{k}"] for k in FIGURE_KEYS]
+    chat_out = [ui["history"], ui["chatbot"]]
+    model = {"concurrency_id": rt.concurrency_id, "concurrency_limit": 1}
+    free = {"concurrency_limit": None, "show_progress": "hidden"}
+
+    respond_args = {
+        "fn": h.respond,
+        "inputs": [
+            ui["history"],
+            ui["control"],
+            ui["system"],
+            ui["template"],
+            *sampling,
+            ui["seed"],
+            ui["stop_strings"],
+            *views,
+        ],
+        "outputs": [
+            ui["chatbot"],
+            ui["history"],
+            *plots,
+            ui["status"],
+            ui["prompt_text"],
+            ui["prompt_ids"],
+            ui["seed_used"],
+            ui["last"],
+            ui["message"],
+        ],
+        "show_progress": "minimal",
+        "show_progress_on": [ui["status"]],
+        **model,
+    }
+    add = {
+        "fn": h.add_message,
+        "inputs": [ui["message"], ui["history"], ui["control"]],
+        "outputs": [ui["message"], *chat_out],
+        **free,
+    }
+    ui["message"].submit(**add, api_name="add_message").success(**respond_args, api_name="respond")
+    ui["send"].click(**add, api_visibility="private").success(
+        **respond_args, api_visibility="private"
+    )
+    ui["stop"].click(h.stop, [ui["control"]], None, api_name="stop", queue=False, **free)
+    ui["regenerate"].click(
+        h.regenerate, [ui["history"], ui["control"]], chat_out, api_name="regenerate", **free
+    ).success(**respond_args, api_visibility="private")
+    ui["undo"].click(
+        h.undo, [ui["history"], ui["control"]], [ui["message"], *chat_out], api_name="undo", **free
+    )
+    ui["clear"].click(
+        h.clear,
+        [ui["control"]],
+        [
+            *chat_out,
+            *plots,
+            ui["status"],
+            ui["prompt_text"],
+            ui["prompt_ids"],
+            ui["seed_used"],
+            ui["last"],
+            ui["message"],
+        ],
+        api_name="clear",
+        **free,
+    )
+
+    redraw = {
+        "fn": h.redraw,
+        "inputs": [ui["last"], ui["shown"], ui["layer"], ui["head"], ui["mode"]],
+        "outputs": plots,
+        **free,
+    }
+    for picker in (ui["layer"], ui["head"], ui["mode"]):
+        picker.change(**redraw, api_visibility="private")
+    ui["shown"].change(h.set_views, [ui["shown"]], plots, api_visibility="private", **free).then(
+        **redraw, api_visibility="private"
+    )
+    ui["reset"].click(h.reset_defaults, None, [*sampling, ui["seed"]], api_name="reset", **free)
+    ui["reuse_seed"].click(
+        lambda s: s, [ui["seed_used"]], [ui["seed"]], api_visibility="private", **free
+    )
+    ui["template"].change(
+        h.examples, [ui["template"]], [ui["examples"].dataset], api_visibility="private", **free
+    )
+    ui["export"].click(
+        h.export_chat,
+        [
+            ui["history"],
+            ui["system"],
+            ui["template"],
+            *sampling,
+            ui["seed"],
+            ui["stop_strings"],
+            ui["seed_used"],
+        ],
+        [ui["export_file"]],
+        api_name="export_chat",
+        **free,
+    )
+    ui["import"].upload(
+        h.import_chat,
+        [ui["import"], ui["control"]],
+        [*chat_out, ui["system"], ui["template"], *sampling, ui["seed"], ui["stop_strings"]],
+        api_name="import_chat",
+        **free,
+    )

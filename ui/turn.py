@@ -1,0 +1,224 @@
+"""One chat turn, without gradio: history in, a stream of updates (chat, figures, status) out.
+
+`run_turn` encodes the dialog (llama.chat), runs `llama.generate.generate` under the runtime's
+generation slot with an optional Probe, and yields a `TurnUpdate` per generated token. Figures
+are redrawn on the first token, every `Views.every` tokens and on the last one; in between
+`TurnUpdate.figures` is None (the UI keeps what it shows). With every probe-backed view
+switched off no Probe is built, so the model runs its fast path untouched.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from llama.chat import Prompt, encode_completion, encode_dialog
+from llama.generate import NO_TOKEN, Step, generate, prompt_budget
+from llama.probes import Probe, Trace
+from ui import figures
+from ui.runtime import Runtime
+from ui.settings import Settings
+
+Message = dict[str, str]
+FIGURE_KEYS = ("attention", "probs", "rope", "kv")
+PROBE_VIEWS = frozenset({"attention", "rope", "kv"})
+PROBE_WINDOW = 96  # positions a probe keeps: bounds the figures' size and the trace's memory
+ALL_LAYERS_UP_TO = 12  # models this shallow have every layer traced, so any layer can be shown
+
+
+@dataclass(frozen=True)
+class Views:
+    """Which figures are on and what they show. head None = every head of the layer."""
+
+    shown: frozenset[str] = frozenset(FIGURE_KEYS)
+    layer: int = 0
+    head: int | None = None
+    mode: str = "heads"
+    every: int = 8
+
+    @property
+    def needs_probe(self) -> bool:
+        return bool(self.shown & PROBE_VIEWS)
+
+
+class SessionControl:
+    """One browser session's handle on its running reply: Stop sets `cancel`.
+
+    It lives in the session's gradio State. gradio deep-copies a State's initial value for each
+    new session; here a copy is a fresh control, so no two sessions share an Event.
+    """
+
+    def __init__(self) -> None:
+        self.cancel = threading.Event()
+        self.running = False  # a reply of this session is being generated
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SessionControl:
+        return SessionControl()
+
+
+@dataclass
+class TurnUpdate:
+    """What the UI shows after one step. figures None = unchanged since the last update."""
+
+    chat: list[Message]
+    figures: dict[str, Any] | None
+    status: str
+    prompt: Prompt
+    seed: int
+    trace: Trace | None = None
+    step: Step | None = None
+    done: bool = False
+    notices: list[str] = field(default_factory=list)
+
+
+def build_prompt(
+    rt: Runtime, history: list[Message], template: str, system: str, max_new_tokens: int
+) -> Prompt:
+    """The exact ids for the model: the dialog (chat) or the running text (completion).
+
+    history ends with the user message to answer. Older turns (or, in completion mode, older
+    tokens) are dropped to leave room for the reply; the Prompt says how many.
+    """
+    budget = prompt_budget(rt.max_seq_len, max_new_tokens)
+    if template == "chat":
+        messages = [{"role": "system", "content": system}] if system.strip() else []
+        return encode_dialog(rt.tokenizer, [*messages, *history], max_tokens=budget)
+    text = "".join(m["content"] for m in history)
+    return encode_completion(rt.tokenizer, text, max_tokens=budget)
+
+
+def make_probe(rt: Runtime, views: Views) -> Probe | None:
+    """A Probe for the views that are on, or None (no hooks at all) when none needs one."""
+    if not views.needs_probe:
+        return None
+    a = rt.args
+    layers = None if a.n_layers <= ALL_LAYERS_UP_TO else {views.layer}
+    return Probe(
+        a,
+        layers=layers,
+        rope_head=views.head or 0,
+        window=PROBE_WINDOW,
+        token_pieces=rt.tokenizer.piece,
+        attention="attention" in views.shown,
+        rope="rope" in views.shown,
+        kv_cache="kv" in views.shown,
+    )
+
+
+def draw(trace: Trace | None, step: Step | None, views: Views) -> dict[str, Any]:
+    """The figures that are on, from a probe snapshot and the latest step."""
+    out: dict[str, Any] = {}
+    if "attention" in views.shown:
+        out["attention"] = _attention(trace, views)
+    if "probs" in views.shown:
+        has_top = step is not None and step.top
+        out["probs"] = (
+            figures.token_probabilities(step)
+            if has_top
+            else figures.empty_figure("Token probabilities appear with the first generated token")
+        )
+    if "rope" in views.shown:
+        out["rope"] = (
+            figures.rope_rotation(trace, head=trace.rope.head)
+            if trace is not None and trace.rope is not None
+            else figures.empty_figure("RoPE appears once the model runs")
+        )
+    if "kv" in views.shown:
+        out["kv"] = (
+            figures.kv_cache_growth(trace)
+            if trace is not None and trace.kv is not None
+            else figures.empty_figure("KV-cache growth appears once the model runs")
+        )
+    return out
+
+
+def _attention(trace: Trace | None, views: Views) -> Any:
+    if trace is None or not trace.attention:
+        return figures.empty_figure("Attention appears once the model runs")
+    if views.layer not in trace.attention:
+        return figures.empty_figure(
+            f"Layer {views.layer} was not recorded in the last reply: regenerate to see it"
+        )
+    return figures.attention_by_group(trace, views.layer, head=views.head, mode=views.mode)
+
+
+def run_turn(
+    rt: Runtime,
+    history: list[Message],
+    settings: Settings,
+    views: Views,
+    template: str,
+    system: str,
+    control: SessionControl | None = None,
+) -> Iterator[TurnUpdate]:
+    """Answer the last user message of `history`, streaming.
+
+    Raises ChatError / SamplingError / TokenizerError before the first update when the dialog
+    or the settings are invalid. The last update has done=True and its status says why the
+    reply ended (eos, stop, length, context, cancelled). Holds rt.slot while generating.
+    """
+    seed = settings.pick_seed()
+    params = settings.to_params(seed)
+    prompt = build_prompt(rt, history, template, system, params.max_new_tokens)
+    probe = make_probe(rt, views)
+    cancel = control.cancel if control is not None else None
+    reply: Message = {"role": "assistant", "content": ""}
+    last_real: Step | None = None
+    notices: list[str] = []
+    with rt.slot:
+        steps = generate(rt.model, rt.tokenizer, prompt, params, probe=probe, cancel=cancel)
+        for i, step in enumerate(steps):
+            reply["content"] += step.text
+            last_real = step if step.token_id != NO_TOKEN else last_real
+            if step.notice:
+                notices.append(step.notice)
+            done = step.finish_reason is not None
+            redraw = done or i == 0 or (i + 1) % max(1, views.every) == 0
+            trace = probe.snapshot() if probe is not None and redraw else None
+            yield TurnUpdate(
+                [*history, dict(reply)],
+                draw(trace, last_real, views) if redraw else None,
+                status_text(rt, prompt, step, i + (step.token_id != NO_TOKEN), seed, notices),
+                prompt,
+                seed,
+                trace,
+                last_real,
+                done,
+                list(notices),
+            )
+
+
+def status_text(
+    rt: Runtime, prompt: Prompt, step: Step, n_tokens: int, seed: int, notices: list[str]
+) -> str:
+    """The status line: speed, time to first token, context and KV cache use, model."""
+    parts = [f"{n_tokens} tokens"]
+    if step.ttft_s is not None:
+        decode_s = step.elapsed_s - step.ttft_s
+        rate = (n_tokens - 1) / decode_s if n_tokens > 1 and decode_s > 0 else None
+        parts.append(f"{rate:.1f} tok/s" if rate is not None else "– tok/s")
+        parts.append(f"TTFT {step.ttft_s * 1000:.0f} ms")
+    used = min(step.position + 1, rt.max_seq_len)
+    parts.append(f"context {used} / {rt.max_seq_len}")
+    parts.append(
+        f"KV cache {format_bytes(rt.kv_bytes(used))} of {format_bytes(rt.kv_bytes(rt.max_seq_len))}"
+    )
+    parts.append(f"seed {seed}")
+    if step.finish_reason:
+        parts.append(f"finished: {step.finish_reason}")
+    line = " · ".join(parts)
+    if notices:
+        line += "  \n⚠ " + "; ".join(notices)
+    return line
+
+
+def format_bytes(n: int) -> str:
+    """Bytes with a binary unit: 12800 -> "12.5 KiB"."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
