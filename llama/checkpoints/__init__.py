@@ -133,7 +133,7 @@ def load(
 
         quantise = make_quantiser(device, dtype)
     stream = progress_bar(source.tensors, source.count, f"loading {path.name}", progress)
-    model = assemble(source.args, stream, path, device, dtype,
+    model = assemble(source.args, stream, source.origin or path, device, dtype,
                      tie_allowed=source.tie_allowed, quantise=quantise)
     return LoadedModel(model, tokenizer, fmt, path, dtype, device, load_in_8bit)
 

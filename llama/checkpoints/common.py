@@ -232,3 +232,4 @@ class Source:
     tensors: TensorStream
     count: int
     tie_allowed: bool
+    origin: Path | None = None  # the file named in errors, when there is a single one

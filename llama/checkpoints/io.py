@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,9 +74,9 @@ def load_pth(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"{path}: refused to load: the pickle holds more than tensors ({first})"
+            f"{path}: refused to load: the pickle holds more than tensors and plain "
+            f"containers ({_culprit(str(exc))}); it was not executed"
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path}: unreadable or truncated torch file ({exc})") from None
@@ -84,3 +85,11 @@ def load_pth(path: Path) -> dict[str, Tensor]:
             f"{path}: expected a dict of name -> tensor, found {type(state).__name__}"
         )
     return state
+
+
+def _culprit(message: str) -> str:
+    """The line of torch's weights_only refusal that names the offending global."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in message.splitlines()]
+    named = [ln for ln in lines if "global" in ln.lower()]
+    line = (named or [ln for ln in lines if ln] or ["unsupported pickle content"])[0]
+    return line.split(". Please")[0]

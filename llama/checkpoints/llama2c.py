@@ -64,8 +64,8 @@ def _v1_header(path: Path, head: bytes) -> tuple[ModelArgs, bool, int, int]:
     version = struct.unpack("<i", head[4:8])[0]
     if version != 1:
         raise CheckpointError(
-            f"{path}: llama2.c export version {version} is not supported (expected 1: fp32; "
-            "version 2 is llama2.c's own int8 format, use load_in_8bit on a v1 file instead)"
+            f"{path}: llama2.c export version {version} is not supported (expected 1, fp32; "
+            "re-export with --version 1 and pass load_in_8bit=True to quantise on load)"
         )
     values = struct.unpack("<7i", head[8:36])
     return _args(path, values), head[36] == 1, 1, V1_HEADER_BYTES
@@ -122,8 +122,9 @@ def read(path: Path) -> tuple[ModelArgs, TensorStream, int, bool]:
     if found != expected:
         kind = "truncated" if found < expected else "has trailing bytes"
         raise CheckpointError(
-            f"{path}: llama2.c file {kind}: header {args} with "
-            f"{'shared' if shared else 'separate'} classifier needs {expected} bytes, "
+            f"{path}: llama2.c file {kind}: its header (dim {args.dim}, {args.n_layers} "
+            f"layers, vocab {args.vocab_size}, seq_len {args.max_seq_len}, "
+            f"{'shared' if shared else 'separate'} classifier) needs {expected} bytes, "
             f"found {found}"
         )
     # Copy-on-write mapping: writable tensors without copying, the file is never modified.
@@ -157,4 +158,4 @@ def looks_like_llama2c(path: Path) -> bool:
 def open_source(path: Path) -> Source:
     """A llama2.c file as a Source; a shared classifier ties output to tok_embeddings."""
     args, tensors, count, shared = read(path)
-    return Source(args, tensors, count, tie_allowed=shared)
+    return Source(args, tensors, count, tie_allowed=shared, origin=path)

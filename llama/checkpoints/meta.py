@@ -60,7 +60,8 @@ def open_source(directory: Path, tokenizer: Path | None) -> Source:
     shards = [load_pth(p) for p in files]
     _check_shards(directory, files, shards, args)
     count = len([k for k in shards[0] if k not in IGNORABLE_KEYS])
-    return Source(args, _stream(shards), count, tie_allowed=False)
+    origin = files[0] if len(files) == 1 else None
+    return Source(args, _stream(shards), count, tie_allowed=False, origin=origin)
 
 
 def _args(directory: Path, tokenizer: Path | None) -> ModelArgs:

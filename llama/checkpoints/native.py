@@ -108,4 +108,4 @@ def open_source(directory: Path, tokenizer: Path | None) -> Source:
     vocab = tokenizer_vocab_size(tokenizer) if tokenizer is not None else None
     args = read_args(directory, vocab)
     tensors, count = read(directory, args)
-    return Source(args, tensors, count, tie_allowed=True)
+    return Source(args, tensors, count, tie_allowed=True, origin=directory / WEIGHTS_NAME)
