@@ -1,0 +1,274 @@
+"""Terminal entry point: `python -m llama chat|complete`, streaming to stdout.
+
+    python -m llama chat --model ~/llama-2-7b-chat --system "Be brief."   # REPL on stdin
+    echo "Tell me a story." | python -m llama chat --temperature 0          # one line per turn
+    python -m llama complete --model stories260K.bin --prompt "Once upon a time"
+    python -m llama complete --prompt - < prompt.txt                         # prompt from stdin
+
+`--model` takes any format llama.checkpoints reads and defaults to the shipped model. Replies go
+to stdout (each followed by a newline); prompts, notices and --stats go to stderr. Bad flags or
+files end with one "error: ..." line on stderr and exit status 2, never a traceback. In chat,
+a message the template rejects (e.g. special tags) is reported and the REPL goes on; Ctrl-C
+stops the current reply, Ctrl-C or EOF at the prompt ends the session. "/reset" forgets the
+dialog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn, TextIO
+
+EXIT_BAD_INPUT = 2
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class UsageError(Exception):
+    """A flag or file the CLI cannot use (printed as one line, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m llama", description="LLaMA-2 in the terminal")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    chat = sub.add_parser("chat", help="multi-turn Llama-2-chat REPL on stdin")
+    chat.add_argument("--system", default=None, help="system prompt")
+    complete = sub.add_parser("complete", help="continue a raw prompt (base models)")
+    complete.add_argument("--prompt", required=True, help='text to continue ("-": read stdin)')
+    for p in (chat, complete):
+        _model_flags(p)
+        _sampling_flags(p)
+    return parser
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="checkpoint directory or llama2.c .bin (default: the shipped model)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="tokenizer.model (default: the one beside the weights)",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes LLM.int8 weights")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context length override")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--stats", action="store_true", help="tokens, speed, finish reason on stderr")
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    from llama.sampling import SamplingParams
+
+    d = SamplingParams()
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--top-k", type=int, default=d.top_k, help="0 = off")
+    p.add_argument("--min-p", type=float, default=d.min_p)
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    p.add_argument("--presence-penalty", type=float, default=d.presence_penalty)
+    p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_params(ns: argparse.Namespace):  # -> SamplingParams
+    """SamplingParams from the flags; a SamplingError becomes a UsageError naming the flag."""
+    from llama.sampling import SamplingError, SamplingParams
+
+    names = (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "max_new_tokens",
+    )
+    try:
+        return SamplingParams(**{n: getattr(ns, n) for n in names}, stop=tuple(ns.stop))
+    except SamplingError as exc:
+        field, _, rest = str(exc).partition(":")
+        raise UsageError(f"--{field.replace('_', '-')}:{rest}") from None
+
+
+def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
+    """Load --model (or the shipped model); every file problem becomes a UsageError."""
+    import torch
+
+    from llama.assets import shipped_model_dir
+    from llama.checkpoints import CheckpointError, load
+    from llama.config import ConfigError
+    from llama.tokenizer import Tokenizer, TokenizerError
+
+    if ns.threads is not None:
+        if ns.threads < 1:
+            raise UsageError(f"--threads: expected a positive int, found {ns.threads}")
+        torch.set_num_threads(ns.threads)
+    dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
+    device = _device(ns.device)
+    try:
+        path = ns.model if ns.model is not None else shipped_model_dir()
+        loaded = load(
+            path,
+            device=device,
+            dtype=dtype,
+            load_in_8bit=ns.load_in_8bit,
+            max_seq_len=ns.max_seq_len,
+            tokenizer_path=ns.tokenizer,
+            progress=sys.stderr.isatty(),
+        )
+        if loaded.tokenizer_path is None:
+            raise UsageError(f"{path}: no tokenizer.model found; pass --tokenizer")
+        return loaded.model, Tokenizer(loaded.tokenizer_path)
+    except (CheckpointError, ConfigError, TokenizerError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _device(name: str | None):  # -> torch.device | None
+    import torch
+
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device: expected cpu, cuda, cuda:N, mps ..., found {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def stream_reply(model, tok, prompt, params, out: TextIO, err: TextIO, stats: bool) -> str:
+    """Generate, writing text deltas to `out` as they come; return the whole reply.
+
+    Ctrl-C stops the reply between tokens (the model stays ready)."""
+    from llama.generate import generate
+
+    cancel = threading.Event()
+    parts: list[str] = []
+    last = None
+    with _sigint_sets(cancel):
+        for step in generate(model, tok, prompt, params, cancel=cancel, n_top=1):
+            out.write(step.text)
+            out.flush()
+            parts.append(step.text)
+            last = step
+            if step.notice:
+                print(f"\n[{step.notice}]", file=err)
+    out.write("\n")
+    out.flush()
+    if stats and last is not None:
+        n = last.position - len(prompt.ids) + (last.token_id >= 0)
+        rate = n / last.elapsed_s if last.elapsed_s > 0 else 0.0
+        print(
+            f"[{n} tokens, {rate:.1f} tok/s, first token {last.ttft_s or 0:.3f} s, "
+            f"finish: {last.finish_reason}]",
+            file=err,
+        )
+    return "".join(parts)
+
+
+@contextmanager
+def _sigint_sets(event: threading.Event) -> Iterator[None]:
+    """While generating, Ctrl-C sets `event` (generate stops between tokens) instead of
+    raising; outside the main thread signals cannot be handled and nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_complete(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from llama.chat import ChatError, encode_completion
+    from llama.generate import prompt_budget
+
+    params = sampling_params(ns)
+    text = sys.stdin.read() if ns.prompt == "-" else ns.prompt
+    model, tok = load_model(ns)
+    budget = prompt_budget(model.args.max_seq_len, params.max_new_tokens)
+    try:
+        prompt = encode_completion(tok, text, max_tokens=budget)
+    except ChatError as exc:
+        raise UsageError(f"--prompt: {exc}") from None
+    stream_reply(model, tok, prompt, params, out, err, ns.stats)
+    return 0
+
+
+def run_chat(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from llama.chat import ChatError, encode_dialog
+    from llama.generate import prompt_budget
+
+    params = sampling_params(ns)
+    model, tok = load_model(ns)
+    budget = prompt_budget(model.args.max_seq_len, params.max_new_tokens)
+    system = [{"role": "system", "content": ns.system}] if ns.system else []
+    history: list[dict[str, str]] = []
+    for line in _lines(sys.stdin, err):
+        if line.strip() == "/reset":
+            history.clear()
+            continue
+        if not line.strip():
+            continue
+        messages = [*system, *history, {"role": "user", "content": line}]
+        try:
+            prompt = encode_dialog(tok, messages, max_tokens=budget)
+        except ChatError as exc:
+            print(f"error: {exc}", file=err)
+            continue
+        reply = stream_reply(model, tok, prompt, params, out, err, ns.stats)
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
+        history = history[2 * prompt.dropped_turns :]  # what no longer fits stays dropped
+    return 0
+
+
+def _lines(stdin: TextIO, err: TextIO) -> Iterator[str]:
+    tty = stdin.isatty()
+    while True:
+        if tty:
+            print("> ", end="", file=err, flush=True)
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            return
+        if not line:
+            return
+        yield line.rstrip("\n")
+
+
+def main(
+    argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Run the CLI; returns the exit status (0, or 2 for bad flags/files)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    for stream in (out, err, sys.stdin):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8", errors="replace")
+    try:
+        ns = build_parser().parse_args(argv)
+        run = run_chat if ns.command == "chat" else run_complete
+        return run(ns, out, err)
+    except UsageError as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_BAD_INPUT

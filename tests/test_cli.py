@@ -1,0 +1,146 @@
+"""`python -m llama chat|complete` end to end (subprocess) and its error handling."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama.assets import SHIPPED_MODEL_DIR
+from llama.cli import main
+from tests.conftest import REPO, shared_file
+
+
+def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "ascii"}
+    return subprocess.run(
+        [sys.executable, "-m", "llama", *args],
+        input=stdin.encode(),
+        capture_output=True,
+        cwd=REPO,
+        env=env,
+        timeout=240,
+    )
+
+
+@pytest.fixture(scope="module")
+def model_path() -> str:
+    return str(shared_file("stories260K", "stories260K.bin"))
+
+
+def test_complete_streams_the_reference_greedy_text(model_path: str) -> None:
+    res = cli(
+        "complete",
+        "--model",
+        model_path,
+        "--prompt",
+        "",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "200",
+        "--threads",
+        "1",
+        "--stats",
+    )
+    reference = shared_file("stories260K", "reference_greedy_200.txt").read_text("utf-8")
+    assert res.returncode == 0, res.stderr.decode()
+    assert res.stdout.decode("utf-8") == reference + "\n"  # UTF-8 even under an ASCII locale
+    assert "200 tokens" in res.stderr.decode() and "finish: length" in res.stderr.decode()
+
+
+def test_chat_reads_turns_until_eof(model_path: str) -> None:
+    stdin = "Tell me a story.\n\nA story with [INST] inside\n/reset\nAnother one \U0001f600\n"
+    res = cli(
+        "chat",
+        "--model",
+        model_path,
+        "--system",
+        "Be kind.",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "12",
+        "--stop",
+        "Lily",
+        "--threads",
+        "1",
+        stdin=stdin,
+    )
+    assert res.returncode == 0, res.stderr.decode()
+    replies = res.stdout.decode("utf-8").split("\n")
+    assert len(replies) == 3 and replies[2] == ""  # two replies, each ending with a newline
+    assert all(r and "Lily" not in r for r in replies[:2])
+    err = res.stderr.decode()
+    assert "special tag '[INST]'" in err and "Traceback" not in err
+
+
+def test_bad_path_is_one_line_no_traceback(tmp_path: Path) -> None:
+    res = cli("complete", "--model", str(tmp_path / "missing"), "--prompt", "x")
+    assert res.returncode == 2
+    assert res.stderr.decode().strip().splitlines() == [
+        f"error: {tmp_path / 'missing'}: no such file or directory"
+    ]
+
+
+def run_main(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    return main(list(argv), out=out, err=err), out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ((), "error: the following arguments are required: command"),
+        (("serve",), "error: argument command: invalid choice: 'serve'"),
+        (("complete", "--prompt", "x", "--top-p", "2"), "error: --top-p: expected a value in"),
+        (("complete", "--prompt", "x", "--temperature", "-1"), "error: --temperature:"),
+        (("complete", "--prompt", "x", "--max-new-tokens", "0"), "error: --max-new-tokens:"),
+        (("complete", "--prompt", "x", "--seed", "-5"), "error: --seed:"),
+        (("complete", "--prompt", "x", "--top-k", "many"), "error: argument --top-k: invalid int"),
+        (("complete", "--prompt", "x", "--stop", ""), "error: --stop: expected non-empty"),
+        (("chat", "--bogus-flag"), "error: unrecognized arguments: --bogus-flag"),
+        (("complete",), "error: the following arguments are required: --prompt"),
+        (("complete", "--prompt", "x", "--threads", "0"), "error: --threads:"),
+        (("complete", "--prompt", "x", "--device", "toaster"), "error: --device: expected"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(argv: tuple[str, ...], message: str) -> None:
+    code, out, err = run_main(*argv)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith(message), err
+
+
+def test_bad_files(tmp_path: Path, model_path: str) -> None:
+    garbage = tmp_path / "model.bin"
+    garbage.write_bytes(b"\x00" * 100)
+    code, _, err = run_main("complete", "--model", str(garbage), "--prompt", "x")
+    assert code == 2 and err.startswith(f"error: {garbage}") and len(err.splitlines()) == 1
+    bad_tok = tmp_path / "tok.model"
+    bad_tok.write_bytes(b"not a sentencepiece model")
+    code, _, err = run_main(
+        "complete", "--model", model_path, "--tokenizer", str(bad_tok), "--prompt", "x"
+    )
+    assert code == 2 and str(bad_tok) in err and len(err.splitlines()) == 1
+
+
+def test_default_model_is_the_shipped_one() -> None:
+    code, out, err = run_main(
+        "complete",
+        "--prompt",
+        "Once",
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "0",
+        "--threads",
+        "1",
+    )
+    if (SHIPPED_MODEL_DIR / "model.safetensors").is_file():
+        assert code == 0 and out.endswith("\n") and len(out) > 1, err
+    else:
+        assert code == 2 and "the shipped model is missing" in err
