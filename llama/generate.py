@@ -224,6 +224,8 @@ class _Decoder:
         self.counts: Tensor | None = None
         self.logits: Tensor | None = None
         self.token: Tensor | None = None  # (1,) last sampled id, stays on the device
+        self.positions = torch.arange(self.max_len, device=self.device)  # sliced, never rebuilt
+        self.one = torch.ones(1, device=self.device)
 
     def steps(self, cancel: threading.Event | None) -> Iterator[Step]:
         t0 = time.perf_counter()
@@ -272,17 +274,15 @@ class _Decoder:
     @torch.inference_mode()
     def _prefill(self) -> _Pick:
         model, dev = self.model, self.device
-        caches = model.caches()
-        if not caches or caches[0].k.shape[0] < 1:
-            model.setup_caches(1)
-        self.positions = torch.arange(self.max_len, device=dev)
+        caches, ref = model.caches(), model.tok_embeddings.weight
+        if not caches or caches[0].k.device != ref.device or caches[0].capacity < self.max_len:
+            model.setup_caches(1)  # absent, or the model moved since they were made
         self.generator = make_generator(self.params.seed, dev)
         vocab = model.args.vocab_size
         if self.params.uses_penalties:
             self.seen = torch.zeros(vocab, dtype=torch.bool, device=dev)
             self.seen[torch.tensor(self.prompt_ids, device=dev)] = True
             self.counts = torch.zeros(vocab, dtype=torch.float32, device=dev)
-            self.one = torch.ones(1, device=dev)
         tokens = torch.tensor([self.prompt_ids], device=dev)  # (1, T)
         n = len(self.prompt_ids)
         self.logits = model(tokens, input_pos=self.positions[:n], last_only=True)[0, -1]  # (V,)
@@ -310,13 +310,14 @@ class _Decoder:
             self.counts.index_add_(0, token, self.one)
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         top_logits, top_ids = torch.topk(logits, self.n_top)
-        # One device->host sync: [id, k ids, prob, k before, k after]; float64 holds ids exactly.
-        parts = [token, top_ids, torch.exp(logits[token] - lse), torch.exp(top_logits - lse)]
-        host = torch.cat([p.double() for p in [*parts, probs[top_ids]]]).tolist()
+        # One device->host sync for the ids (the second copy finds the device idle).
+        ids = torch.cat([token, top_ids]).tolist()  # [id, k ids]
+        chosen = logits[token] - lse
+        floats = torch.cat([chosen, top_logits - lse]).exp()
+        floats = torch.cat([floats, probs[top_ids]]).tolist()  # [prob, k before, k after]
         k = self.n_top
-        ids, before, after = host[1 : 1 + k], host[2 + k : 2 + 2 * k], host[2 + 2 * k :]
-        top = [(int(t), b, a) for t, b, a in zip(ids, before, after, strict=True)]
-        return _Pick(int(host[0]), host[1 + k], top)
+        top = list(zip(ids[1:], floats[1 : 1 + k], floats[1 + k :], strict=True))
+        return _Pick(ids[0], floats[0], top)
 
 
 def generate_text(
