@@ -159,7 +159,8 @@ class KVTrace:
 
 @dataclass(frozen=True)
 class Trace:
-    """What the probe has seen, frozen for drawing. tokens[i] labels positions[i]."""
+    """What the probe has seen, frozen for drawing. tokens[i] labels positions[i]; positions
+    are consecutive (the window)."""
 
     args: ModelArgs
     positions: list[int]
@@ -172,8 +173,8 @@ class Trace:
 
     def label(self, position: int) -> str:
         """The token label of an absolute position ('?' when not seen)."""
-        lookup = dict(zip(self.positions, self.tokens, strict=True))
-        return lookup.get(position, "?")
+        i = position - self.positions[0] if self.positions else -1
+        return self.tokens[i] if 0 <= i < len(self.tokens) else "?"
 
 
 @dataclass
@@ -225,7 +226,7 @@ class Probe:
         """Record a generate Step: its token (at step.position) and the cache fill after it."""
         self._step, self._n_steps = step, self._n_steps + 1
         token, position = getattr(step, "token_id", None), getattr(step, "position", None)
-        if token is not None and position is not None:
+        if token is not None and position is not None and int(token) >= 0:  # -1: no token
             self._tokens[int(position)] = int(token)
             # window + 1 kept: the newest token is sampled before the model has processed it
             self._forget_before(int(position) - self.window, self._tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +21,14 @@ from llama.probes import (
 )
 from llama.rope import apply_rope, rope_angles
 from tests.conftest import TINY_CONFIGS
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only contend on a shared machine
+    yield
+    torch.set_num_threads(before)
 
 
 def _model(args: ModelArgs) -> Transformer:
