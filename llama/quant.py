@@ -13,7 +13,7 @@ int8 matvec is several times slower than fp32.
 from __future__ import annotations
 
 import importlib
-import warnings
+import logging
 from collections.abc import Callable
 from types import ModuleType
 
@@ -44,9 +44,7 @@ def quantise_weight(
 ) -> nn.Module:
     """A Linear8bitLt on `device` whose int8 weights are quantised from `weight` (out, in)."""
     bnb = bitsandbytes()
-    # bitsandbytes warns on every fp32/bf16 call that activations go through fp16: expected.
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast",
-                            category=UserWarning)
+    _quiet_cast_notice()
     out_features, in_features = weight.shape
     layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False,
                                 threshold=threshold, device="meta")
@@ -54,6 +52,20 @@ def quantise_weight(
     layer.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False,
                                      has_fp16_weights=False)
     return layer.to(device)
+
+
+class _DropCastNotice(logging.Filter):
+    """bitsandbytes logs on every fp32/bf16 matmul that activations go through fp16 (that is
+    how LLM.int8 works); once per token per layer it drowns everything else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "inputs will be cast" not in record.getMessage()
+
+
+def _quiet_cast_notice() -> None:
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropCastNotice) for f in logger.filters):
+        logger.addFilter(_DropCastNotice())
 
 
 def is_block_linear(model: nn.Module, name: str) -> bool:
@@ -92,8 +104,12 @@ def quantise_model(model: nn.Module) -> nn.Module:
     """Swap the block Linears of an already-loaded model for 8-bit ones, in place."""
     names = [n for n, _ in model.named_parameters() if is_block_linear(model, n)]
     for name in names:
+        path = name.removesuffix(".weight")
         weight = model.get_parameter(name).detach()
-        replace_module(model, name.removesuffix(".weight"), quantise_weight(weight, weight.device))
+        layer = quantise_weight(weight, weight.device)
+        # Linear8bitLt computes differently in training mode: keep the model's mode.
+        layer.train(model.get_submodule(path).training)
+        replace_module(model, path, layer)
     return model
 
 

@@ -210,11 +210,15 @@ def _bind(model: Transformer, state: dict[str, Tensor], strict: bool, source: Pa
 
 
 def finish(model: Transformer, device: torch.device) -> Transformer:
-    """Recreate the non-persistent RoPE tables (meta tensors after a meta-device build)."""
-    a = model.args
-    cos, sin = rope_tables(a.max_seq_len, a.head_dim, a.rope_theta)
-    model.rope_cos = cos.to(device)
-    model.rope_sin = sin.to(device)
+    """Eval mode, and real RoPE tables where the model keeps them as buffers: built on the
+    meta device those are meta tensors (a model that builds its tables lazily needs nothing).
+    """
+    buffers = dict(model.named_buffers(recurse=False))
+    if "rope_cos" in buffers and "rope_sin" in buffers:
+        a = model.args
+        cos, sin = rope_tables(a.max_seq_len, a.head_dim, a.rope_theta)
+        model.rope_cos = cos.to(device)
+        model.rope_sin = sin.to(device)
     return model.eval()
 
 
