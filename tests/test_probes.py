@@ -20,7 +20,7 @@ from llama.probes import (
     token_label,
 )
 from llama.rope import apply_rope, rope_angles
-from tests.conftest import TINY_CONFIGS
+from tests.conftest import TINY_CONFIGS, shared_file
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -263,3 +263,35 @@ def test_snapshot_before_anything_is_empty_but_valid() -> None:
 def test_bad_arguments_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         Probe(TINY_CONFIGS["gqa"], **kwargs)
+
+
+def test_end_to_end_through_generate_on_stories260k() -> None:
+    from llama.checkpoints import load
+    from llama.generate import generate
+    from llama.sampling import SamplingParams
+    from llama.tokenizer import Tokenizer
+    from ui import figures
+
+    loaded = load(shared_file("stories260K", "stories260K.bin"), device="cpu", progress=False)
+    model, tok = loaded.model, Tokenizer(shared_file("stories260K", "tok512.model"))
+    prompt = tok.encode("Once upon a time, there was a cat")
+    params = SamplingParams(temperature=0.0, max_new_tokens=40)
+    plain = [s.token_id for s in generate(model, tok, prompt, params)]
+    probe = Probe(model.args, layers={0, 4}, rope_head=5, window=32, token_pieces=tok.piece)
+    steps = list(generate(model, tok, prompt, params, probe=probe))
+    assert [s.token_id for s in steps] == plain  # watching does not change the output
+    assert all(blk.attention.observer is None for blk in model.layers)
+    trace = probe.snapshot()
+    assert trace.step is steps[-1] and trace.n_steps == len(steps)
+    last = steps[-1].position - 1  # the last token is sampled, never fed back
+    ids = prompt + plain
+    assert trace.positions == list(range(last - 31, last + 1))
+    assert trace.tokens == [token_label(tok.piece(ids[p])) for p in trace.positions]
+    for view in trace.attention.values():
+        torch.testing.assert_close(view.probs.sum(-1) + view.outside,
+                                   torch.ones(model.args.n_heads, 32))
+    assert trace.rope is not None and trace.rope.position == last
+    assert trace.kv is not None and trace.kv.positions == [s.position for s in steps]
+    figs = [figures.attention_by_group(trace, 4), figures.rope_rotation(trace, 5),
+            figures.kv_cache_growth(trace), figures.token_probabilities(trace.step)]
+    assert all(fig.data for fig in figs)
