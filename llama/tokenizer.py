@@ -141,7 +141,7 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         """Add one id; return the newly complete text (may be "")."""
-        self.ids.append(token_id)
+        self.ids.append(self.tokenizer._checked_ids([token_id])[0])
         before, after = self._window_texts()
         if len(after) > len(before) and not after.endswith(REPLACEMENT_CHAR):
             return self._release(before, after)
@@ -158,8 +158,9 @@ class StreamDecoder:
 
     def _window_texts(self) -> tuple[str, str]:
         guard = [self.tokenizer.guard_id] if self._started else []
-        before = self.tokenizer.decode(guard + self.ids[self._start : self._read])
-        after = self.tokenizer.decode(guard + self.ids[self._start :])
+        decode = self.tokenizer._sp.decode  # ids were checked by push
+        before = decode(guard + self.ids[self._start : self._read])
+        after = decode(guard + self.ids[self._start :])
         return before, after
 
     def _release(self, before: str, after: str) -> str:

@@ -122,6 +122,8 @@ def test_bad_input(llama_tok: Tokenizer) -> None:
         llama_tok.decode([1.5])  # type: ignore[list-item]
     with pytest.raises(TokenizerError):
         llama_tok.piece(99999)
+    with pytest.raises(TokenizerError, match="32000"):
+        StreamDecoder(llama_tok).push(32000)
     long = "word " * 20_000  # 100k characters encode fine
     assert len(llama_tok.encode(long)) > 10_000
     assert llama_tok.encode("") == [1]
