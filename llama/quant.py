@@ -80,9 +80,7 @@ def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def make_quantiser(
-    device: torch.device, dtype: torch.dtype
-) -> Callable[[nn.Module, str, Tensor], bool]:
+def make_quantiser(device: torch.device) -> Callable[[nn.Module, str, Tensor], bool]:
     """For checkpoints.assemble: quantise block Linear weights as they arrive.
 
     The returned function gets (model, name, tensor as read) and returns True when it
@@ -93,7 +91,8 @@ def make_quantiser(
     def quantise(model: nn.Module, name: str, tensor: Tensor) -> bool:
         if not is_block_linear(model, name):
             return False
-        weight = tensor.to(dtype=dtype)
+        # Scales come out in the weight's dtype: quantise from fp32 so they are not rounded.
+        weight = tensor.to(dtype=torch.float32)
         replace_module(model, name.removesuffix(".weight"), quantise_weight(weight, device))
         return True
 
@@ -106,7 +105,7 @@ def quantise_model(model: nn.Module) -> nn.Module:
     for name in names:
         path = name.removesuffix(".weight")
         weight = model.get_parameter(name).detach()
-        layer = quantise_weight(weight, weight.device)
+        layer = quantise_weight(weight.float(), weight.device)
         # Linear8bitLt computes differently in training mode: keep the model's mode.
         layer.train(model.get_submodule(path).training)
         replace_module(model, path, layer)
@@ -114,13 +113,16 @@ def quantise_model(model: nn.Module) -> nn.Module:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by parameters and persistent state (int8 weights and their row scales),
-    counting shared (tied) storage once."""
+    """Bytes held by parameters and the int8 layers' row scales (SCB, which bitsandbytes
+    moves from the weight to the layer state on the first forward), counting shared (tied)
+    storage once."""
+    scales = []
+    for m in model.modules():
+        weight = getattr(m, "weight", None)
+        scales += [getattr(weight, "SCB", None), getattr(getattr(m, "state", None), "SCB", None)]
     seen: set[int] = set()
     total = 0
-    tensors = [*model.parameters(), *(getattr(m.weight, "SCB", None) for m in model.modules()
-                                      if hasattr(m, "weight") and m.weight is not None)]
-    for t in tensors:
+    for t in [*model.parameters(), *scales]:
         if t is None or t.device.type == "meta" or t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())

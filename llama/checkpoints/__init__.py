@@ -131,7 +131,7 @@ def load(
     if load_in_8bit:
         from llama.quant import make_quantiser
 
-        quantise = make_quantiser(device, dtype)
+        quantise = make_quantiser(device)
     stream = progress_bar(source.tensors, source.count, f"loading {path.name}", progress)
     model = assemble(source.args, stream, source.origin or path, device, dtype,
                      tie_allowed=source.tie_allowed, quantise=quantise)
