@@ -1,0 +1,262 @@
+"""`ParallelTransformer`: llama.model.Transformer with every block split over the ranks.
+
+Built on the meta device, then re-shaped by module surgery (llama/model.py is not touched):
+each attention's wq/wk/wv/wo and each FFN's w1/w2/w3 become plain `nn.Linear`s of this
+rank's slice (see plan.py), the attention's n_heads/n_kv_heads become the local counts (its
+SDPA and KV cache then see only local heads), and forward hooks on the Attention and
+FeedForward modules all-reduce their outputs (the row-parallel sum). Keeping plain Linears
+under the Meta names means checkpoints bind by name, and post-load passes (8-bit swaps, fused
+projections) work on the local slices unchanged. tok_embeddings holds a slice of the model
+dimension (its output is all-gathered); output holds a slice of the vocabulary (the logits are
+gathered on rank 0).
+
+On rank 0 every call that runs collectives (forward, setup_caches, set_observer) is first
+announced to the workers (control.py), which replay it in `run_worker_loop`. Inputs are
+validated before the announcement, so a bad request fails on rank 0 alone and the workers
+never see it. Inference only: the collectives are not differentiable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llama.cache import CacheOverflowError, KVCache
+from llama.config import ModelArgs
+from llama.model import AttentionCapture, AttentionObserver, Transformer
+from llama.parallel import comm
+from llama.parallel.comm import TPContext
+from llama.parallel.control import Channel, Op, code_dtype, dtype_code, pickled
+from llama.parallel.health import RankFailure, is_comm_error
+from llama.parallel.plan import ShardPlan
+
+_CAPTURE_FIELDS = ("q_raw", "k_raw", "q", "keys", "values", "out")
+# Concatenation axis of each capture field across ranks, and whether it holds KV heads.
+_CAPTURE_AXES = {"q_raw": (2, False), "k_raw": (2, True), "q": (1, False),
+                 "keys": (1, True), "values": (1, True), "out": (1, False)}
+
+
+class ParallelTransformer(Transformer):
+    """This rank's part of a tensor-parallel LLaMA-2 (build under `torch.device("meta")`).
+
+    `forward` returns the full fp32 logits (B, T, vocab) on rank 0 and this rank's vocabulary
+    slice on the others. `args` stays the whole model's shape; `plan` says what is local.
+    """
+
+    def __init__(self, args: ModelArgs, ctx: TPContext) -> None:
+        super().__init__(args)
+        self.tp = ctx
+        self.plan = ShardPlan(args, ctx.rank, ctx.world_size)
+        self.channel = Channel(ctx)
+        self._vocab_sizes = [ShardPlan(args, r, ctx.world_size).vocab for r in
+                             range(ctx.world_size)]
+        self._vocab_sizes = [b - a for a, b in self._vocab_sizes]
+        _shard_modules(self)
+
+    # Calls rank 0 announces ------------------------------------------------------------
+    def forward(self, tokens: Tensor, input_pos: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
+        """As Transformer.forward; on rank 0 the workers run the same step."""
+        if not self.tp.is_leader:
+            return self.local_forward(tokens, input_pos, last_only)
+        host_tokens, host_pos = self._check_inputs(tokens, input_pos)
+        return self._lead("forward", lambda: self._announce_forward(
+            host_tokens, host_pos, last_only, tokens, input_pos))
+
+    def setup_caches(self, batch_size: int = 1, dtype: torch.dtype | None = None) -> None:
+        """Preallocate KV caches holding only this rank's KV heads (on every rank)."""
+        code = dtype_code(dtype)
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, found {batch_size}")
+
+        def run() -> None:
+            if self.tp.distributed:
+                self.channel.send(Op.SETUP_CACHES, (batch_size, code))
+            self.local_setup_caches(batch_size, dtype)
+
+        self._lead("setup_caches", run)
+
+    def set_observer(self, observer: AttentionObserver | None,
+                     layers: set[int] | None = None) -> None:
+        """As Transformer.set_observer; rank 0's observer sees every rank's heads gathered."""
+        chosen = None if layers is None else sorted(int(i) for i in layers)
+
+        def run() -> None:
+            if self.tp.distributed:
+                payload = torch.tensor([-1] if chosen is None else chosen, dtype=torch.int64)
+                self.channel.send(Op.OBSERVE, (int(observer is not None),), payload)
+            self.local_set_observer(observer, None if chosen is None else set(chosen))
+
+        self._lead("set_observer", run)
+
+    def broadcast_call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run `getattr(model, method)(*args, **kwargs)` on every rank (e.g. a post-load
+        pass that fuses projections); returns rank 0's result. Arguments must pickle."""
+        payload = pickled((method, args, kwargs))
+
+        def run() -> Any:
+            if self.tp.distributed:
+                self.channel.send(Op.CALL, (), payload)
+            return getattr(self, method)(*args, **kwargs)
+
+        return self._lead(f"call {method}", run)
+
+    # What every rank runs --------------------------------------------------------------
+    def local_forward(self, tokens: Tensor, input_pos: Tensor | None, last_only: bool) -> Tensor:
+        local = super().forward(tokens, input_pos, last_only)  # (B, T, V_local)
+        return comm.gather_last_to_leader(self.tp, local, self._vocab_sizes)
+
+    def local_setup_caches(self, batch_size: int, dtype: torch.dtype | None) -> None:
+        ref = self.tok_embeddings.weight
+        dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.float32)
+        a, kv = self.args, self.plan.n_local_kv_heads
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch_size, kv, a.max_seq_len, a.head_dim, dtype,
+                                            ref.device)
+
+    def local_set_observer(self, observer: AttentionObserver | None,
+                           layers: set[int] | None) -> None:
+        if observer is None or not self.tp.distributed:
+            super().set_observer(observer, layers)
+            return
+
+        def gathered(capture: AttentionCapture) -> None:
+            full = gather_capture(self.tp, self.plan, capture)
+            if full is not None:
+                observer(full)
+
+        super().set_observer(gathered, layers)
+
+    # Rank 0 plumbing --------------------------------------------------------------------
+    def _lead(self, phase: str, run: Callable[[], Any]) -> Any:
+        health = self.tp.health
+        if health is None:
+            return run()
+        if health.failure is not None:
+            raise health.failure
+        with health.busy(phase):
+            try:
+                return run()
+            except RankFailure:
+                raise
+            except Exception as exc:
+                if is_comm_error(exc):
+                    raise health.diagnose(exc) from None
+                health.fail(RankFailure(0, self.tp.world_size, f"{type(exc).__name__}: {exc}"))
+                raise
+            except BaseException:  # Ctrl-C: rank 0 broke off mid-call; release the workers
+                health.fail(RankFailure(0, self.tp.world_size, "interrupted"))
+                raise
+
+    def _announce_forward(self, host_tokens: Tensor, host_pos: Tensor | None, last_only: bool,
+                          tokens: Tensor, input_pos: Tensor | None) -> Tensor:
+        if self.tp.distributed:
+            b, t = host_tokens.shape
+            parts = [host_tokens.reshape(-1)] + ([] if host_pos is None else [host_pos])
+            self.channel.send(Op.FORWARD, (b, t, int(input_pos is not None), int(last_only)),
+                              torch.cat(parts))
+        return self.local_forward(tokens, input_pos, last_only)
+
+    def _check_inputs(self, tokens: Tensor,
+                      input_pos: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Validate on rank 0 what every rank would choke on; -> (tokens, input_pos) on CPU."""
+        if tokens.dim() != 2 or tokens.is_floating_point() or 0 in tokens.shape:
+            raise ValueError(f"tokens: expected a non-empty (B, T) integer tensor, found "
+                             f"{tuple(tokens.shape)} {tokens.dtype}")
+        host = tokens.detach().to("cpu", torch.int64)
+        v = self.args.vocab_size
+        if host.min() < 0 or host.max() >= v:
+            raise ValueError(f"tokens: ids must lie in [0, {v}), found {host.min()}..{host.max()}")
+        if input_pos is None:
+            return host, None
+        pos = input_pos.detach().to("cpu", torch.int64)
+        if pos.shape != (tokens.shape[1],) or pos.min() < 0:
+            raise ValueError(f"input_pos: expected ({tokens.shape[1]},) positions >= 0, "
+                             f"found {tuple(pos.shape)}")
+        if int(pos[-1]) >= self.args.max_seq_len:
+            raise CacheOverflowError(
+                f"position {int(pos[-1])} is past the KV cache capacity of "
+                f"{self.args.max_seq_len} positions (max_seq_len)")
+        caches = self.caches()
+        if not caches or caches[0].k.shape[0] < tokens.shape[0]:
+            raise ValueError(f"setup_caches({tokens.shape[0]}) before a cached forward")
+        return host, pos
+
+    # The workers' side ----------------------------------------------------------------
+    def execute(self, cmd: Any) -> None:
+        """Replay one of rank 0's commands (a control.Command) on this worker."""
+        a = cmd.ints
+        dev = self.tok_embeddings.weight.device
+        if cmd.op == Op.FORWARD:
+            b, t, has_pos, last_only = a[:4]
+            tokens = cmd.payload[: b * t].view(b, t).to(dev)  # (B, T)
+            pos = cmd.payload[b * t:].to(dev) if has_pos else None  # (T,)
+            self.local_forward(tokens, pos, bool(last_only))
+        elif cmd.op == Op.SETUP_CACHES:
+            self.local_setup_caches(a[0], code_dtype(a[1]))
+        elif cmd.op == Op.OBSERVE:
+            layers = cmd.payload.tolist()
+            chosen = None if layers == [-1] else set(layers)
+            self.local_set_observer(_discard if a[0] else None, chosen)
+        elif cmd.op == Op.CALL:
+            method, args, kwargs = cmd.call()
+            getattr(self, method)(*args, **kwargs)
+
+
+def _discard(capture: AttentionCapture) -> None:
+    """Workers' observer: their heads went to rank 0 in gather_capture."""
+
+
+def gather_capture(ctx: TPContext, plan: ShardPlan,
+                   capture: AttentionCapture) -> AttentionCapture | None:
+    """Every rank's heads of one AttentionCapture, concatenated in head order on rank 0.
+
+    A collective: every rank calls it at the same attention call. Returns the whole-model
+    capture on rank 0 (q heads from all ranks; KV heads once, skipping replicas) and None
+    elsewhere. One gather of all fields, flattened (equal shapes on every rank).
+    """
+    fields = [getattr(capture, f) for f in _CAPTURE_FIELDS]
+    dtype = fields[0].dtype if all(f.dtype == fields[0].dtype for f in fields) else torch.float32
+    flat = torch.cat([f.reshape(-1).to(dtype) for f in fields])
+    parts = comm.gather_to_leader(ctx, flat)
+    if parts is None:
+        return None
+    sizes = [f.numel() for f in fields]
+    per_rank = [p.split(sizes) for p in parts]
+    out: dict[str, Tensor] = {}
+    for i, (name, f) in enumerate(zip(_CAPTURE_FIELDS, fields, strict=True)):
+        axis, kv = _CAPTURE_AXES[name]
+        ranks = range(0, ctx.world_size, plan.kv_replicas if kv else 1)
+        out[name] = torch.cat([per_rank[r][i].view(f.shape).to(f.dtype) for r in ranks],
+                              dim=axis)
+    return AttentionCapture(capture.layer, capture.input_pos, **out)
+
+
+def _shard_modules(model: ParallelTransformer) -> None:
+    """Swap every split weight's module for one of the local shape; hook the reductions."""
+    plan, ctx = model.plan, model.tp
+    for name, param in list(model.named_parameters()):
+        if plan.slice_of(name) is None:
+            continue
+        owner_name, _ = name.rsplit(".", 1)
+        owner = model.get_submodule(owner_name)
+        rows, cols = plan.local_shape(name, tuple(param.shape))
+        if isinstance(owner, nn.Embedding):
+            new: nn.Module = nn.Embedding(rows, cols, device=param.device, dtype=param.dtype)
+        else:
+            new = nn.Linear(cols, rows, bias=False, device=param.device, dtype=param.dtype)
+        parent, _, attr = owner_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    for layer in model.layers:
+        layer.attention.n_heads = plan.n_local_heads
+        layer.attention.n_kv_heads = plan.n_local_kv_heads
+        if ctx.distributed:
+            layer.attention.register_forward_hook(lambda m, i, out: comm.all_reduce_(ctx, out))
+            layer.feed_forward.register_forward_hook(
+                lambda m, i, out: comm.all_reduce_(ctx, out))
+    if ctx.distributed:
+        model.tok_embeddings.register_forward_hook(
+            lambda m, i, out: comm.all_gather_last(ctx, out))
