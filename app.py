@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--auth", default=None, help="USER:PASSWORD, or a file with one USER:PASSWORD per line"
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: 1 for small models on CPU, where "
+        "more threads only add synchronisation, else torch's default)",
+    )
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most")
     return p.parse_args(argv)
 
@@ -137,6 +144,18 @@ def load(args: argparse.Namespace):  # -> ui.runtime.Runtime
     )
 
 
+def set_threads(requested: int | None, runtime) -> None:  # runtime: ui.runtime.Runtime
+    """torch's intra-op threads for this process (a tiny model decodes fastest on one)."""
+    import torch
+
+    from ui.runtime import SMALL_MODEL_PARAMS
+
+    if requested is not None:
+        torch.set_num_threads(max(1, requested))
+    elif runtime.device.type == "cpu" and runtime.args.n_params() < SMALL_MODEL_PARAMS:
+        torch.set_num_threads(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -147,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    set_threads(args.threads, runtime)
     warning = sharing_warning(args.share, auth, args.host)
     if warning:
         print(warning, file=sys.stderr)

@@ -136,7 +136,7 @@ def _sampling_controls(ui: dict[str, Any]) -> None:
         for name in SAMPLING_FIELDS[4:]:
             ui[name] = _slider(name)
     with gr.Row(equal_height=True):
-        ui["seed"] = gr.Number(
+        ui["seed"] = NamedNumber(
             label="Seed", info="blank = random", precision=0, minimum=0, value=None, elem_id="seed"
         )
         ui["seed_used"] = gr.Number(
@@ -153,9 +153,33 @@ def _sampling_controls(ui: dict[str, Any]) -> None:
     ui["reset"] = gr.Button("Reset to Meta defaults (T 0.6, top-p 0.9)", size="sm", elem_id="reset")
 
 
+class NamedSlider(gr.Slider):
+    """gr.Slider whose out-of-range error (a value sent through the API) names the control."""
+
+    is_template = True  # gradio renders it with the plain Slider front end
+
+    def preprocess(self, payload: float) -> float:
+        try:
+            return super().preprocess(payload)
+        except gr.Error as exc:
+            raise gr.Error(f"{self.label}: {exc.message}") from None
+
+
+class NamedNumber(gr.Number):
+    """gr.Number whose out-of-range error names the control."""
+
+    is_template = True
+
+    def preprocess(self, payload: float | None) -> float | int | None:
+        try:
+            return super().preprocess(payload)
+        except gr.Error as exc:
+            raise gr.Error(f"{self.label}: {exc.message}") from None
+
+
 def _slider(name: str) -> gr.Slider:
     spec = SLIDERS[name]
-    return gr.Slider(
+    return NamedSlider(
         spec.minimum,
         spec.maximum,
         value=spec.default,

@@ -1,0 +1,395 @@
+"""The playground's callbacks without a browser: streaming order, Stop, editing, bad input.
+
+Runs on the shipped model (assets/tinychat) when it is there, else on stories260K from
+../shared/data. Replies are kept short (a few tokens) so the file stays fast on 2 cores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import gradio as gr
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from llama.assets import shipped_model_dir
+from tests.conftest import shared_file
+from ui import chat_io
+from ui.handlers import ALL_HEADS, VIEW_LABELS, Handlers
+from ui.runtime import Runtime, load_runtime
+from ui.settings import SAMPLING_FIELDS, SLIDERS, defaults
+from ui.turn import FIGURE_KEYS, SessionControl, Views, make_probe, run_turn
+
+ALL_VIEWS = list(VIEW_LABELS)
+N_OUT = 12  # respond's outputs: chatbot, history, 4 plots, status, text, ids, seed, last, box
+
+
+def model_path() -> Path:
+    try:
+        return shipped_model_dir()
+    except FileNotFoundError:
+        return shared_file("stories260K", "stories260K.bin")
+
+
+@pytest.fixture(scope="module")
+def rt() -> Iterator[Runtime]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as app.py does for a tiny model: faster than 2 on 2 cores
+    yield load_runtime(model_path(), progress=False)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def h(rt: Runtime) -> Handlers:
+    return Handlers(rt)
+
+
+def widgets(rt: Runtime, **over):
+    """respond's arguments after (history, control): system, template, sampling, views."""
+    values = {name: SLIDERS[name].default for name in SAMPLING_FIELDS}
+    values.update(max_new_tokens=6)
+    # Views off unless a test looks at figures: drawing them is the slow part on 2 cores.
+    extra = dict(
+        system="",
+        template=rt.default_template,
+        seed=7,
+        stop="",
+        views=[],
+        layer=0,
+        head=ALL_HEADS,
+        mode="heads",
+        every=2,
+    )
+    values.update(extra)
+    values.update(over)
+    return [
+        values["system"],
+        values["template"],
+        *[values[k] for k in SAMPLING_FIELDS],
+        values["seed"],
+        values["stop"],
+        values["views"],
+        values["layer"],
+        values["head"],
+        values["mode"],
+        values["every"],
+    ]
+
+
+def send(h: Handlers, text: str, history: list, control: SessionControl, **over):
+    """add_message then the whole respond stream; returns (outputs list, final history)."""
+    _, history, _ = h.add_message(text, history, control)
+    outs = list(h.respond(history, control, *widgets(h.rt, **over)))
+    return outs, outs[-1][1]
+
+
+def reply_of(out) -> str:
+    return out[0][-1]["content"]
+
+
+def is_skip(value) -> bool:
+    return isinstance(value, dict) and value.get("__type__") == "update" and len(value) == 1
+
+
+def test_respond_yields_chat_figures_status_in_order(h: Handlers) -> None:
+    control = SessionControl()
+    outs, history = send(
+        h, "Once upon a time", [], control, max_new_tokens=6, every=2, views=ALL_VIEWS
+    )
+    assert len(outs) == 6 and all(len(o) == N_OUT for o in outs)
+    replies = [reply_of(o) for o in outs]
+    for earlier, later in itertools.pairwise(replies):
+        assert later.startswith(earlier)  # the reply only grows while it streams
+    first, last = outs[0], outs[-1]
+    # chat: the user's message then the reply; figures on the first token, every 2nd, the last
+    assert first[0][0] == {"role": "user", "content": "Once upon a time"}
+    drawn = [i for i, o in enumerate(outs) if not is_skip(o[2])]
+    assert drawn == [0, 1, 3, 5]
+    for key, fig in zip(FIGURE_KEYS, last[2:6]):
+        assert isinstance(fig, go.Figure), key
+    # status: tokens, speed, TTFT, context, KV bytes, why it finished
+    assert "6 tokens" in last[6] and "TTFT" in last[6] and "finished: length" in last[6]
+    assert f"/ {h.rt.max_seq_len}" in last[6] and "KV cache" in last[6]
+    assert last[7].startswith("<s>") and last[8].split()[0] == str(h.rt.tokenizer.bos_id)
+    assert first[9] == 7  # the seed used is shown
+    assert history[-1]["role"] == "assistant" and history[-1]["content"] == replies[-1]
+    assert not control.running and not h.rt.slot.locked()
+
+
+def test_stop_ends_the_reply_cleanly_and_twice_is_harmless(h: Handlers) -> None:
+    control = SessionControl()
+    _, history, _ = h.add_message("Once upon a time", [], control)
+    stream = h.respond(
+        history, control, *widgets(h.rt, max_new_tokens=200, every=50, views=ALL_VIEWS)
+    )
+    outs = [next(stream), next(stream)]
+    h.stop(control)
+    h.stop(control)
+    outs += list(stream)  # ends by itself after Stop
+    assert len(outs) <= 4
+    assert "finished: cancelled" in outs[-1][6]
+    assert all(isinstance(f, go.Figure) for f in outs[-1][2:6])  # final figures drawn
+    final = outs[-1][1]
+    assert final[-1]["role"] == "assistant" and final[-1]["content"] == reply_of(outs[-1])
+    assert not control.running and not h.rt.slot.locked()
+    # The model is free and the session can chat on.
+    outs2, _ = send(h, "The dog", final, control, max_new_tokens=3)
+    assert "finished: length" in outs2[-1][6]
+
+
+def test_stop_before_the_first_token_gives_the_message_back(h: Handlers) -> None:
+    control = SessionControl()
+    _, history, _ = h.add_message("Once upon a time", [], control)
+    h.stop(control)  # pressed while the reply was still queued
+    outs = list(h.respond(history, control, *widgets(h.rt)))
+    assert len(outs) == 1
+    assert outs[0][1] == [] and outs[0][-1] == "Once upon a time"
+
+
+def test_same_seed_same_reply_and_random_seed_is_shown(h: Handlers) -> None:
+    a, _ = send(h, "Once upon a time", [], SessionControl(), seed=123, temperature=1.0)
+    b, _ = send(h, "Once upon a time", [], SessionControl(), seed=123, temperature=1.0)
+    assert reply_of(a[-1]) == reply_of(b[-1])
+    c, _ = send(h, "Once upon a time", [], SessionControl(), seed=None, temperature=1.0)
+    shown = c[0][9]
+    assert isinstance(shown, int) and f"seed {shown}" in c[-1][6]
+    d, _ = send(h, "Once upon a time", [], SessionControl(), seed=shown, temperature=1.0)
+    assert reply_of(d[-1]) == reply_of(c[-1])  # the shown seed reproduces the reply
+
+
+def test_views_off_attach_no_probe(h: Handlers, rt: Runtime) -> None:
+    assert make_probe(rt, Views(shown=frozenset({"probs"}))) is None
+    seen = []
+    short = defaults().__class__(max_new_tokens=4)
+    for _ in run_turn(
+        rt,
+        [{"role": "user", "content": "Hi"}],
+        short,
+        Views(shown=frozenset()),
+        rt.default_template,
+        "",
+    ):
+        seen.append([layer.attention.observer for layer in rt.model.layers])
+    assert seen and all(obs is None for row in seen for obs in row)
+    on = []
+    for _ in run_turn(
+        rt, [{"role": "user", "content": "Hi"}], short, Views(), rt.default_template, ""
+    ):
+        on.append(any(layer.attention.observer is not None for layer in rt.model.layers))
+    assert any(on)
+    assert all(layer.attention.observer is None for layer in rt.model.layers)  # detached
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t"])
+def test_empty_message_is_refused(h: Handlers, text: str) -> None:
+    with pytest.raises(gr.Error, match="empty"):
+        h.add_message(text, [], SessionControl())
+
+
+def test_message_while_a_reply_runs_is_refused(h: Handlers) -> None:
+    control = SessionControl()
+    _, history, _ = h.add_message("Once upon a time", [], control)
+    with pytest.raises(gr.Error, match="still being written"):
+        h.add_message("again", history, control)  # reply pending
+    stream = h.respond(history, control, *widgets(h.rt, max_new_tokens=50))
+    first = next(stream)
+    with pytest.raises(gr.Error, match="still being written"):
+        h.add_message("again", first[1], control)  # reply streaming
+    for name, call in (("regenerate", h.regenerate), ("undo", h.undo)):
+        with pytest.raises(gr.Error, match="press Stop"):
+            call(first[1], control)
+    h.stop(control)
+    final = list(stream)[-1][1]
+    assert h.add_message("again", final, control)[0] == ""
+
+
+@pytest.mark.parametrize("text", ["مرحبا بالعالم، كيف حالك؟", "I love 🐶 and 🍕! ✨", "שלום 👋 hi"])
+def test_emoji_and_right_to_left_text(h: Handlers, text: str) -> None:
+    outs, history = send(h, text, [], SessionControl(), max_new_tokens=4)
+    assert history[0]["content"] == text  # kept exactly
+    assert "finished:" in outs[-1][6]
+    assert text.strip() in outs[-1][7] or h.rt.default_template == "completion"
+
+
+def test_huge_message(h: Handlers, rt: Runtime) -> None:
+    control = SessionControl()
+    with pytest.raises(gr.Error, match="characters"):
+        h.add_message("a" * 100_001, [], control)
+    huge = "the cat sat on the mat. " * 2000  # ~48k chars, far past the context
+    _, history, _ = h.add_message(huge, [], control)
+    outs = list(h.respond(history, control, *widgets(rt, template="chat")))
+    # Chat: the last message alone cannot fit, so it is refused and handed back intact.
+    assert outs[-1][1] == [] and outs[-1][-1] == huge and "⚠" in outs[-1][6]
+    _, history, _ = h.add_message(huge, [], control)
+    outs = list(h.respond(history, control, *widgets(rt, template="completion")))
+    # Completion: the oldest tokens are dropped with a visible notice.
+    assert "dropped" in outs[-1][6] and "finished:" in outs[-1][6]
+    assert len(outs[-1][8].split()) <= rt.max_seq_len
+
+
+def test_context_overflow_drops_oldest_turns_with_a_notice(h: Handlers, rt: Runtime) -> None:
+    long_turn = "the little dog ran to the park and played with a big red ball. " * 12
+    history = []
+    for i in range(12):  # far more than max_seq_len tokens in total
+        history += [
+            {"role": "user", "content": f"{i}: {long_turn}"},
+            {"role": "assistant", "content": long_turn},
+        ]
+    history.append({"role": "user", "content": "What happened next?"})
+    outs = list(h.respond(history, SessionControl(), *widgets(rt, template="chat")))
+    assert "dropped the" in outs[-1][6] and "oldest turn" in outs[-1][6]
+    assert "finished:" in outs[-1][6]
+    assert outs[-1][1][:-1] == history  # the chat shown keeps every turn
+    assert len(outs[-1][8].split()) < rt.max_seq_len
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", 5.0),
+        ("top_p", -0.1),
+        ("top_k", 3.5),
+        ("max_new_tokens", 0),
+        ("seed", -3),
+        ("stop", "\n".join(f"s{i}" for i in range(20))),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_the_field(h: Handlers, field, value) -> None:
+    control = SessionControl()
+    _, history, _ = h.add_message("Once upon a time", [], control)
+    outs = list(h.respond(history, control, *widgets(h.rt, **{field: value})))
+    assert len(outs) == 1 and field in outs[0][6]
+    assert outs[0][1] == [] and outs[0][-1] == "Once upon a time"
+    assert not control.running
+
+
+def test_regenerate_undo_clear(h: Handlers) -> None:
+    control = SessionControl()
+    _, history = send(h, "Once upon a time", [], control, temperature=1.0, seed=1)
+    history_r, shown = h.regenerate(history, control)
+    assert history_r == history[:-1] == shown
+    outs = list(h.respond(history_r, control, *widgets(h.rt, temperature=1.5, seed=2)))
+    assert outs[-1][1][:-1] == history[:-1]
+    text, history_u, _ = h.undo(outs[-1][1], control)
+    assert text == "Once upon a time" and history_u == []
+    with pytest.raises(gr.Error, match="empty"):
+        h.undo([], control)
+    with pytest.raises(gr.Error, match="empty"):
+        h.regenerate([], control)
+    cleared = h.clear(control)
+    assert cleared[0] == [] and cleared[1] == [] and h.rt.name in cleared[6]
+
+
+def test_redraw_switches_layer_and_head(h: Handlers, rt: Runtime) -> None:
+    outs, _ = send(
+        h, "Once upon a time", [], SessionControl(), max_new_tokens=4, views=ALL_VIEWS, every=100
+    )
+    last = outs[-1][10]
+    a = h.redraw(last, ALL_VIEWS, 0, ALL_HEADS, "heads")[0]
+    b = h.redraw(last, ALL_VIEWS, rt.args.n_layers - 1, ALL_HEADS, "heads")[0]
+    c = h.redraw(last, ALL_VIEWS, 0, 1, "heads")[0]
+    assert a.to_json() != b.to_json() and a.to_json() != c.to_json()
+    assert len(c.data) < len(a.data)  # one head instead of all
+    off = h.redraw(last, ["probs"], 0, ALL_HEADS, "heads")
+    assert is_skip(off[0]) and isinstance(off[1], go.Figure)
+    assert [u["visible"] for u in h.set_views(["attention", "kv"])] == [True, False, False, True]
+
+
+def test_reset_to_meta_defaults(h: Handlers) -> None:
+    out = dict(zip([*SAMPLING_FIELDS, "seed"], h.reset_defaults()))
+    assert out["temperature"] == 0.6 and out["top_p"] == 0.9
+    assert out["top_k"] == 0 and out["min_p"] == 0.0 and out["repetition_penalty"] == 1.0
+    assert is_skip(out["max_new_tokens"]) and out["seed"] is None
+
+
+def export_args(h: Handlers, history, **over):
+    w = widgets(h.rt, **over)
+    return [history, w[0], w[1], *w[2 : 2 + len(SAMPLING_FIELDS)], w[10], w[11], 7]
+
+
+def test_export_then_import_round_trip(h: Handlers, tmp_path: Path) -> None:
+    control = SessionControl()
+    _, history = send(h, "Hello there 👋", [], control, max_new_tokens=3)
+    path = h.export_chat(*export_args(h, history, temperature=0.8, stop="THE END\\n"))
+    saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    assert saved["messages"] == history and saved["sampling"]["temperature"] == 0.8
+    assert saved["sampling"]["stop"] == ["THE END\n"] and saved["last_seed"] == 7
+    out = h.import_chat(path, SessionControl())
+    assert out[0] == history and out[1] == history
+    names = ["history", "chatbot", "system", "template", *SAMPLING_FIELDS, "seed", "stop"]
+    values = dict(zip(names, out))
+    assert values["temperature"] == 0.8 and values["seed"] == 7 and values["stop"] == "THE END\\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"\x00\xff\xfe garbage", "not UTF-8"),
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "expected a JSON object"),
+        (b'{"format": "something-else", "version": 1}', "format"),
+        (None, "messages\\[1\\].role"),
+        ("temperature", "sampling.temperature"),
+        ("seed", "sampling.seed"),
+    ],
+)
+def test_import_rejects_bad_files_and_applies_nothing(
+    h: Handlers, tmp_path: Path, content, match
+) -> None:
+    good = json.loads(
+        chat_io.to_json(
+            chat_io.ChatFile(
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                "",
+                "chat",
+                defaults(),
+            )
+        )
+    )
+    if content is None:
+        good["messages"][1]["role"] = "user"
+        content = json.dumps(good).encode()
+    elif content == "temperature":
+        good["sampling"]["temperature"] = 9.0
+        content = json.dumps(good).encode()
+    elif content == "seed":
+        good["sampling"]["seed"] = "abc"
+        content = json.dumps(good).encode()
+    path = tmp_path / "chat.json"
+    path.write_bytes(content)
+    with pytest.raises(gr.Error, match=match):
+        h.import_chat(str(path), SessionControl())
+
+
+def test_import_rejects_huge_file(h: Handlers, tmp_path: Path) -> None:
+    path = tmp_path / "big.json"
+    path.write_bytes(b" " * (chat_io.MAX_BYTES + 1))
+    with pytest.raises(gr.Error, match="too big"):
+        h.import_chat(str(path), SessionControl())
+
+
+def test_one_generation_at_a_time(h: Handlers, rt: Runtime) -> None:
+    """Two sessions generating from two threads: the slot serialises them, both finish."""
+    results: dict[int, str] = {}
+
+    def run(i: int) -> None:
+        outs, _ = send(h, "Once upon a time", [], SessionControl(), seed=i, temperature=1.0)
+        results[i] = reply_of(outs[-1])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    alone = {
+        i: reply_of(
+            send(h, "Once upon a time", [], SessionControl(), seed=i, temperature=1.0)[0][-1]
+        )
+        for i in range(2)
+    }
+    assert results == alone
