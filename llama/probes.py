@@ -46,10 +46,12 @@ def attention_probs(capture: AttentionCapture, batch: int = 0, rows: int | None 
         q, pos = q[:, -rows:], pos[-rows:]
     n_heads, t_q, d = q.shape
     n_kv, t_kv = keys.shape[0], keys.shape[1]
-    grouped = q.view(n_kv, n_heads // n_kv, t_q, d)  # (H_kv, n_rep, T, D)
-    scores = torch.einsum("grtd,gsd->grts", grouped, keys) / math.sqrt(d)  # (H_kv, n_rep, T, T_kv)
-    visible = torch.arange(t_kv, device=pos.device)[None, :] <= pos[:, None]  # (T, T_kv)
-    scores = scores.masked_fill(~visible, float("-inf"))
+    grouped = q.reshape(n_kv, n_heads // n_kv * t_q, d)  # (H_kv, n_rep*T, D)
+    scores = torch.bmm(grouped, keys.transpose(1, 2)).mul_(1.0 / math.sqrt(d))
+    scores = scores.view(n_kv, -1, t_q, t_kv)  # (H_kv, n_rep, T, T_kv)
+    if t_q > 1 or int(pos[0]) != t_kv - 1:  # a decode step at the cache's end sees every key
+        visible = torch.arange(t_kv, device=pos.device)[None, :] <= pos[:, None]  # (T, T_kv)
+        scores = scores.masked_fill(~visible, float("-inf"))
     return torch.softmax(scores, dim=-1).reshape(n_heads, t_q, t_kv).cpu()  # (H, T, T_kv)
 
 
@@ -214,13 +216,20 @@ class Probe:
         self._reset()
         self._model = model
         self._tokens = {i: int(t) for i, t in enumerate(prompt_ids)}
+        self.attach(model)
+
+    @property
+    def observed_layers(self) -> frozenset[int]:
+        """Layers whose attention calls the probe needs to see."""
         observed = set(self.layers) if self.want_attention else set()
-        if self.want_rope:
-            observed.add(self.rope_layer)
-        if self.want_kv and not observed:
-            observed.add(self.rope_layer)  # only to learn how many positions are filled
-        if observed:
-            model.set_observer(self._observe, observed)
+        if self.want_rope or (self.want_kv and not observed):
+            observed.add(self.rope_layer)  # kv alone: only to learn how many positions are filled
+        return frozenset(observed)
+
+    def attach(self, model: Transformer) -> None:
+        """Set this probe as the observer of its layers (begin() does it; no reset here)."""
+        if self.observed_layers:
+            model.set_observer(self._observe, set(self.observed_layers))
 
     def on_step(self, step: Any) -> None:
         """Record a generate Step: its token (at step.position) and the cache fill after it."""
@@ -245,8 +254,9 @@ class Probe:
         self._rows: dict[int, dict[int, Tensor]] = {layer: {} for layer in self.layers}
         self._rope = _RopeState()
         self._filled = 0
-        self._kv: deque[tuple[int, int, tuple[int, ...]]] = deque(maxlen=KV_HISTORY)
-        self._kv_capacity: tuple[int, tuple[int, ...], int, int] | None = None
+        self._kv: deque[tuple[int, int]] = deque(maxlen=KV_HISTORY)  # (step, positions)
+        # (capacity, bytes per position of each layer, itemsize, batch), read once per run
+        self._kv_shape: tuple[int, tuple[int, ...], int, int] | None = None
         self._step: Any | None = None
         self._n_steps = 0
 
@@ -280,20 +290,22 @@ class Probe:
                               cap.q[0, h, -1].float().cpu())
 
     def _record_kv(self) -> None:
-        assert self._model is not None
-        caches = self._model.caches()
-        if not caches:
-            return
-        if self._kv_capacity is None:
-            self._kv_capacity = (caches[0].capacity, tuple(c.nbytes() for c in caches),
-                                 caches[0].k.element_size(), caches[0].k.shape[0])
-        per_layer = tuple(c.nbytes(self._filled) for c in caches)
-        self._kv.append((self._n_steps - 1, self._filled, per_layer))
+        if self._kv_shape is None:
+            assert self._model is not None
+            caches = self._model.caches()
+            if not caches:
+                return
+            # KVCache.nbytes is linear in positions: one read per layer is enough.
+            self._kv_shape = (caches[0].capacity, tuple(c.nbytes(1) for c in caches),
+                              caches[0].k.element_size(), caches[0].k.shape[0])
+        self._kv.append((self._n_steps - 1, self._filled))
 
     @staticmethod
     def _forget_before(lowest: int, store: dict[int, Any]) -> None:
-        for pos in [p for p in store if p < lowest]:
-            del store[pos]
+        """Drop positions < lowest. Positions arrive in increasing order (begin() resets), so
+        the dict's insertion order is position order and the oldest entries come first."""
+        while store and (oldest := next(iter(store))) < lowest:
+            del store[oldest]
 
     # Snapshot ----------------------------------------------------------------------------
     def snapshot(self) -> Trace:
@@ -350,12 +362,14 @@ class Probe:
         )
 
     def _kv_view(self) -> KVTrace | None:
-        if not self.want_kv or self._kv_capacity is None or not self._kv:
+        if not self.want_kv or self._kv_shape is None or not self._kv:
             return None
-        capacity, capacity_bytes, itemsize, batch = self._kv_capacity
-        steps, positions, per_layer = (list(col) for col in zip(*self._kv, strict=True))
-        return KVTrace(steps, positions, per_layer, capacity, capacity_bytes, itemsize, batch,
-                       self.args, counterfactual_kv_heads(self.args))
+        capacity, per_position, itemsize, batch = self._kv_shape
+        steps, positions = (list(col) for col in zip(*self._kv, strict=True))
+        per_layer = [tuple(b * n for b in per_position) for n in positions]
+        return KVTrace(steps, positions, per_layer, capacity,
+                       tuple(b * capacity for b in per_position), itemsize, batch, self.args,
+                       counterfactual_kv_heads(self.args))
 
 
 def _check_layers(args: ModelArgs, layers: Set[int] | None) -> frozenset[int]:

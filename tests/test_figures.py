@@ -106,7 +106,7 @@ def test_attention_mean_spread_and_single_head_modes() -> None:
     for g in range(2):
         z = np.asarray(mean.data[g].z, dtype=float)
         np.testing.assert_allclose(z[lower], view.group_mean[g].numpy()[lower], rtol=1e-6)
-        spread = np.asarray(mean.data[g].customdata, dtype=float)[..., 1]
+        spread = np.asarray(mean.data[g].customdata, dtype=float)[..., 0]
         np.testing.assert_allclose(spread, view.group_spread[g].numpy(), rtol=1e-6)
     spread_fig = F.attention_by_group(trace, 0, mode="spread")
     z = np.asarray(spread_fig.data[1].z, dtype=float)
@@ -115,6 +115,20 @@ def test_attention_mean_spread_and_single_head_modes() -> None:
     assert len(one.data) == 1 and "head 3" in one.layout.annotations[0].text
     z = np.asarray(one.data[0].z, dtype=float)
     np.testing.assert_allclose(z[lower], view.probs[3].numpy()[lower], rtol=1e-6)
+
+
+def test_attention_hover_reports_mass_before_a_cut_window() -> None:
+    full = traced(TINY_CONFIGS["gqa"])
+    assert F.attention_by_group(full, 0).data[0].customdata is None  # nothing cut: no payload
+    cut = traced(TINY_CONFIGS["gqa"], window=4)
+    view = cut.attention[0]
+    hm = F.attention_by_group(cut, 0).data[1]  # group 1: heads 2 and 3
+    outside = np.asarray(hm.customdata, dtype=float)[..., 0]
+    np.testing.assert_allclose(outside[:, 0], view.outside[2].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(outside[:, 5], view.outside[3].numpy(), rtol=1e-6)
+    assert "mass before the window: %{customdata[0]:.4f}" in hm.hovertemplate
+    mean = F.attention_by_group(cut, 0, mode="mean").data[0]
+    assert "%{customdata[1]:.4f}" in mean.hovertemplate
 
 
 def test_attention_bad_or_missing_input() -> None:

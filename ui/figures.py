@@ -116,14 +116,16 @@ def _panel_heads(n_rep: int, group: int, head: int | None, mode: str) -> list[in
 
 
 def _panel(view: LayerAttention, group: int, heads: list[int], mode: str,
-           labels: tuple[list[str], list[str]]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """z (T_q, X), customdata (T_q, X, 2) = [mass before window, group spread], x categories.
+           labels: tuple[list[str], list[str]]) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """z (T_q, X) fp32, customdata (T_q, X, C) or None, and the x categories.
 
     Heads sit side by side with one empty column between them; future keys are NaN (blank).
+    customdata channels, only when they say something (they weigh on the page): the group
+    spread in "mean" mode, then the mass before the window once the window cuts history.
     """
     qpos, kpos = np.array(view.query_positions), np.array(view.key_positions)
     causal = kpos[None, :] <= qpos[:, None]  # (T_q, T_kv)
-    spread = view.group_spread[group].numpy()  # (T_q, T_kv)
+    truncated = float(view.outside.max()) > 1e-6
     zs, extras, xs = [], [], []
     for n, h in enumerate(heads):
         if h >= 0:
@@ -131,29 +133,34 @@ def _panel(view: LayerAttention, group: int, heads: list[int], mode: str,
         else:
             mat = (view.group_mean if mode == "mean" else view.group_spread)[group].numpy()
             outside = view.outside[_group_slice(view, group)].mean(0).numpy()
+        channels = [view.group_spread[group].numpy()] if mode == "mean" else []
+        channels += [np.broadcast_to(outside[:, None], mat.shape)] if truncated else []
         if n:
-            zs.append(np.full((len(qpos), 1), np.nan))
-            extras.append(np.zeros((len(qpos), 1, 2)))
+            zs.append(np.full((len(qpos), 1), np.nan, dtype=np.float32))
+            extras.append(np.zeros((len(qpos), 1, len(channels)), dtype=np.float32))
             xs.append(f"gap {n}")
-        zs.append(np.where(causal, mat, np.nan))
-        extras.append(np.stack([np.broadcast_to(outside[:, None], mat.shape), spread], -1))
+        zs.append(np.where(causal, mat, np.nan).astype(np.float32))
+        extras.append(np.stack(channels, -1).astype(np.float32) if channels else None)
         prefix = f"h{h}: " if len(heads) > 1 else ""
         xs += [prefix + k for k in labels[1]]
-    return np.concatenate(zs, 1), np.concatenate(extras, 1), xs
+    data = np.concatenate(extras, 1) if extras[-1] is not None else None
+    return np.concatenate(zs, 1), data, xs
 
 
 def _group_heatmap(view: LayerAttention, group: int, heads: list[int], mode: str,
                    labels: tuple[list[str], list[str]]) -> go.Heatmap:
     z, extra, xs = _panel(view, group, heads, mode, labels)
     who = f"head {heads[0]}" if len(heads) == 1 and heads[0] >= 0 else f"group {group}"
-    value = "p" if mode != "spread" else "max-min"
-    spread = "<br>spread (max-min) %{customdata[1]:.6f}" if mode == "mean" else ""
-    return go.Heatmap(
-        z=z, x=xs, y=labels[0], customdata=extra, coloraxis="coloraxis", hoverongaps=False,
-        name=who, hovertemplate=(f"{who}<br>query %{{y}}<br>key %{{x}}<br>{value} = "
-                                 "%{z:.6f}" + spread + "<br>mass before the window: "
-                                 "%{customdata[0]:.4f}<extra></extra>"),
-    )
+    hover = f"{who}<br>query %{{y}}<br>key %{{x}}<br>{'max-min' if mode == 'spread' else 'p'} = "
+    hover += "%{z:.6f}"
+    channel = 0
+    if mode == "mean":
+        hover += "<br>spread (max-min) %{customdata[0]:.6f}"
+        channel = 1
+    if extra is not None and extra.shape[-1] > channel:
+        hover += f"<br>mass before the window: %{{customdata[{channel}]:.4f}}"
+    return go.Heatmap(z=z, x=xs, y=labels[0], customdata=extra, coloraxis="coloraxis",
+                      hoverongaps=False, name=who, hovertemplate=hover + "<extra></extra>")
 
 
 def _group_slice(view: LayerAttention, group: int) -> slice:
