@@ -261,3 +261,8 @@ def test_legacy_non_zip_pth_is_refused(state: dict, tmp_path: Path) -> None:
     shard = tmp_path / "consolidated.00.pth"
     torch.save(torch.load(shard, weights_only=True), shard, _use_new_zipfile_serialization=False)
     refused(tmp_path, str(shard))
+
+
+def test_weights_file_instead_of_directory(tmp_path: Path) -> None:
+    save(random_transformer(ARGS), tmp_path)
+    refused(tmp_path / "model.safetensors", "not a llama2.c checkpoint", "pass their directory")

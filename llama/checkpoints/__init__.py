@@ -46,7 +46,13 @@ def detect(path: str | Path) -> str:
     """
     path = Path(path)
     if path.is_file():
-        llama2c.read_header(path)  # raises with the reason when it is not llama2.c
+        try:
+            llama2c.read_header(path)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{exc} (only a llama2.c checkpoint is loaded from a single file; for Meta, "
+                "Hugging Face and native checkpoints pass their directory)"
+            ) from None
         return "llama2c"
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or directory")
