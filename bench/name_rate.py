@@ -1,0 +1,81 @@
+"""Does the shipped model write about the character the user asked for?
+
+For "Write a story about a <animal> named <Name>." over 10 (animal, name) pairs x 3 seeds,
+sent through the real chat path (llama/chat.py encode_dialog -> llama/generate.py generate,
+temperature 0.8, top-p 0.9), count the replies that use the requested name. The names are NOT
+among the names substituted into the training stories (llama/data.py NAMES), so the model must
+copy the name from the prompt. Also prints the decode speed seen (generated tokens / second,
+prefill included). Target: rate >= 0.8.
+
+Usage: python bench/name_rate.py [--model assets/tinychat] [--seeds 3] [--show]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from llama.assets import SHIPPED_MODEL_DIR  # noqa: E402
+from llama.chat import encode_dialog  # noqa: E402
+from llama.checkpoints import load  # noqa: E402
+from llama.data import NAMES  # noqa: E402
+from llama.generate import generate  # noqa: E402
+from llama.sampling import SamplingParams  # noqa: E402
+from llama.tokenizer import Tokenizer  # noqa: E402
+
+PAIRS = (
+    ("cat", "Oscar"), ("dog", "Penny"), ("bird", "Rocky"), ("rabbit", "Ginger"),
+    ("fox", "Marco"), ("bear", "Hattie"), ("frog", "Felipe"), ("duck", "Nadia"),
+    ("lion", "Tobias"), ("mouse", "Greta"),
+)
+
+
+def uses_name(reply: str, name: str) -> bool:
+    return re.search(rf"\b{re.escape(name)}\b", reply) is not None
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, default=SHIPPED_MODEL_DIR)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--show", action="store_true", help="print every reply")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    assert not {n for _, n in PAIRS} & set(NAMES), "test names must be unseen in training"
+    loaded = load(a.model, device="cpu", dtype=torch.float32, progress=False)
+    tok = Tokenizer(loaded.tokenizer_path)
+    hits = total = n_tokens = 0
+    elapsed = 0.0
+    for animal, name in PAIRS:
+        prompt = encode_dialog(tok, [{"role": "user", "content":
+                                      f"Write a story about a {animal} named {name}."}])
+        for seed in range(a.seeds):
+            params = SamplingParams(temperature=0.8, top_p=0.9, seed=seed,
+                                    max_new_tokens=a.max_new_tokens)
+            t0 = time.perf_counter()
+            steps = list(generate(loaded.model, tok, prompt, params))
+            elapsed += time.perf_counter() - t0
+            n_tokens += len(steps)
+            reply = "".join(s.text for s in steps)
+            ok = uses_name(reply, name)
+            hits, total = hits + ok, total + 1
+            if a.show:
+                print(f"--- {animal} {name} seed {seed}: {'OK' if ok else 'MISSING'}\n{reply}")
+    print(f"name rate: {hits}/{total} = {hits / total:.2f} (target >= 0.80); decode "
+          f"{n_tokens / elapsed:.0f} tokens/s over {n_tokens} tokens "
+          f"({torch.get_num_threads()} threads)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The training loop: loss goes down, an interrupted + resumed run equals the straight run,
+the LR schedule, and the chat/plain training documents and batches of llama/data.py."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llama.chat import encode_dialog
+from llama.config import ModelArgs
+from llama.data import NAMES, Batches, chat_ids, make_instruction, rename
+from llama.train import TrainConfig, lr_at, run
+from llama.train_state import WEIGHTS
+
+ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=64,
+                 max_seq_len=32)
+
+
+def _streams(tmp_path):
+    """A learnable stream: a fixed random 'text' of 97 tokens repeated, plus its val copy."""
+    rng = np.random.default_rng(0)
+    unit = rng.integers(3, ARGS.vocab_size, size=97)
+    train, val = tmp_path / "train.bin", tmp_path / "val.bin"
+    np.tile(unit, 40).astype(np.uint16).tofile(train)
+    np.tile(unit, 4).astype(np.uint16).tofile(val)
+    return train, val
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(max_steps=8, batch_size=4, grad_accum=2, seq_len=32, lr=1e-2, min_lr=1e-3,
+                warmup=2, eval_every=4, eval_batches=2, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def _train(tmp_path, out_name: str, cfg: TrainConfig, until: int | None = None) -> dict:
+    train, val = _streams(tmp_path)
+    return run(ARGS, cfg, tmp_path / out_name, train, val, tokenizer=tmp_path / "none",
+               export=None, device=torch.device("cpu"), progress=False, until=until)
+
+
+def _losses(path) -> list[float]:
+    lines = path.read_text().splitlines()[1:]
+    return [float(line.split(",")[3]) for line in lines if line.split(",")[3]]
+
+
+def test_loss_decreases(tmp_path):
+    meta = _train(tmp_path, "run", _cfg(max_steps=12, eval_every=6))
+    val_losses = [float(r.split(",")[4]) for r in
+                  (tmp_path / "run" / "loss.csv").read_text().splitlines()[1:] if r.split(",")[4]]
+    assert meta["step"] == 12
+    assert val_losses[-1] < val_losses[0] < np.log(ARGS.vocab_size) + 0.5
+    assert (tmp_path / "run" / "loss.html").stat().st_size > 1000
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    cfg = _cfg()
+    _train(tmp_path, "straight", cfg)
+    first = _train(tmp_path, "resumed", cfg, until=3)
+    assert first["step"] == 3
+    _train(tmp_path, "resumed", cfg)  # a fresh process would do the same: state comes from disk
+    a = load_file(str(tmp_path / "straight" / "ckpt" / WEIGHTS))
+    b = load_file(str(tmp_path / "resumed" / "ckpt" / WEIGHTS))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert _losses(tmp_path / "straight" / "loss.csv")[-1] == \
+        _losses(tmp_path / "resumed" / "loss.csv")[-1]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(max_steps=100, warmup=10, lr=1.0, min_lr=0.1)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(x >= y for x, y in itertools.pairwise(lrs[9:]))
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_batches_are_a_pure_function_of_the_step():
+    stream = np.arange(1000, dtype=np.uint16)
+    b1, b2 = Batches(stream, 16, 4, seed=7), Batches(stream, 16, 4, seed=7)
+    for k in (0, 5, 20, 3):  # 20 is in the second pass over the windows
+        x1, y1 = b1.batch(k)
+        x2, y2 = b2.batch(k)
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+        assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are inputs shifted by one
+    assert not torch.equal(b1.batch(0)[0], b1.batch(1)[0])
+
+
+def test_instruction_renames_the_hero_consistently():
+    story = ("Once upon a time, there was a little dog named Max. Max liked to run.\n"
+             "Max's ball was red.")
+    renamed_count = 0
+    for seed in range(30):
+        instruction, renamed = make_instruction(story, random.Random(seed))
+        asked = [n for n in NAMES if re.search(rf"\b{n}\b", instruction)]
+        if asked:
+            renamed_count += 1
+            (new,) = asked
+            assert "dog" in instruction
+            assert renamed.count(new) == 3 and ("Max" not in renamed or new == "Max")
+        else:
+            assert renamed == story
+    assert renamed_count >= 15  # most stories with "a dog named Max" get a named instruction
+    assert rename("Tom met Tommy.", "Tom", "Zed") == "Zed met Tommy."
+
+
+def test_chat_example_is_the_apps_template(trained_tokenizer):
+    ids = chat_ids(trained_tokenizer, "Write a story about a cat named Zed.", "Zed sat.")
+    prompt = encode_dialog(trained_tokenizer,
+                           [{"role": "user", "content": "Write a story about a cat named Zed."}])
+    assert ids[: len(prompt.ids)] == prompt.ids  # the app's prompt, then the answer
+    assert ids[-1] == trained_tokenizer.eos_id
+    assert trained_tokenizer.decode(ids[len(prompt.ids):]).strip() == "Zed sat."
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizer(tmp_path_factory):
+    from llama.tokenizer import Tokenizer
+    from llama.train_tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    words = "the cat dog sat ran on a mat big red ball Zed Max happy park tree".split()
+    lines = [" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(300)]
+    path = train_tokenizer(lines, tmp_path_factory.mktemp("tok") / "t", vocab_size=320)
+    return Tokenizer(path)
