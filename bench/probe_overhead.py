@@ -120,7 +120,7 @@ def decode_pass(model: torch.nn.Module, prompt: list[int], n: int, variants: lis
             v.probe.end(model)
 
 
-def load_model(path: str | None) -> tuple[torch.nn.Module, Tokenizer, str]:
+def load_model(path: str | None) -> tuple[torch.nn.Module, Tokenizer, str, Path]:
     if path is None and (SHIPPED_MODEL_DIR / "model.safetensors").is_file():
         path, note = str(SHIPPED_MODEL_DIR), "the shipped model (assets/tinychat)"
     elif path is None:
@@ -130,7 +130,7 @@ def load_model(path: str | None) -> tuple[torch.nn.Module, Tokenizer, str]:
     loaded = load(path, device="cpu", dtype=torch.float32, progress=False)
     loaded.model.setup_caches(1)
     assert loaded.tokenizer_path is not None, f"{path}: no tokenizer beside the weights"
-    return loaded.model, Tokenizer(loaded.tokenizer_path), f"{path} ({note})"
+    return loaded.model, Tokenizer(loaded.tokenizer_path), f"{path} ({note})", loaded.path
 
 
 def check_same_logits(model: torch.nn.Module, prompt: list[int], no_hook_cls: type) -> None:
@@ -144,7 +144,7 @@ def check_same_logits(model: torch.nn.Module, prompt: list[int], no_hook_cls: ty
 
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    model, tok, where = load_model(args.model)
+    model, tok, where, _ = load_model(args.model)
     margs = model.args
     prompt = tok.encode(PROMPT)
     n = min(args.tokens, margs.max_seq_len - len(prompt) - 1)
@@ -224,15 +224,19 @@ def check_cost(model: torch.nn.Module) -> None:
 
 def screenshots(out: Path, model_path: str | None) -> None:
     """Render every figure for a real probed generation to out/fig_*.png (kaleido)."""
+    from llama.chat import encode_dialog
     from llama.generate import generate
     from llama.sampling import SamplingParams
     from ui import figures
+    from ui.runtime import detect_template
 
-    model, tok, where = load_model(model_path)
+    model, tok, where, path = load_model(model_path)
     args = model.args
     layer = args.n_layers // 2
     probe = Probe(args, layers={0, layer}, rope_head=0, window=48, token_pieces=tok.piece)
-    steps = list(generate(model, tok, tok.encode(PROMPT), SamplingParams(
+    prompt = (encode_dialog(tok, [{"role": "user", "content": "Tell me a story about a cat."}])
+              if detect_template(path) == "chat" else tok.encode(PROMPT))
+    steps = list(generate(model, tok, prompt, SamplingParams(
         temperature=0.8, top_k=40, top_p=0.9, seed=3, max_new_tokens=32), probe=probe))
     trace = probe.snapshot()
     figs = {"attention_heads": figures.attention_by_group(trace, layer),
