@@ -16,6 +16,7 @@ bounded in long chats: about n_layers_traced * H * window^2 * 4 bytes for attent
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass, field
@@ -208,14 +209,17 @@ class Probe:
         self.rope_layer = min(self.layers)
         self.token_pieces = token_pieces or str
         self.want_attention, self.want_rope, self.want_kv = attention, rope, kv_cache
+        # The UI may snapshot from another thread while generate() records.
+        self._lock = threading.Lock()
         self._reset()
 
     # generate() contract ---------------------------------------------------------------
     def begin(self, model: Transformer, prompt_ids: Iterable[int]) -> None:
         """Forget the previous run, note the prompt tokens and attach to the model."""
-        self._reset()
-        self._model = model
-        self._tokens = {i: int(t) for i, t in enumerate(prompt_ids)}
+        with self._lock:
+            self._reset()
+            self._model = model
+            self._tokens = {i: int(t) for i, t in enumerate(prompt_ids)}
         self.attach(model)
 
     @property
@@ -233,6 +237,10 @@ class Probe:
 
     def on_step(self, step: Any) -> None:
         """Record a generate Step: its token (at step.position) and the cache fill after it."""
+        with self._lock:
+            self._record_step(step)
+
+    def _record_step(self, step: Any) -> None:
         self._step, self._n_steps = step, self._n_steps + 1
         token, position = getattr(step, "token_id", None), getattr(step, "position", None)
         if token is not None and position is not None and int(token) >= 0:  # -1: no token
@@ -261,6 +269,10 @@ class Probe:
         self._n_steps = 0
 
     def _observe(self, cap: AttentionCapture) -> None:
+        with self._lock:
+            self._capture(cap)
+
+    def _capture(self, cap: AttentionCapture) -> None:
         newest = int(cap.input_pos[-1])
         self._filled = max(self._filled, newest + 1)
         if self.want_attention and cap.layer in self._rows:
@@ -281,13 +293,14 @@ class Probe:
         h = self.rope_head
         g = h // self.args.n_rep
         t_keep = min(cap.k_raw.shape[1], self.window)
-        for t, pos in enumerate(cap.input_pos[-t_keep:].tolist()):
-            k_raw = cap.k_raw[0, cap.k_raw.shape[1] - t_keep + t, g].float().cpu()  # (D,)
-            self._rope.keys[pos] = (k_raw, cap.keys[0, g, pos].float().cpu())
+        positions = cap.input_pos[-t_keep:].tolist()  # consecutive
+        k_raws = _copy(cap.k_raw[0, -t_keep:, g])  # (T_keep, D)
+        k_rots = _copy(cap.keys[0, g, positions[0]: positions[-1] + 1])  # (T_keep, D)
+        for t, pos in enumerate(positions):
+            self._rope.keys[pos] = (k_raws[t], k_rots[t])
         newest = int(cap.input_pos[-1])
         self._forget_before(newest - self.window + 1, self._rope.keys)
-        self._rope.current = (newest, cap.q_raw[0, -1, h].float().cpu(),
-                              cap.q[0, h, -1].float().cpu())
+        self._rope.current = (newest, _copy(cap.q_raw[0, -1, h]), _copy(cap.q[0, h, -1]))
 
     def _record_kv(self) -> None:
         if self._kv_shape is None:
@@ -310,6 +323,10 @@ class Probe:
     # Snapshot ----------------------------------------------------------------------------
     def snapshot(self) -> Trace:
         """An immutable Trace of the last `window` positions (new tensors; safe to keep)."""
+        with self._lock:
+            return self._trace()
+
+    def _trace(self) -> Trace:
         newest = self._newest()
         lo = max(0, newest - self.window + 1)
         positions = list(range(lo, newest + 1))
@@ -370,6 +387,12 @@ class Probe:
         return KVTrace(steps, positions, per_layer, capacity,
                        tuple(b * capacity for b in per_position), itemsize, batch, self.args,
                        counterfactual_kv_heads(self.args))
+
+
+def _copy(x: Tensor) -> Tensor:
+    """A CPU fp32 copy: never a view of the model's activations or of its KV-cache buffers,
+    which the next forward or the next generation overwrites."""
+    return x.detach().to("cpu", torch.float32, copy=True)
 
 
 def _check_layers(args: ModelArgs, layers: Set[int] | None) -> frozenset[int]:

@@ -295,3 +295,42 @@ def test_end_to_end_through_generate_on_stories260k() -> None:
     figs = [figures.attention_by_group(trace, 4), figures.rope_rotation(trace, 5),
             figures.kv_cache_growth(trace), figures.token_probabilities(trace.step)]
     assert all(fig.data for fig in figs)
+
+
+def test_trace_survives_the_next_generation() -> None:
+    args = TINY_CONFIGS["gqa"]
+    model = _model(args)
+    probe = Probe(args, layers={0, 1})
+    drive(model, probe, [1, 2, 3, 4], n_new=4)
+    trace = probe.snapshot()
+    kept = [t.clone() for t in (trace.rope.k_rot, trace.rope.q_rot, trace.attention[0].probs)]
+    drive(model, Probe(args, layers={0, 1}), [9, 8, 7, 6, 5, 4, 3], n_new=6)  # overwrites caches
+    for before, now in zip(kept, (trace.rope.k_rot, trace.rope.q_rot, trace.attention[0].probs),
+                           strict=True):
+        assert torch.equal(before, now)
+
+
+def test_snapshot_from_another_thread_while_recording() -> None:
+    import threading
+
+    args = TINY_CONFIGS["mqa"]
+    probe = Probe(args, layers={0, 1}, window=8)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                probe.snapshot()
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        drive(_model(args), probe, list(range(1, 20)), n_new=30)
+    finally:
+        done.set()
+        watcher.join()
+    assert errors == []
