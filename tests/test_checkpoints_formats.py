@@ -154,3 +154,14 @@ def test_progress_bar_can_be_shown(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "loading" in capsys.readouterr().err
     load(path, device="cpu", progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_llama2c_model_saves_as_native(tmp_path: Path) -> None:
+    """llama2.c tensors are views into one file mapping: save() must still write them apart."""
+    model = tied_copy(random_transformer(TINY_CONFIGS["gqa"], seed=4))
+    loaded = load(write("llama2c-v1", model, tmp_path), device="cpu", progress=False).model
+    again = load(save(loaded, tmp_path / "native"), device="cpu", progress=False).model
+    tokens = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(again(tokens), model(tokens))
+    assert again.output.weight is again.tok_embeddings.weight
