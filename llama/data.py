@@ -82,6 +82,25 @@ def read_documents(path: str | Path, max_bytes: int | None = None) -> list[str]:
     return [d for d in docs if d]
 
 
+def chunk_documents(docs: Sequence[str], max_bytes: int) -> list[str]:
+    """Cut long documents (whole books) into runs of whole paragraphs of <= max_bytes each
+    (a single longer paragraph stays whole)."""
+    out: list[str] = []
+    for doc in docs:
+        chunk: list[str] = []
+        size = 0
+        for para in doc.split("\n"):
+            n = len(para.encode()) + 1
+            if chunk and size + n > max_bytes:
+                out.append("\n".join(chunk))
+                chunk, size = [], 0
+            chunk.append(para)
+            size += n
+        if chunk:
+            out.append("\n".join(chunk))
+    return out
+
+
 def split_holdout(docs: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """(train, held-out) split of `docs`, a seeded random `fraction` held out."""
     order = list(range(len(docs)))

@@ -31,6 +31,7 @@ from llama.data import (
     Batches,
     Source,
     build_stream,
+    chunk_documents,
     load_stream,
     read_documents,
     save_stream,
@@ -163,21 +164,30 @@ def _tensorboard(path: Path) -> Any:
 
 
 def prepare_data(out: Path, tok: Tokenizer, docs_files: list[Path], epochs: float,
-                 chat_share: float, holdout: float, seed: int) -> tuple[Path, Path]:
-    """Build OUT/data/{train,val}.bin once (reused on resume). Val: held-out stories, plain."""
+                 chat_share: float, holdout: float, seed: int,
+                 extra_files: list[Path] | None = None, extra_epochs: float = 0.0
+                 ) -> tuple[Path, Path]:
+    """Build OUT/data/{train,val}.bin once (reused on resume). Val: held-out docs of
+    `docs_files`, plain. `extra_files` (long texts, cut into ~1.5 kB chunks of paragraphs) add
+    `extra_epochs` passes of plain text to the train stream and nothing to val."""
     train_bin, val_bin = out / "data" / "train.bin", out / "data" / "val.bin"
     if train_bin.is_file() and val_bin.is_file():
         return train_bin, val_bin
     docs = [d for f in docs_files for d in read_documents(f)]
     train_docs, val_docs = split_holdout(docs, holdout, seed)
-    train = build_stream(tok, [Source(train_docs, epochs, chat_share)], seed)
+    sources = [Source(train_docs, epochs, chat_share)]
+    if extra_files and extra_epochs > 0:
+        extra = chunk_documents([d for f in extra_files for d in read_documents(f)], 1500)
+        sources.append(Source(extra, extra_epochs, 0.0))
+    train = build_stream(tok, sources, seed)
     val = build_stream(tok, [Source(val_docs, 1.0, 0.0)], seed + 1)
     save_stream(train, train_bin)
     save_stream(val, val_bin)
     val_bytes = sum(len(d.encode()) for d in val_docs)
     info = {"train_docs": len(train_docs), "val_docs": len(val_docs), "train_tokens": len(train),
             "val_tokens": len(val), "val_bytes": val_bytes, "files": [str(f) for f in docs_files],
-            "epochs": epochs, "chat_share": chat_share}
+            "epochs": epochs, "chat_share": chat_share,
+            "extra_files": [str(f) for f in extra_files or []], "extra_epochs": extra_epochs}
     (out / "data" / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     return train_bin, val_bin
 
@@ -208,7 +218,8 @@ def run(args: ModelArgs, cfg: TrainConfig, out: Path, train_bin: Path, val_bin: 
         t_step = time.time()
         loss, norm = train_step(model, opt, train, step, cfg, device)
         tok_s = tokens_per_step / (time.time() - t_step)
-        bar.set_postfix(loss=f"{loss:.3f}", gnorm=f"{norm:.2f}", tok_s=f"{tok_s:.0f}")
+        bar.set_postfix(loss=f"{loss:.3f}", gnorm=f"{norm:.2f}", tok_s=f"{tok_s:.0f}",
+                        refresh=False)
         done = step + 1
         row = {"step": done, "tokens": done * tokens_per_step, "lr": f"{lr_at(step, cfg):.3e}",
                "train_loss": f"{loss:.4f}", "elapsed_s": f"{elapsed0 + time.time() - t0:.1f}"}
@@ -247,6 +258,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--docs", type=Path, nargs="+", required=True, help="corpus text files")
     p.add_argument("--export", type=Path, default=None, help="write the best model here")
     p.add_argument("--epochs", type=float, default=8.0, help="passes over the docs in the stream")
+    p.add_argument("--extra-docs", type=Path, nargs="*", default=[],
+                   help="extra corpus files (books): plain text, train only, no holdout")
+    p.add_argument("--extra-epochs", type=float, default=0.0)
     p.add_argument("--chat-share", type=float, default=0.4)
     p.add_argument("--holdout", type=float, default=0.05, help="share of docs kept for val")
     p.add_argument("--dim", type=int, default=192)
@@ -276,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         "max_steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup", "weight_decay",
         "grad_clip", "eval_every", "eval_batches", "seed")}, seq_len=a.max_seq_len)
     train_bin, val_bin = prepare_data(a.out, tok, a.docs, a.epochs, a.chat_share, a.holdout,
-                                      a.seed)
+                                      a.seed, a.extra_docs, a.extra_epochs)
     print(f"model: {margs.attention_kind} {margs.n_params(tied=True) / 1e6:.2f}M params; "
           f"{json.dumps(margs.to_params_json())}", flush=True)
     meta = run(margs, cfg, a.out, train_bin, val_bin, a.tokenizer, a.export,

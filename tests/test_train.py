@@ -129,3 +129,18 @@ def trained_tokenizer(tmp_path_factory):
     lines = [" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(300)]
     path = train_tokenizer(lines, tmp_path_factory.mktemp("tok") / "t", vocab_size=320)
     return Tokenizer(path)
+
+
+def test_teacher_batch_keeps_only_finished_stories():
+    from llama.model import Transformer
+    from llama.teacher import clean_story, sample_batch
+
+    model = Transformer(ARGS).eval()
+    gen = torch.Generator().manual_seed(0)
+    stops = (1, 2, 5, 6, 7, 8)  # many stop ids: most of the 16 sequences end early
+    seqs = sample_batch(model, 16, bos_id=1, stop_ids=stops, max_len=20, temperature=1.0,
+                        generator=gen)
+    assert 0 < len(seqs) <= 16
+    for ids in seqs:
+        assert len(ids) < 19 and not set(ids) & set(stops)
+    assert clean_story("  a \n\n b  \n") == "a\nb"
