@@ -94,6 +94,8 @@ def init_from_env(*, timeout_s: float | None = None, heartbeat_timeout_s: float 
     world = _env_int("WORLD_SIZE", 1)
     if world == 1:
         return TPContext(device=_device(0))
+    if dist.is_initialized():
+        raise DistributedError("init_from_env: torch.distributed is already initialised")
     rank, local = _env_int("RANK"), _env_int("LOCAL_RANK", 0)
     host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), _env_int("MASTER_PORT")
     timeout = timeout_s or _env_float("LLAMA_TP_TIMEOUT", DEFAULT_TIMEOUT_S)
@@ -102,7 +104,7 @@ def init_from_env(*, timeout_s: float | None = None, heartbeat_timeout_s: float 
     dist.init_process_group(backend, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout))
     # Workers idle here between requests for as long as a user reads: no short timeout.
-    control = dist.new_group(backend="gloo", timeout=timedelta(days=30))
+    control = dist.new_group(backend="gloo", timeout=timedelta(days=365))
     prefix = f"llama_tp/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
     health = Health(rank, world, host, port, prefix=prefix,
                     timeout_s=heartbeat_timeout_s
@@ -169,16 +171,11 @@ def _load(path: Path, ctx: TPContext, dtype: torch.dtype | None, max_seq_len: in
 
 
 def _loaded_barrier(ctx: TPContext) -> None:
-    """Wait until every rank has loaded; rank 0 names a rank that failed instead."""
-    if not ctx.distributed:
-        return
-    try:
-        dist.barrier(group=ctx.control)
-    except Exception as exc:
-        if ctx.is_leader and is_comm_error(exc):
-            raise ctx.health.diagnose(exc) from None
-        raise
-    ctx.health.phase = "idle"
+    """Wait until every rank has loaded (a slow disk may take minutes: no collective timeout
+    applies); rank 0 raises RankFailure naming a rank that failed instead."""
+    if ctx.distributed:
+        ctx.health.wait_for_all("loaded")
+        ctx.health.phase = "idle"
 
 
 def run_worker_loop(model: ParallelTransformer) -> None:
@@ -236,7 +233,7 @@ def shutdown(ctx: TPContext, model: ParallelTransformer | None = None) -> None:
         return
     health = ctx.health
     try:
-        if health.failure is None:
+        if health.failure is None and not health.errored:
             if model is not None and ctx.is_leader:
                 stop_workers(model)
             health.stop()  # peers stop beating now: no watchdog may fire from here on
@@ -269,3 +266,9 @@ def kv_cache_bytes(model: torch.nn.Module, positions: int | None = None) -> KVBy
     per_rank = sum(c.nbytes(positions) for c in model.caches())
     world = model.tp.world_size if isinstance(model, ParallelTransformer) else 1
     return KVBytes(per_rank, per_rank * world, world)
+
+
+if __name__ == "__main__":
+    from llama.parallel.check import main
+
+    raise SystemExit(main())

@@ -38,6 +38,7 @@ from llama.distributed import (
 )
 from llama.model import Transformer
 from llama.probes import Probe
+from llama.quant import weight_bytes
 
 KINDS = ("mha", "gqa", "mqa")
 PROMPT = [1, 5, 9, 13, 2]
@@ -45,7 +46,7 @@ NEW_TOKENS = 6
 # Children fork from a server that imported all this once (torch._dynamo is imported lazily
 # by the first meta-device model build: ~2 s of CPU per process otherwise).
 MP = mp.get_context("forkserver")
-MP.set_forkserver_preload(["torch", "torch._dynamo", __name__])
+MP.set_forkserver_preload(["torch", "torch._dynamo", "bitsandbytes", __name__])
 
 
 # Checkpoints -------------------------------------------------------------------------------
@@ -221,9 +222,22 @@ def _suite(ckpt: Path, root: Path) -> None:
         out[kind] = {"bytes": _param_bytes(model)}
         if ctx.is_leader:
             out[kind].update(_exercise(model))
+            if kind == "gqa" and hasattr(model, "fuse_projections"):
+                model.broadcast_call("fuse_projections")  # a post-load pass on every rank
+                with torch.inference_mode():
+                    out[kind]["fused_logits"] = model(_tokens(model.args))
             stop_workers(model)
         else:
             run_worker_loop(model)
+    model = load_parallel(ckpt / "gqa" / "native", ctx, load_in_8bit=True).model
+    if ctx.is_leader:
+        with torch.inference_mode():
+            out["int8"] = {"logits": model(_tokens(model.args))}
+        stop_workers(model)
+    else:
+        run_worker_loop(model)
+    out.setdefault("int8", {})["bytes"] = weight_bytes(model)
+    out["int8"]["modules"] = {type(m).__name__ for m in model.layers.modules()}
     for fmt in ("meta2", "hf"):
         model = load_parallel(ckpt / "gqa" / fmt, ctx).model
         wq = model.layers[0].attention.wq.weight
@@ -239,15 +253,22 @@ def _suite(ckpt: Path, root: Path) -> None:
 
 
 def _decode_until_failure(ckpt: Path, root: Path) -> None:
-    """Rank 0 decodes slowly, marking progress; a test kills or stops a worker meanwhile."""
+    """Rank 0 decodes slowly, marking progress; a test kills or stops a worker meanwhile.
+
+    TP_FAULT on rank 1: "bad_load" (its checkpoint path is wrong) or "stall" (its 6th
+    command sleeps in a forward while its heartbeat thread runs on)."""
     ctx = init_from_env()
-    model = load_parallel(ckpt / "gqa" / "native", ctx).model
-    if not ctx.is_leader:
-        run_worker_loop(model)
-        shutdown(ctx, model)
-        return
+    fault = os.environ.get("TP_FAULT") if ctx.rank == 1 else None
+    path = ckpt / "gqa" / ("missing" if fault == "bad_load" else "native")
     t0 = None
     try:
+        model = load_parallel(path, ctx).model
+        if not ctx.is_leader:
+            if fault == "stall":
+                _stall_on(model, 6)
+            run_worker_loop(model)
+            shutdown(ctx, model)
+            return
         with torch.inference_mode():
             model.setup_caches(1)
             for pos in range(model.args.max_seq_len):
@@ -263,7 +284,19 @@ def _decode_until_failure(ckpt: Path, root: Path) -> None:
     except KeyboardInterrupt:
         (root / "result.txt").write_text("interrupted")
     finally:
-        shutdown(ctx, model)
+        shutdown(ctx, None if ctx.rank else locals().get("model"))
+
+
+def _stall_on(model: torch.nn.Module, n: int) -> None:
+    execute, count = model.execute, [0]
+
+    def stalling(cmd) -> None:
+        count[0] += 1
+        if count[0] == n:
+            time.sleep(60)
+        execute(cmd)
+
+    model.execute = stalling
 
 
 SCENARIOS = {"suite": _suite, "decode": _decode_until_failure}
@@ -309,8 +342,11 @@ def reference(checkpoints: Path) -> dict:
         out[kind]["bytes"] = _param_bytes(model)
     merged = load(checkpoints / "gqa" / "meta2", device="cpu", dtype=torch.float32,
                   progress=False).model  # llama.checkpoints merges the shards
+    int8 = load(checkpoints / "gqa" / "native", device="cpu", dtype=torch.float32,
+                 load_in_8bit=True, progress=False).model
     with torch.inference_mode():
         out["meta2"] = {"logits": merged(_tokens(merged.args))}
+        out["int8"] = {"logits": int8(_tokens(int8.args))}
     return out
 
 
@@ -377,6 +413,21 @@ def test_probes_on_rank0_equal_single_process(run: tuple, reference: dict, kind:
     copies = ShardPlan(TINY_CONFIGS[kind], 0, world).kv_replicas
     assert kv.world_size == world and kv.total == kv.per_rank * world
     assert kv.total == single.total * copies
+
+
+def test_post_load_fusion_and_8bit_run_on_every_rank(run: tuple, reference: dict) -> None:
+    _, ranks = run
+    if "fused_logits" in ranks[0]["gqa"]:  # llama.model may offer fuse_projections()
+        assert _max_diff(ranks[0]["gqa"]["fused_logits"], reference["gqa"]["logits"]) <= 1e-5
+    fp32, single = reference["gqa"]["logits"], reference["int8"]["logits"]
+    got = ranks[0]["int8"]["logits"]
+    # Column-parallel slices keep their row scales; row-parallel ones (wo, w2) get per-slice
+    # scales, so the error differs from one process's 8-bit but stays of its size.
+    assert _max_diff(got, fp32) <= 2 * _max_diff(single, fp32) + 1e-3
+    assert (got.argmax(-1) == fp32.argmax(-1)).float().mean() >= 0.75
+    for r in ranks:
+        assert "Linear8bitLt" in r["int8"]["modules"] and "Linear" not in r["int8"]["modules"]
+        assert r["int8"]["bytes"] < 0.5 * r["gqa"]["bytes"]
 
 
 def test_meta_shards_map_to_ranks_or_get_sliced(run: tuple, reference: dict) -> None:
@@ -449,6 +500,26 @@ def test_hung_rank_is_named_within_the_heartbeat_timeout(checkpoints: Path) -> N
     log = (root / "rank0.err").read_text()
     assert "rank 1 of 2 failed: no heartbeat for 2 s" in log, _logs(root)
     assert waited < 12 and codes[0] is not None
+
+
+def test_rank_that_hangs_mid_step_is_named(checkpoints: Path) -> None:
+    """Its heartbeat goes on (the hang releases the GIL): the collective times out and the
+    rank that never entered it is blamed."""
+    root = checkpoints / "stall"
+    procs = _start(2, "decode", checkpoints, root, TP_FAULT="stall", LLAMA_TP_TIMEOUT="3",
+                   LLAMA_TP_HEARTBEAT="20")
+    codes = _join(procs, 60, root)
+    _, message = (root / "result.txt").read_text().split("|", 1)
+    assert "rank 1 of 2 failed: it hangs during forward" in message, _logs(root)
+    assert codes == [0, 1], codes
+
+
+def test_rank_that_fails_to_load_is_named(checkpoints: Path) -> None:
+    root = checkpoints / "badload"
+    codes = _join(_start(2, "decode", checkpoints, root, TP_FAULT="bad_load"), 60, root)
+    _, message = (root / "result.txt").read_text().split("|", 1)
+    assert "rank 1 of 2 failed: CheckpointError" in message and "missing" in message, message
+    assert codes == [0, 1], codes
 
 
 def test_ctrl_c_on_rank0_stops_every_rank(checkpoints: Path) -> None:

@@ -5,9 +5,9 @@ announces each model call before making it; the workers replay it. Header (HEADE
 [op, seq, payload_len, a, b, c, d, e]. Both broadcasts go over the gloo `control` group.
 
 Ops: FORWARD (a=B, b=T, c=has input_pos, d=last_only; payload = tokens (B*T) then input_pos
-(T)), the sampled token reaching the workers this way; SETUP_CACHES (a=batch, b=dtype code);
-OBSERVE (a=on; payload = observed layer indices, or -1 for all); CALL (payload = pickled
-(method name, args, kwargs)); STOP (the worker loop returns).
+(T)), the sampled token reaching the workers this way; OBSERVE (a=on; payload = observed layer
+indices, or -1 for all); CALL (payload = pickled (method name, args, kwargs): setup_caches and
+any post-load pass); STOP (the worker loop returns).
 """
 
 from __future__ import annotations
@@ -24,15 +24,13 @@ from torch import Tensor
 from llama.parallel.comm import TPContext
 
 HEADER = 8
-DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class Op(IntEnum):
     FORWARD = 1
-    SETUP_CACHES = 2
-    OBSERVE = 3
-    CALL = 4
-    STOP = 5
+    OBSERVE = 2
+    CALL = 3
+    STOP = 4
 
 
 @dataclass(frozen=True)
@@ -82,16 +80,3 @@ def pickled(obj: object) -> Tensor:
     """`obj` as an int64 payload (one byte per element: payloads here are tiny)."""
     raw = bytearray(pickle.dumps(obj))
     return torch.frombuffer(raw, dtype=torch.uint8).to(torch.int64)
-
-
-def dtype_code(dtype: torch.dtype | None) -> int:
-    """-1 for None (the model's own dtype), else the index in DTYPES."""
-    if dtype is None:
-        return -1
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {DTYPES} or None, found {dtype}")
-    return DTYPES.index(dtype)
-
-
-def code_dtype(code: int) -> torch.dtype | None:
-    return None if code < 0 else DTYPES[code]

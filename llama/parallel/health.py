@@ -115,6 +115,7 @@ class Health:
         self.phase = "starting"
         self.collectives = 0  # data-group collectives entered (compared across ranks)
         self.failure: RankFailure | None = None
+        self.errored = False  # this rank published an error of its own
         self._failed_at: float | None = None
         self._busy_since: float | None = None
         self._beats = 0
@@ -142,6 +143,7 @@ class Health:
 
     def record_error(self, exc: BaseException) -> None:
         """Publish why this rank is about to stop (read by rank 0's diagnosis)."""
+        self.errored = True
         kind = "comm" if is_comm_error(exc) else "fault"
         # The store may be gone with rank 0; the exit code still tells.
         with suppress(Exception):
@@ -151,6 +153,20 @@ class Health:
         """Tell every worker to exit now (rank 0)."""
         with suppress(Exception):
             self._set("abort", reason)
+
+    def wait_for_all(self, name: str) -> None:
+        """A barrier through the store that rank 0 can break off: mark this rank as past
+        `name`, then wait for every rank. Rank 0 raises RankFailure as soon as a failure is
+        known; workers are stopped by the health thread if rank 0 aborts or vanishes."""
+        self._set(f"{name}/{self.rank}", "1")
+        keys = [f"{name}/{r}" for r in range(self.world_size)]
+        while True:
+            if self.rank == 0 and self.failure is not None:
+                raise self.failure
+            with self._lock:
+                if self._store.check(keys):
+                    return
+            time.sleep(0.02)
 
     def linger(self) -> None:
         """Rank 0 after a failure, before its exit takes the store with it (outside torchrun
@@ -255,8 +271,9 @@ class Health:
         n, peers = self.world_size, sorted(self._peers.items())
         for r, p in peers:
             if self._gone(p):
-                why = f": {p.error.split('|', 1)[1]}" if p.error else ""
-                return RankFailure(r, n, f"its process (pid {p.pid}) exited during {p.phase}{why}")
+                if p.error and p.error.startswith("fault|"):
+                    return RankFailure(r, n, f"{p.error.split('|', 1)[1]}; then it exited")
+                return RankFailure(r, n, f"its process (pid {p.pid}) exited during {p.phase}")
             if self._stale(p):
                 return RankFailure(r, n, f"no heartbeat for {self.timeout_s:.0f} s during "
                                          f"{p.phase}: the process died, hangs or is unreachable")

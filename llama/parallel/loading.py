@@ -270,6 +270,7 @@ def bind(model: torch.nn.Module, stream: Stream, source: Path, device: torch.dev
     to dtype/device as it arrives (or let `quantise` consume it) and bind all by name."""
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     state: dict[str, Tensor] = {}
+    seen: set[str] = set()
     for name, t in stream:
         if name not in shapes:
             raise CheckpointError(f"{source}: unexpected key {name!r} (not a LLaMA-2 parameter)")
@@ -279,10 +280,11 @@ def bind(model: torch.nn.Module, stream: Stream, source: Path, device: torch.dev
         if not t.is_floating_point():
             raise CheckpointError(f"{source}: tensor {name!r} has dtype {t.dtype}, "
                                   "expected floats")
+        seen.add(name)
         t = t.to(device=device, dtype=dtype).contiguous()
         if quantise is None or not quantise(model, name, t):
             state[name] = t
-    missing = [n for n in shapes if n not in state] if quantise is None else []
+    missing = [n for n in shapes if n not in seen]
     if missing:
         raise CheckpointError(f"{source}: missing {len(missing)} tensor(s): {missing[:5]}")
     model.load_state_dict(state, strict=quantise is None, assign=True)

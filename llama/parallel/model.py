@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llama.cache import CacheOverflowError, KVCache
+from llama.cache import CacheOverflowError
 from llama.config import ModelArgs
 from llama.model import AttentionCapture, AttentionObserver, Transformer
 from llama.parallel import comm
 from llama.parallel.comm import TPContext
-from llama.parallel.control import Channel, Op, code_dtype, dtype_code, pickled
+from llama.parallel.control import Channel, Op, pickled
 from llama.parallel.health import RankFailure, is_comm_error
 from llama.parallel.plan import ShardPlan
 
@@ -66,18 +66,11 @@ class ParallelTransformer(Transformer):
         return self._lead("forward", lambda: self._announce_forward(
             host_tokens, host_pos, last_only, tokens, input_pos))
 
-    def setup_caches(self, batch_size: int = 1, dtype: torch.dtype | None = None) -> None:
-        """Preallocate KV caches holding only this rank's KV heads (on every rank)."""
-        code = dtype_code(dtype)
-        if batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive int, found {batch_size}")
-
-        def run() -> None:
-            if self.tp.distributed:
-                self.channel.send(Op.SETUP_CACHES, (batch_size, code))
-            self.local_setup_caches(batch_size, dtype)
-
-        self._lead("setup_caches", run)
+    def setup_caches(self, batch_size: int = 1, dtype: torch.dtype | None = None,
+                     **kwargs: Any) -> None:
+        """Transformer.setup_caches on every rank; the caches hold only local KV heads.
+        Extra keyword arguments (e.g. max_seq_len) pass through to Transformer's."""
+        self.broadcast_call("local_setup_caches", batch_size, dtype, **kwargs)
 
     def set_observer(self, observer: AttentionObserver | None,
                      layers: set[int] | None = None) -> None:
@@ -109,13 +102,16 @@ class ParallelTransformer(Transformer):
         local = super().forward(tokens, input_pos, last_only)  # (B, T, V_local)
         return comm.gather_last_to_leader(self.tp, local, self._vocab_sizes)
 
-    def local_setup_caches(self, batch_size: int, dtype: torch.dtype | None) -> None:
-        ref = self.tok_embeddings.weight
-        dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.float32)
-        a, kv = self.args, self.plan.n_local_kv_heads
-        for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, kv, a.max_seq_len, a.head_dim, dtype,
-                                            ref.device)
+    def local_setup_caches(self, batch_size: int, dtype: torch.dtype | None,
+                           **kwargs: Any) -> None:
+        # Transformer.setup_caches sizes caches from args.kv_heads: show it the local shape
+        # (same head_dim and max_seq_len) while it builds them.
+        whole = self.args
+        self.args = self.plan.local_args
+        try:
+            super().setup_caches(batch_size, dtype, **kwargs)
+        finally:
+            self.args = whole
 
     def local_set_observer(self, observer: AttentionObserver | None,
                            layers: set[int] | None) -> None:
@@ -176,13 +172,12 @@ class ParallelTransformer(Transformer):
         if pos.shape != (tokens.shape[1],) or pos.min() < 0:
             raise ValueError(f"input_pos: expected ({tokens.shape[1]},) positions >= 0, "
                              f"found {tuple(pos.shape)}")
-        if int(pos[-1]) >= self.args.max_seq_len:
-            raise CacheOverflowError(
-                f"position {int(pos[-1])} is past the KV cache capacity of "
-                f"{self.args.max_seq_len} positions (max_seq_len)")
         caches = self.caches()
         if not caches or caches[0].k.shape[0] < tokens.shape[0]:
             raise ValueError(f"setup_caches({tokens.shape[0]}) before a cached forward")
+        if int(pos[-1]) >= caches[0].capacity:
+            raise CacheOverflowError(f"position {int(pos[-1])} is past the KV cache capacity "
+                                     f"of {caches[0].capacity} positions")
         return host, pos
 
     # The workers' side ----------------------------------------------------------------
@@ -195,8 +190,6 @@ class ParallelTransformer(Transformer):
             tokens = cmd.payload[: b * t].view(b, t).to(dev)  # (B, T)
             pos = cmd.payload[b * t:].to(dev) if has_pos else None  # (T,)
             self.local_forward(tokens, pos, bool(last_only))
-        elif cmd.op == Op.SETUP_CACHES:
-            self.local_setup_caches(a[0], code_dtype(a[1]))
         elif cmd.op == Op.OBSERVE:
             layers = cmd.payload.tolist()
             chosen = None if layers == [-1] else set(layers)

@@ -121,6 +121,15 @@ class ShardPlan:
         return self.kv_heads[1] - self.kv_heads[0]
 
     @property
+    def local_args(self) -> ModelArgs:
+        """The model shape this rank's attention sees: local heads, same head_dim, same
+        max_seq_len (what sizes its KV caches). dim and the FFN stay the whole model's."""
+        h = self.n_local_heads
+        return self.args.replace(dim=h * self.args.head_dim, n_heads=h,
+                                 n_kv_heads=self.n_local_kv_heads,
+                                 hidden_dim=self.args.ffn_hidden_dim)
+
+    @property
     def ffn(self) -> tuple[int, int]:
         return even_range(self.args.ffn_hidden_dim, self.world_size, self.rank)
 
