@@ -190,15 +190,16 @@ class _RopeState:
 class Probe:
     """Records attention rows, RoPE data and KV-cache fill for chosen layers during generate().
 
-    layers: traced layer indices (None = all). rope_head: the query head whose q/k are shown
-    (taken from the first traced layer). window: positions kept. token_pieces: id -> text for
-    axis labels (default: the id). attention / rope / kv_cache switch each record on or off.
+    layers: traced layer indices (None = all). rope_head: the query head whose q/k are shown,
+    in rope_layer (default: the first traced layer). window: positions kept. token_pieces:
+    id -> text for axis labels (default: the id). attention / rope / kv_cache switch each
+    record on or off. Only batch row 0 is recorded.
     """
 
     def __init__(self, args: ModelArgs, layers: Set[int] | None = frozenset({0}),
                  rope_head: int = 0, window: int = 256,
                  token_pieces: Callable[[int], str] | None = None, attention: bool = True,
-                 rope: bool = True, kv_cache: bool = True) -> None:
+                 rope: bool = True, kv_cache: bool = True, rope_layer: int | None = None) -> None:
         self.args = args
         self.layers = _check_layers(args, layers)
         if not 0 <= rope_head < args.n_heads:
@@ -206,7 +207,9 @@ class Probe:
         if window < 1:
             raise ValueError(f"window: expected a positive number of positions, found {window}")
         self.rope_head, self.window = rope_head, window
-        self.rope_layer = min(self.layers)
+        self.rope_layer = min(self.layers) if rope_layer is None else rope_layer
+        if not 0 <= self.rope_layer < args.n_layers:
+            raise ValueError(f"rope_layer: expected 0..{args.n_layers - 1}, found {rope_layer}")
         self.token_pieces = token_pieces or str
         self.want_attention, self.want_rope, self.want_kv = attention, rope, kv_cache
         # The UI may snapshot from another thread while generate() records.

@@ -201,6 +201,17 @@ def test_kv_bytes_follow_the_formula(tiny_args: ModelArgs) -> None:
     assert kv.bytes_for(a.kv_heads, 6) == sum(kv.bytes_per_layer[-1])
 
 
+def test_rope_layer_can_differ_from_the_attention_layers() -> None:
+    args = TINY_CONFIGS["gqa"]
+    probe = Probe(args, layers={0}, rope_layer=1, rope_head=2)
+    assert probe.observed_layers == {0, 1}
+    model = _model(args)
+    drive(model, probe, [1, 2, 3], n_new=2)
+    rope = probe.snapshot().rope
+    assert rope is not None and (rope.layer, rope.head, rope.kv_head) == (1, 2, 1)
+    torch.testing.assert_close(rope.k_rot, model.caches()[1].k[0, 1, rope.position])
+
+
 def test_kv_only_probe_still_counts_positions() -> None:
     args = TINY_CONFIGS["gqa"]
     probe = Probe(args, attention=False, rope=False)
@@ -258,7 +269,8 @@ def test_snapshot_before_anything_is_empty_but_valid() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [({"layers": {2}}, "layers"), ({"layers": set()}, "layers"), ({"rope_head": 4}, "rope_head"),
-     ({"rope_head": -1}, "rope_head"), ({"window": 0}, "window")],
+     ({"rope_head": -1}, "rope_head"), ({"window": 0}, "window"),
+     ({"rope_layer": 2}, "rope_layer")],
 )
 def test_bad_arguments_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
