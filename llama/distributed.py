@@ -13,7 +13,10 @@ Every rank runs the same program:
         else:
             run_worker_loop(loaded.model)      # replays rank 0's calls until it stops
     finally:
-        shutdown(ctx)
+        shutdown(ctx, loaded.model)            # rank 0 releases the workers
+
+`torchrun --nproc-per-node N -m llama.distributed --model PATH` checks a setup: per-rank
+memory, greedy ids and decode speed (llama/parallel/check.py).
 
 Attention heads (query and KV, GQA-aware) and the FFN are split over the ranks, Megatron
 style (llama/parallel/plan.py); the embedding and output projection are split too. Rank 0

@@ -26,6 +26,7 @@ from conftest import TINY_CONFIGS
 from llama.checkpoints import hf, load, save
 from llama.config import ModelArgs
 from llama.distributed import (
+    DistributedError,
     RankFailure,
     ShardingError,
     ShardPlan,
@@ -460,6 +461,16 @@ def test_split_refused_with_a_clear_error() -> None:
     assert mqa.kv_heads == (0, 1) and mqa.kv_replicas == 4 and mqa.heads == (3, 4)
     seventy = ShardPlan(ModelArgs(dim=8192, n_layers=1, n_heads=64, n_kv_heads=8), 5, 8)
     assert seventy.heads == (40, 48) and seventy.kv_heads == (5, 6)  # q head h reads h // 8
+
+
+def test_single_process_parallel_model_refuses_compiled_decode(checkpoints: Path) -> None:
+    model = load_parallel(checkpoints / "mqa" / "native").model
+    assert model.compiled_decode is None
+    with pytest.raises(DistributedError, match="compile_decode is not supported"):
+        model.compiled_decode = lambda tokens, pos: tokens
+    model.setup_caches(1)
+    kv = kv_cache_bytes(model, positions=5)  # one MQA KV head, fp32: 2 * layers * 1 * 16 * 5 * 4
+    assert (kv.per_rank, kv.total, kv.world_size) == (2 * 2 * 16 * 5 * 4,) * 2 + (1,)
 
 
 # Failures -----------------------------------------------------------------------------------

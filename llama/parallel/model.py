@@ -30,7 +30,7 @@ from llama.model import AttentionCapture, AttentionObserver, Transformer
 from llama.parallel import comm
 from llama.parallel.comm import TPContext
 from llama.parallel.control import Channel, Op, pickled
-from llama.parallel.health import RankFailure, is_comm_error
+from llama.parallel.health import DistributedError, RankFailure, is_comm_error
 from llama.parallel.plan import ShardPlan
 
 _CAPTURE_FIELDS = ("q_raw", "k_raw", "q", "keys", "values", "out")
@@ -51,10 +51,20 @@ class ParallelTransformer(Transformer):
         self.tp = ctx
         self.plan = ShardPlan(args, ctx.rank, ctx.world_size)
         self.channel = Channel(ctx)
-        self._vocab_sizes = [ShardPlan(args, r, ctx.world_size).vocab for r in
-                             range(ctx.world_size)]
-        self._vocab_sizes = [b - a for a, b in self._vocab_sizes]
+        ranges = [ShardPlan(args, r, ctx.world_size).vocab for r in range(ctx.world_size)]
+        self._vocab_sizes = [stop - start for start, stop in ranges]  # logits per rank
         _shard_modules(self)
+
+    @property
+    def compiled_decode(self) -> None:
+        """Always None: a torch.compile'd decode step is not supported across ranks yet."""
+        return None
+
+    @compiled_decode.setter
+    def compiled_decode(self, value: object) -> None:
+        if value is not None:
+            raise DistributedError("compile_decode is not supported with tensor parallelism "
+                                   "(the compiled step would run collectives untested)")
 
     # Calls rank 0 announces ------------------------------------------------------------
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None,
