@@ -222,6 +222,8 @@ def _suite(ckpt: Path, root: Path) -> None:
         model = load_parallel(ckpt / kind / "native", ctx).model
         out[kind] = {"bytes": _param_bytes(model)}
         if ctx.is_leader:
+            if kind == "mha":
+                out["rejected"] = _bad_requests(model)
             out[kind].update(_exercise(model))
             if kind == "gqa" and hasattr(model, "fuse_projections"):
                 model.broadcast_call("fuse_projections")  # a post-load pass on every rank
@@ -251,6 +253,19 @@ def _suite(ckpt: Path, root: Path) -> None:
             run_worker_loop(model)
     torch.save(out, root / f"rank{ctx.rank}.pt")
     shutdown(ctx)
+
+
+def _bad_requests(model: torch.nn.Module) -> list[str]:
+    """Requests rank 0 must refuse before announcing them (the workers never see them)."""
+    errors = []
+    for bad in (lambda: model(torch.tensor([[model.args.vocab_size]])),
+                lambda: model.setup_caches(0),
+                lambda: model(torch.tensor([[1]]), input_pos=torch.tensor([0]))):  # no caches
+        try:
+            bad()
+        except ValueError as exc:
+            errors.append(str(exc))
+    return errors
 
 
 def _decode_until_failure(ckpt: Path, root: Path) -> None:
@@ -373,6 +388,16 @@ def test_logits_equal_single_process(run: tuple, reference: dict, kind: str) -> 
     got, want = ranks[0][kind], reference[kind]
     assert _max_diff(got["logits"], want["logits"]) <= 1e-5
     assert _max_diff(got["step_logits"], want["step_logits"]) <= 1e-5
+
+
+def test_bad_requests_fail_on_rank0_alone(run: tuple) -> None:
+    _, ranks = run
+    rejected = ranks[0]["rejected"]
+    assert len(rejected) == 3, rejected
+    assert "tokens: ids must lie in [0, 97)" in rejected[0]
+    assert "batch_size" in rejected[1] and "setup_caches(1)" in rejected[2]
+    # ...and the same run then matched the single process (the tests above), so the workers
+    # never saw them.
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -79,7 +79,17 @@ class ParallelTransformer(Transformer):
     def setup_caches(self, batch_size: int = 1, dtype: torch.dtype | None = None,
                      **kwargs: Any) -> None:
         """Transformer.setup_caches on every rank; the caches hold only local KV heads.
-        Extra keyword arguments (e.g. max_seq_len) pass through to Transformer's."""
+        Extra keyword arguments (e.g. max_seq_len) pass through to Transformer's. Checked
+        here first: an argument every rank would refuse must not reach the workers."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, found {batch_size!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype: expected a floating torch.dtype or None, found {dtype!r}")
+        capacity = kwargs.get("max_seq_len")
+        if capacity is not None and not (isinstance(capacity, int)
+                                         and 0 < capacity <= self.args.max_seq_len):
+            raise ValueError(f"max_seq_len: expected 1..{self.args.max_seq_len}, "
+                             f"found {capacity!r}")
         self.broadcast_call("local_setup_caches", batch_size, dtype, **kwargs)
 
     def set_observer(self, observer: AttentionObserver | None,
