@@ -39,7 +39,7 @@ from llama.data import (
 )
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
-from llama.train_state import has_state, load_state, save_state
+from llama.train_state import has_state, load_state, load_weights, save_state
 
 
 @dataclass
@@ -194,9 +194,11 @@ def prepare_data(out: Path, tok: Tokenizer, docs_files: list[Path], epochs: floa
 
 def run(args: ModelArgs, cfg: TrainConfig, out: Path, train_bin: Path, val_bin: Path,
         tokenizer: Path, export: Path | None, device: torch.device, progress: bool = True,
-        until: int | None = None) -> dict[str, Any]:
+        until: int | None = None, init_from: Path | None = None) -> dict[str, Any]:
     """Train (resuming from OUT/ckpt if present) up to cfg.max_steps, or stop after step
-    `until` (checkpointed, as if interrupted there). Returns the last checkpoint's meta."""
+    `until` (checkpointed, as if interrupted there). `init_from`: a checkpoint directory whose
+    model weights (not optimizer, not step) start a fresh run (a second training phase).
+    Returns the last checkpoint's meta."""
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -205,6 +207,9 @@ def run(args: ModelArgs, cfg: TrainConfig, out: Path, train_bin: Path, val_bin: 
     meta: dict[str, Any] = {"step": 0, "best_val": None, "elapsed_s": 0.0}
     if has_state(out / "ckpt"):
         meta = load_state(out / "ckpt", model, opt)
+    elif init_from is not None:
+        load_weights(init_from, model)
+        meta["init_from"] = str(init_from)
     train = Batches(load_stream(train_bin), cfg.seq_len, cfg.batch_size, cfg.seed)
     val = Batches(load_stream(val_bin), cfg.seq_len, cfg.batch_size, cfg.seed)
     log = LossLog(out)
@@ -270,6 +275,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden-dim", type=int, default=512)
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--until", type=int, default=None, help="stop (checkpointed) after this step")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from this checkpoint directory's weights (fresh optimizer)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     for f in ("max_steps", "batch_size", "grad_accum", "lr", "min_lr", "warmup",
               "weight_decay", "grad_clip", "eval_every", "eval_batches", "seed"):
@@ -294,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {margs.attention_kind} {margs.n_params(tied=True) / 1e6:.2f}M params; "
           f"{json.dumps(margs.to_params_json())}", flush=True)
     meta = run(margs, cfg, a.out, train_bin, val_bin, a.tokenizer, a.export,
-               torch.device(a.device))
+               torch.device(a.device), until=a.until, init_from=a.init_from)
     LossLog(a.out).plot(png=True)
     print(f"done: step {meta['step']}, best val {meta['best_val']:.4f}", flush=True)
 

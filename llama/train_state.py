@@ -65,22 +65,34 @@ def load_state(
         raise TrainStateError(f"{directory}: no {WEIGHTS} + {META} to resume from")
     tensors = load_file(str(directory / WEIGHTS))
     meta = json.loads((directory / META).read_text())
+    _copy_params(tensors, model, directory / WEIGHTS)
+    optimizer.load_state_dict(_optimizer_dict(tensors, meta, directory))
+    torch.set_rng_state(tensors["rng.cpu"])
+    return meta
+
+
+def load_weights(directory: str | Path, model: nn.Module) -> None:
+    """Copy only the model weights of the checkpoint in `directory` into `model`."""
+    directory = Path(directory)
+    if not (directory / WEIGHTS).is_file():
+        raise TrainStateError(f"{directory}: no {WEIGHTS} to take weights from")
+    _copy_params(load_file(str(directory / WEIGHTS)), model, directory / WEIGHTS)
+
+
+def _copy_params(tensors: dict, model: nn.Module, source: Path) -> None:
     params = dict(model.named_parameters())
     missing = [n for n in params if f"model.{n}" not in tensors]
     if missing:
-        raise TrainStateError(f"{directory / WEIGHTS}: missing parameters {missing[:5]}")
+        raise TrainStateError(f"{source}: missing parameters {missing[:5]}")
     with torch.no_grad():
         for name, p in params.items():
             t = tensors[f"model.{name}"]
             if t.shape != p.shape:
                 raise TrainStateError(
-                    f"{directory / WEIGHTS}: model.{name} has shape {tuple(t.shape)}, "
+                    f"{source}: model.{name} has shape {tuple(t.shape)}, "
                     f"the model expects {tuple(p.shape)}"
                 )
             p.copy_(t)
-    optimizer.load_state_dict(_optimizer_dict(tensors, meta, directory))
-    torch.set_rng_state(tensors["rng.cpu"])
-    return meta
 
 
 def _optimizer_dict(tensors: dict, meta: dict[str, Any], directory: Path) -> dict[str, Any]:

@@ -144,3 +144,17 @@ def test_teacher_batch_keeps_only_finished_stories():
     for ids in seqs:
         assert len(ids) < 19 and not set(ids) & set(stops)
     assert clean_story("  a \n\n b  \n") == "a\nb"
+
+
+def test_init_from_takes_weights_only(tmp_path):
+    _train(tmp_path, "phase1", _cfg(max_steps=4))
+    train, val = _streams(tmp_path)
+    frozen = _cfg(max_steps=2, lr=0.0, min_lr=0.0)  # no update: weights must stay phase 1's
+    meta = run(ARGS, frozen, tmp_path / "phase2", train, val, tokenizer=tmp_path / "none",
+               export=None, device=torch.device("cpu"), progress=False,
+               init_from=tmp_path / "phase1" / "ckpt")
+    assert meta["step"] == 2 and meta["init_from"].endswith("ckpt")
+    a = load_file(str(tmp_path / "phase1" / "ckpt" / WEIGHTS))
+    b = load_file(str(tmp_path / "phase2" / "ckpt" / WEIGHTS))
+    for key in (k for k in a if k.startswith("model.")):
+        assert torch.equal(a[key], b[key]), key
