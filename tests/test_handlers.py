@@ -20,7 +20,7 @@ import torch
 from llama.assets import shipped_model_dir
 from tests.conftest import shared_file
 from ui import chat_io
-from ui.handlers import ALL_HEADS, VIEW_LABELS, Handlers
+from ui.handlers import ALL_HEADS, VIEW_LABELS, Handlers, display
 from ui.runtime import Runtime, load_runtime
 from ui.settings import SAMPLING_FIELDS, SLIDERS, defaults
 from ui.turn import FIGURE_KEYS, SessionControl, Views, make_probe, run_turn
@@ -46,7 +46,7 @@ def rt() -> Iterator[Runtime]:
 
 @pytest.fixture()
 def h(rt: Runtime) -> Handlers:
-    return Handlers(rt)
+    return Handlers(rt, stream_interval_s=0.0)  # every token is an update
 
 
 def widgets(rt: Runtime, **over):
@@ -71,7 +71,7 @@ def widgets(rt: Runtime, **over):
         values["system"],
         values["template"],
         *[values[k] for k in SAMPLING_FIELDS],
-        values["seed"],
+        None if values["seed"] is None else str(values["seed"]),  # a Textbox sends text
         values["stop"],
         values["views"],
         values["layer"],
@@ -89,7 +89,10 @@ def send(h: Handlers, text: str, history: list, control: SessionControl, **over)
 
 
 def reply_of(out) -> str:
-    return out[0][-1]["content"]
+    """The reply as the history holds it, checked against what the Chatbot shows."""
+    shown = out[0][-1]["content"][0]["text"]
+    assert shown == out[1][-1]["content"]
+    return shown
 
 
 def is_skip(value) -> bool:
@@ -107,18 +110,46 @@ def test_respond_yields_chat_figures_status_in_order(h: Handlers) -> None:
         assert later.startswith(earlier)  # the reply only grows while it streams
     first, last = outs[0], outs[-1]
     # chat: the user's message then the reply; figures on the first token, every 2nd, the last
-    assert first[0][0] == {"role": "user", "content": "Once upon a time"}
+    assert first[1][0] == {"role": "user", "content": "Once upon a time"}
+    assert first[0][0] == {
+        "role": "user",
+        "content": [{"type": "text", "text": "Once upon a time"}],
+    }
     drawn = [i for i, o in enumerate(outs) if not is_skip(o[2])]
-    assert drawn == [0, 1, 3, 5]
+    assert drawn[0] == 0 and drawn[-1] == 5 and set(drawn) <= {0, 1, 3, 5}  # paced by cost
     for key, fig in zip(FIGURE_KEYS, last[2:6]):
         assert isinstance(fig, go.Figure), key
     # status: tokens, speed, TTFT, context, KV bytes, why it finished
     assert "6 tokens" in last[6] and "TTFT" in last[6] and "finished: length" in last[6]
     assert f"/ {h.rt.max_seq_len}" in last[6] and "KV cache" in last[6]
     assert last[7].startswith("<s>") and last[8].split()[0] == str(h.rt.tokenizer.bos_id)
-    assert first[9] == 7  # the seed used is shown
+    assert first[9] == "7"  # the seed used is shown
     assert history[-1]["role"] == "assistant" and history[-1]["content"] == replies[-1]
     assert not control.running and not h.rt.slot.locked()
+
+
+def test_streamed_updates_are_coalesced(rt: Runtime) -> None:
+    control = SessionControl()
+    slow = Handlers(rt, stream_interval_s=1e6)  # only what must go out: first token and end
+    _, history, _ = slow.add_message("Once upon a time", [], control)
+    outs = list(slow.respond(history, control, *widgets(rt, max_new_tokens=6)))
+    assert len(outs) == 2 and "finished: length" in outs[-1][6]
+    assert reply_of(outs[-1]) == reply_of(
+        send(Handlers(rt, 0.0), "Once upon a time", [], SessionControl())[0][-1]
+    )
+
+
+def test_figures_every_n_tokens_and_paced_by_their_cost(rt: Runtime) -> None:
+    history = [{"role": "user", "content": "Once upon a time"}]
+    settings = defaults().__class__(max_new_tokens=7, seed=1)
+    views = Views(shown=frozenset({"kv"}), every=3, pace=0.0)
+    updates = list(run_turn(rt, history, settings, views, rt.default_template, ""))
+    assert [i for i, u in enumerate(updates) if u.figures is not None] == [0, 2, 5, 6]
+    paced = Views(shown=frozenset({"kv"}), every=1, pace=1e6)  # drawing "costs" forever
+    updates = list(run_turn(rt, history, settings, paced, rt.default_template, ""))
+    assert [i for i, u in enumerate(updates) if u.figures is not None] == [0, 6]
+    off = list(run_turn(rt, history, settings, Views(shown=frozenset()), rt.default_template, ""))
+    assert all(u.figures is None and u.trace is None for u in off)
 
 
 def test_stop_ends_the_reply_cleanly_and_twice_is_harmless(h: Handlers) -> None:
@@ -157,7 +188,7 @@ def test_same_seed_same_reply_and_random_seed_is_shown(h: Handlers) -> None:
     assert reply_of(a[-1]) == reply_of(b[-1])
     c, _ = send(h, "Once upon a time", [], SessionControl(), seed=None, temperature=1.0)
     shown = c[0][9]
-    assert isinstance(shown, int) and f"seed {shown}" in c[-1][6]
+    assert shown.isdigit() and f"seed {shown}" in c[-1][6]
     d, _ = send(h, "Once upon a time", [], SessionControl(), seed=shown, temperature=1.0)
     assert reply_of(d[-1]) == reply_of(c[-1])  # the shown seed reproduces the reply
 
@@ -256,6 +287,8 @@ def test_context_overflow_drops_oldest_turns_with_a_notice(h: Handlers, rt: Runt
         ("top_k", 3.5),
         ("max_new_tokens", 0),
         ("seed", -3),
+        ("seed", "abc"),
+        ("seed", "1.5"),
         ("stop", "\n".join(f"s{i}" for i in range(20))),
     ],
 )
@@ -272,7 +305,7 @@ def test_regenerate_undo_clear(h: Handlers) -> None:
     control = SessionControl()
     _, history = send(h, "Once upon a time", [], control, temperature=1.0, seed=1)
     history_r, shown = h.regenerate(history, control)
-    assert history_r == history[:-1] == shown
+    assert history_r == history[:-1] and shown == display(history_r)
     outs = list(h.respond(history_r, control, *widgets(h.rt, temperature=1.5, seed=2)))
     assert outs[-1][1][:-1] == history[:-1]
     text, history_u, _ = h.undo(outs[-1][1], control)
@@ -304,7 +337,7 @@ def test_reset_to_meta_defaults(h: Handlers) -> None:
     out = dict(zip([*SAMPLING_FIELDS, "seed"], h.reset_defaults()))
     assert out["temperature"] == 0.6 and out["top_p"] == 0.9
     assert out["top_k"] == 0 and out["min_p"] == 0.0 and out["repetition_penalty"] == 1.0
-    assert is_skip(out["max_new_tokens"]) and out["seed"] is None
+    assert is_skip(out["max_new_tokens"]) and out["seed"] == ""
 
 
 def export_args(h: Handlers, history, **over):
@@ -320,10 +353,11 @@ def test_export_then_import_round_trip(h: Handlers, tmp_path: Path) -> None:
     assert saved["messages"] == history and saved["sampling"]["temperature"] == 0.8
     assert saved["sampling"]["stop"] == ["THE END\n"] and saved["last_seed"] == 7
     out = h.import_chat(path, SessionControl())
-    assert out[0] == history and out[1] == history
+    assert out[0] == history and out[1] == display(history)
     names = ["history", "chatbot", "system", "template", *SAMPLING_FIELDS, "seed", "stop"]
     values = dict(zip(names, out))
-    assert values["temperature"] == 0.8 and values["seed"] == 7 and values["stop"] == "THE END\\n"
+    assert values["temperature"] == 0.8 and values["seed"] == "7"
+    assert values["stop"] == "THE END\\n"
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,8 @@ message back in the text box and leaves the history as it was.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +33,7 @@ from ui.settings import (
     Settings,
     SettingsError,
     format_stop,
+    parse_seed,
     settings_from_values,
 )
 from ui.turn import FIGURE_KEYS, Message, SessionControl, TurnUpdate, Views, draw, run_turn
@@ -45,7 +48,17 @@ VIEW_LABELS = {
 }
 ALL_HEADS = -1
 MAX_MESSAGE_CHARS = 100_000
+STREAM_INTERVAL_S = 0.05
 INPUT_ERRORS = (ChatError, SamplingError, SettingsError, TokenizerError, GenerateError)
+
+
+def display(history: list[Message]) -> list[dict[str, Any]]:
+    """The Chatbot's value for a history. Text goes in as content parts, which gradio shows
+    as they are (a plain string would be passed through inspect.cleandoc, which strips
+    leading newlines and indentation from what the model wrote)."""
+    return [
+        {"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in history
+    ]
 
 
 def views_from(shown: list[str] | None, layer: Any, head: Any, mode: str, every: Any) -> Views:
@@ -61,10 +74,16 @@ def settings_from(values: tuple[Any, ...], seed: Any, stop: Any) -> Settings:
 
 
 class Handlers:
-    """The callbacks of one playground (one Runtime)."""
+    """The callbacks of one playground (one Runtime).
 
-    def __init__(self, runtime: Runtime) -> None:
+    stream_interval_s: streamed text is sent at most this often (the first token, figure
+    redraws and the end always go out). Each update costs gradio a few milliseconds of
+    processing whatever its size, more than a small model takes per token.
+    """
+
+    def __init__(self, runtime: Runtime, stream_interval_s: float = STREAM_INTERVAL_S) -> None:
         self.rt = runtime
+        self.stream_interval_s = stream_interval_s
 
     # Sending, answering, stopping ------------------------------------------------------------
     def add_message(
@@ -83,7 +102,7 @@ class Handlers:
             raise gr.Error("A reply is still being written: wait for it or press Stop.")
         control.cancel.clear()
         history = [*history, {"role": "user", "content": message}]
-        return "", history, history
+        return "", history, display(history)
 
     def respond(  # one parameter per widget, named for the API docs
         self,
@@ -99,7 +118,7 @@ class Handlers:
         presence_penalty: float,
         frequency_penalty: float,
         max_new_tokens: int,
-        seed: float | None,
+        seed: str | None,
         stop: str,
         views: list[str],
         layer: int,
@@ -143,12 +162,23 @@ class Handlers:
         system: str,
     ) -> Iterator[tuple[Any, ...]]:
         update: TurnUpdate | None = None
+        sent = -math.inf
         try:
-            for update in run_turn(self.rt, history, settings, views, template, system, control):
+            for i, update in enumerate(
+                run_turn(self.rt, history, settings, views, template, system, control)
+            ):
                 if update.done and update.step is None and not update.chat[-1]["content"]:
                     yield self._refused(history, "Stopped before the first token.", warn=False)
                     return
-                yield self._outputs(update)
+                now = time.monotonic()
+                if (
+                    i == 0
+                    or update.done
+                    or update.figures is not None
+                    or (now - sent >= self.stream_interval_s)
+                ):
+                    sent = now
+                    yield self._outputs(update)
         except Exception as exc:
             if update is None and isinstance(exc, INPUT_ERRORS):
                 yield self._refused(history, str(exc))
@@ -184,7 +214,16 @@ class Handlers:
             (u.prompt.text, " ".join(map(str, u.prompt.ids))) if first or u.done else (skip, skip)
         )
         trace = (u.trace, u.step) if u.figures is not None else skip
-        return (u.chat, u.chat, *figs, u.status, *prompt, u.seed if first else skip, trace, skip)
+        return (
+            display(u.chat),
+            u.chat,
+            *figs,
+            u.status,
+            *prompt,
+            str(u.seed) if first else skip,
+            trace,
+            skip,
+        )
 
     def _refused(self, history: list[Message], why: str, warn: bool = True) -> tuple[Any, ...]:
         """Outputs that undo the pending message: history back, the text in the box."""
@@ -192,7 +231,17 @@ class Handlers:
             gr.Warning(why)
         skip = gr.skip()
         kept, text = history[:-1], history[-1]["content"]
-        return (kept, kept, *([skip] * len(FIGURE_KEYS)), f"⚠ {why}", skip, skip, skip, skip, text)
+        return (
+            display(kept),
+            kept,
+            *([skip] * len(FIGURE_KEYS)),
+            f"⚠ {why}",
+            skip,
+            skip,
+            skip,
+            skip,
+            text,
+        )
 
     def stop(self, control: SessionControl) -> None:
         """Ask the running reply to end after its current token (pressing twice is harmless)."""
@@ -209,7 +258,7 @@ class Handlers:
         if history[-1]["role"] == "assistant":
             history = history[:-1]
         control.cancel.clear()
-        return history, history
+        return history, display(history)
 
     def undo(
         self, history: list[Message], control: SessionControl
@@ -222,7 +271,7 @@ class Handlers:
             history = history[:-1]
         text = history[-1]["content"]
         history = history[:-1]
-        return text, history, history
+        return text, history, display(history)
 
     def clear(self, control: SessionControl) -> tuple[Any, ...]:
         """Empty chat, figures back to their placeholders, status back to the model line."""
@@ -235,7 +284,7 @@ class Handlers:
             self.rt.describe(),
             "",
             "",
-            None,
+            "",
             None,
             "",
         )
@@ -264,7 +313,7 @@ class Handlers:
         """Meta's chat defaults (temperature 0.6, top-p 0.9, no other filter), seed random."""
         keep = {"max_new_tokens"}
         values = [gr.skip() if k in keep else SLIDERS[k].default for k in SAMPLING_FIELDS]
-        return (*values, None)
+        return (*values, "")
 
     def examples(self, template: str) -> Any:
         return gr.Dataset(samples=[[e] for e in self.rt.examples(template)])
@@ -283,9 +332,9 @@ class Handlers:
         presence_penalty: float,
         frequency_penalty: float,
         max_new_tokens: int,
-        seed: float | None,
+        seed: str | None,
         stop: str,
-        seed_used: float | None,
+        seed_used: str | None,
     ) -> str:
         """Write the chat and its sampling settings to a JSON file; return its path."""
         sampling = (
@@ -302,7 +351,10 @@ class Handlers:
             settings = settings_from(sampling, seed, stop)
         except SettingsError as exc:
             raise gr.Error(f"Cannot export: {exc}") from None
-        last = int(seed_used) if isinstance(seed_used, (int, float)) else None
+        try:
+            last = parse_seed(seed_used)
+        except SettingsError:
+            last = None
         chat = chat_io.ChatFile(
             [dict(m) for m in history], system or "", template, settings, self.rt.name, last
         )
@@ -321,11 +373,11 @@ class Handlers:
         sliders = [getattr(s, k) for k in SAMPLING_FIELDS]
         return (
             chat.messages,
-            chat.messages,
+            display(chat.messages),
             chat.system,
             chat.template,
             *sliders,
-            s.seed,
+            "" if s.seed is None else str(s.seed),
             format_stop(s.stop),
         )
 

@@ -136,11 +136,11 @@ def _sampling_controls(ui: dict[str, Any]) -> None:
         for name in SAMPLING_FIELDS[4:]:
             ui[name] = _slider(name)
     with gr.Row(equal_height=True):
-        ui["seed"] = NamedNumber(
-            label="Seed", info="blank = random", precision=0, minimum=0, value=None, elem_id="seed"
+        ui["seed"] = gr.Textbox(
+            label="Seed", info="blank = random", placeholder="random", elem_id="seed", max_lines=1
         )
-        ui["seed_used"] = gr.Number(
-            label="Seed used", precision=0, interactive=False, elem_id="seed-used"
+        ui["seed_used"] = gr.Textbox(
+            label="Seed used", interactive=False, elem_id="seed-used", max_lines=1
         )
         ui["reuse_seed"] = gr.Button("Reuse seed", size="sm", elem_id="reuse-seed")
     ui["stop_strings"] = gr.Textbox(
@@ -153,41 +153,34 @@ def _sampling_controls(ui: dict[str, Any]) -> None:
     ui["reset"] = gr.Button("Reset to Meta defaults (T 0.6, top-p 0.9)", size="sm", elem_id="reset")
 
 
-class NamedSlider(gr.Slider):
-    """gr.Slider whose out-of-range error (a value sent through the API) names the control."""
+def named_errors(component: Any) -> Any:
+    """Prefix gradio's out-of-range error (a value sent through the API) with the control's
+    label. Done per instance: gradio writes a .pyi stub beside any component subclass."""
+    plain = component.preprocess
 
-    is_template = True  # gradio renders it with the plain Slider front end
-
-    def preprocess(self, payload: float) -> float:
+    def preprocess(payload: Any) -> Any:
         try:
-            return super().preprocess(payload)
+            return plain(payload)
         except gr.Error as exc:
-            raise gr.Error(f"{self.label}: {exc.message}") from None
+            raise gr.Error(f"{component.label}: {exc.message}") from None
 
-
-class NamedNumber(gr.Number):
-    """gr.Number whose out-of-range error names the control."""
-
-    is_template = True
-
-    def preprocess(self, payload: float | None) -> float | int | None:
-        try:
-            return super().preprocess(payload)
-        except gr.Error as exc:
-            raise gr.Error(f"{self.label}: {exc.message}") from None
+    component.preprocess = preprocess
+    return component
 
 
 def _slider(name: str) -> gr.Slider:
     spec = SLIDERS[name]
-    return NamedSlider(
-        spec.minimum,
-        spec.maximum,
-        value=spec.default,
-        step=spec.step,
-        label=spec.label,
-        info=spec.info,
-        elem_id=name.replace("_", "-"),
-        min_width=120,
+    return named_errors(
+        gr.Slider(
+            spec.minimum,
+            spec.maximum,
+            value=spec.default,
+            step=spec.step,
+            label=spec.label,
+            info=spec.info,
+            elem_id=name.replace("_", "-"),
+            min_width=120,
+        )
     )
 
 
@@ -201,15 +194,17 @@ def _figure_column(rt: Runtime, ui: dict[str, Any]) -> None:
             elem_id="views",
             scale=3,
         )
-        ui["every"] = gr.Slider(
-            1,
-            64,
-            value=8,
-            step=1,
-            label="Redraw every N tokens",
-            elem_id="every",
-            scale=1,
-            min_width=140,
+        ui["every"] = named_errors(
+            gr.Slider(
+                1,
+                64,
+                value=8,
+                step=1,
+                label="Redraw every N tokens",
+                elem_id="every",
+                scale=1,
+                min_width=140,
+            )
         )
     with gr.Row(elem_id="picker-row"):
         ui["layer"] = gr.Dropdown(

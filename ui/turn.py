@@ -3,13 +3,17 @@
 `run_turn` encodes the dialog (llama.chat), runs `llama.generate.generate` under the runtime's
 generation slot with an optional Probe, and yields a `TurnUpdate` per generated token. Figures
 are redrawn on the first token, every `Views.every` tokens and on the last one; in between
-`TurnUpdate.figures` is None (the UI keeps what it shows). With every probe-backed view
-switched off no Probe is built, so the model runs its fast path untouched.
+`TurnUpdate.figures` is None (the UI keeps what it shows). Drawing is paced so that it never
+takes more than about 1 / (1 + Views.pace) of the time: on a busy CPU a scheduled redraw is
+skipped until the generation has run `pace` times as long as the previous redraw took. With
+every probe-backed view switched off no Probe is built, so the model runs its fast path
+untouched.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +28,7 @@ from ui.settings import Settings
 Message = dict[str, str]
 FIGURE_KEYS = ("attention", "probs", "rope", "kv")
 PROBE_VIEWS = frozenset({"attention", "rope", "kv"})
-PROBE_WINDOW = 96  # positions a probe keeps: bounds the figures' size and the trace's memory
+PROBE_WINDOW = 64  # positions a probe keeps: bounds the figures' size and the trace's memory
 ALL_LAYERS_UP_TO = 12  # models this shallow have every layer traced, so any layer can be shown
 
 
@@ -37,6 +41,7 @@ class Views:
     head: int | None = None
     mode: str = "heads"
     every: int = 8
+    pace: float = 2.0  # after a redraw that took d s, the next waits >= pace * d s (0 = off)
 
     @property
     def needs_probe(self) -> bool:
@@ -167,6 +172,7 @@ def run_turn(
     reply: Message = {"role": "assistant", "content": ""}
     last_real: Step | None = None
     notices: list[str] = []
+    pacer = _Pacer(views)
     with rt.slot:
         steps = generate(rt.model, rt.tokenizer, prompt, params, probe=probe, cancel=cancel)
         for i, step in enumerate(steps):
@@ -175,11 +181,11 @@ def run_turn(
             if step.notice:
                 notices.append(step.notice)
             done = step.finish_reason is not None
-            redraw = done or i == 0 or (i + 1) % max(1, views.every) == 0
+            redraw = bool(views.shown) and pacer.due(i, done)
             trace = probe.snapshot() if probe is not None and redraw else None
             yield TurnUpdate(
                 [*history, dict(reply)],
-                draw(trace, last_real, views) if redraw else None,
+                pacer.draw(trace, last_real) if redraw else None,
                 status_text(rt, prompt, step, i + (step.token_id != NO_TOKEN), seed, notices),
                 prompt,
                 seed,
@@ -188,6 +194,27 @@ def run_turn(
                 done,
                 list(notices),
             )
+
+
+class _Pacer:
+    """When to redraw: first token, every N tokens (paced by the cost of drawing), last."""
+
+    def __init__(self, views: Views) -> None:
+        self.views = views
+        self.next_at = 0.0
+
+    def due(self, i: int, done: bool) -> bool:
+        if done or i == 0:
+            return True
+        scheduled = (i + 1) % max(1, self.views.every) == 0
+        return scheduled and time.perf_counter() >= self.next_at
+
+    def draw(self, trace: Trace | None, step: Step | None) -> dict[str, Any]:
+        start = time.perf_counter()
+        figs = draw(trace, step, self.views)
+        end = time.perf_counter()
+        self.next_at = end + self.views.pace * (end - start)
+        return figs
 
 
 def status_text(

@@ -1,0 +1,128 @@
+"""app.py's flags: auth parsing, the sharing warning, and bad paths / broken checkpoints ending
+with the loader's message and exit status 2 (no traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import app
+from tests.app_server import model_path
+from tests.conftest import REPO
+
+
+def test_auth_pair_and_file(tmp_path: Path) -> None:
+    assert app.parse_auth(None) is None
+    assert app.parse_auth("ada:s3cret:with:colons") == [("ada", "s3cret:with:colons")]
+    path = tmp_path / "users.txt"
+    path.write_text("# who may use it\nada:one\n\n  bob:two  \n", encoding="utf-8")
+    assert app.parse_auth(str(path)) == [("ada", "one"), ("bob", "two")]
+
+
+@pytest.mark.parametrize("value", ["nopassword", ":nouser", "user:", ""])
+def test_bad_auth_names_the_flag(value: str) -> None:
+    with pytest.raises(app.UsageError, match=r"--auth.*USER:PASSWORD"):
+        app.parse_auth(value)
+
+
+def test_auth_file_with_a_bad_line_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "users.txt"
+    path.write_text("ada:one\njust-a-name\n", encoding="utf-8")
+    with pytest.raises(app.UsageError, match="line 2"):
+        app.parse_auth(str(path))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nobody\n", encoding="utf-8")
+    with pytest.raises(app.UsageError, match="no USER:PASSWORD"):
+        app.parse_auth(str(empty))
+
+
+def test_sharing_warning() -> None:
+    assert "--share without --auth" in app.sharing_warning(True, None, "127.0.0.1")
+    assert "0.0.0.0 without --auth" in app.sharing_warning(False, None, "0.0.0.0")
+    assert app.sharing_warning(True, [("a", "b")], "0.0.0.0") is None
+    assert app.sharing_warning(False, None, "127.0.0.1") is None
+
+
+def test_flags_defaults() -> None:
+    args = app.parse_args([])
+    assert args.host == "127.0.0.1" and args.port == 7860 and args.model is None
+    assert not args.share and args.auth is None and args.template == "auto"
+    args = app.parse_args(
+        [
+            "--model",
+            "x",
+            "--load-in-8bit",
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+            "--max-seq-len",
+            "256",
+            "--share",
+            "--auth",
+            "a:b",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "9000",
+        ]
+    )
+    assert args.load_in_8bit and args.dtype == "bfloat16" and args.max_seq_len == 256
+    assert app.resolve_dtype(args.dtype) is not None and app.resolve_dtype("auto") is None
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = app.main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_missing_path_exits_2_with_the_loaders_message(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "no-such-model"
+    code, err = run_main(capsys, "--model", str(missing))
+    assert code == app.EXIT_BAD_INPUT
+    assert str(missing) in err and "Traceback" not in err
+
+
+def test_broken_checkpoints_exit_2(tmp_path: Path, capsys) -> None:
+    source = model_path()
+    weights = source / "model.safetensors" if source.is_dir() else source
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in source.iterdir() if source.is_dir() else [source, *source.parent.glob("*.model")]:
+        if item.is_file():
+            (broken / item.name).write_bytes(item.read_bytes())
+    truncated = broken / weights.name
+    truncated.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    path = broken if source.is_dir() else truncated
+    code, err = run_main(capsys, "--model", str(path))
+    assert code == app.EXIT_BAD_INPUT and "Traceback" not in err
+    assert weights.name in err or str(broken) in err, err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = run_main(capsys, "--model", str(empty))
+    assert code == app.EXIT_BAD_INPUT and "no checkpoint" in err
+
+
+def test_bad_flags_exit_2(tmp_path: Path, capsys) -> None:
+    code, err = run_main(capsys, "--model", str(model_path()), "--auth", "nopassword")
+    assert code == app.EXIT_BAD_INPUT and "--auth" in err
+    code, err = run_main(capsys, "--model", str(model_path()), "--max-seq-len", "1")
+    assert code == app.EXIT_BAD_INPUT and "--max-seq-len" in err
+
+
+def test_the_process_exit_status_and_stderr(tmp_path: Path) -> None:
+    """The real command line: status 2, one clear line, no traceback."""
+    missing = tmp_path / "nothing-here"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "app.py"), "--model", str(missing)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "error:" in proc.stderr and str(missing) in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -1,0 +1,231 @@
+"""The app as a server, driven through Gradio's API with gradio_client.
+
+One `python app.py` subprocess on a free 127.0.0.1 port serves every test here. The main test
+runs 8 sessions x 5 turns at once: every reply must arrive, equal what the same seed gives when
+the same dialog is replayed alone in this process (no cross-talk between sessions), and the
+server's RSS after the last round must stay within 10% of its RSS after the first round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from gradio_client import Client
+
+from tests.app_server import AppServer, model_path, start_app
+from ui.runtime import load_runtime
+from ui.settings import SAMPLING_FIELDS, SLIDERS, Settings
+from ui.turn import SessionControl, Views, run_turn
+
+N_SESSIONS, N_TURNS, MAX_NEW = 8, 5, 8
+SUBJECTS = [
+    "a dog named Max",
+    "a cat named Lily",
+    "a red ball",
+    "a big tree",
+    "a little bird",
+    "a happy frog",
+    "a brave boy named Tim",
+    "a blue car",
+]
+FOLLOW_UPS = ["Tell me more.", "What happened next?", "And then?", "How did it end?"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    srv = start_app(tmp_path_factory.mktemp("app"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def template(server: AppServer) -> str:
+    """The template the app chose for its model (the same rule as ui.runtime)."""
+    rt = load_runtime(model_path(), progress=False)
+    return rt.default_template
+
+
+def respond_args(template: str, seed: int | None, **over: Any) -> list[Any]:
+    """/respond's parameters: system, template, 8 sampling values, seed, stop, 5 view values."""
+    values = {name: SLIDERS[name].default for name in SAMPLING_FIELDS}
+    values.update(temperature=0.9, max_new_tokens=MAX_NEW)
+    values.update({k: v for k, v in over.items() if k in values})
+    views = over.get("views", ["kv", "probs"])
+    return [
+        "",
+        template,
+        *[values[k] for k in SAMPLING_FIELDS],
+        seed,
+        over.get("stop", ""),
+        views,
+        0,
+        -1,
+        "heads",
+        over.get("every", 64),
+    ]
+
+
+def text_of(message: dict[str, Any]) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+
+
+def message(session: int, turn: int) -> str:
+    if turn == 0:
+        return f"Write a story about {SUBJECTS[session]}."
+    return FOLLOW_UPS[(turn - 1) % len(FOLLOW_UPS)]
+
+
+def chat_turn(client: Client, template: str, text: str, seed: int) -> tuple[str, str]:
+    """One turn through the UI's own two events; returns (reply, status line)."""
+    client.predict(text, api_name="/add_message")
+    out = client.submit(*respond_args(template, seed), api_name="/respond").result(timeout=300)
+    return text_of(out[0][-1]), out[5]
+
+
+def test_eight_sessions_five_turns_no_cross_talk_no_leak(server: AppServer, template: str) -> None:
+    clients = [Client(server.url, verbose=False) for _ in range(N_SESSIONS)]
+    replies: dict[tuple[int, int], str] = {}
+    rss_first = 0
+    with ThreadPoolExecutor(N_SESSIONS) as pool:
+        for turn in range(N_TURNS):
+            futures = {
+                s: pool.submit(chat_turn, clients[s], template, message(s, turn), seed(s, turn))
+                for s in range(N_SESSIONS)
+            }
+            for s, future in futures.items():
+                reply, status = future.result(timeout=600)
+                assert "finished:" in status, status
+                replies[(s, turn)] = reply
+            if turn == 0:
+                rss_first = server.rss_bytes()
+    rss_last = server.rss_bytes()
+    for c in clients:
+        c.close()
+    assert len(replies) == N_SESSIONS * N_TURNS and all(replies.values())
+    expected = replay_alone(template)
+    mismatched = [key for key in replies if replies[key] != expected[key]]
+    assert not mismatched, [(k, replies[k], expected[k]) for k in mismatched[:3]]
+    print(
+        f"server RSS after round 1: {rss_first / 2**20:.1f} MiB, after round "
+        f"{N_TURNS}: {rss_last / 2**20:.1f} MiB"
+    )
+    assert rss_last <= 1.10 * rss_first, (rss_first, rss_last)
+
+
+def seed(session: int, turn: int) -> int:
+    return 1000 * session + turn
+
+
+def replay_alone(template: str) -> dict[tuple[int, int], str]:
+    """The same dialogs run one after another in this process, straight through run_turn."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rt = load_runtime(model_path(), progress=False)
+        out = {}
+        for s in range(N_SESSIONS):
+            history: list[dict[str, str]] = []
+            for turn in range(N_TURNS):
+                history.append({"role": "user", "content": message(s, turn)})
+                settings = Settings(temperature=0.9, max_new_tokens=MAX_NEW, seed=seed(s, turn))
+                *_, last = run_turn(
+                    rt, history, settings, Views(shown=frozenset()), template, "", SessionControl()
+                )
+                history = last.chat
+                out[(s, turn)] = history[-1]["content"]
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+OUT_OF_RANGE = [
+    ("temperature", 5.0, "Temperature"),
+    ("top_p", 1.5, "Top-p"),
+    ("top_k", -1, "Top-k"),
+    ("max_new_tokens", 100_000, "Max new tokens"),
+    ("seed", -5, "Seed"),
+]
+
+
+def test_out_of_range_values_through_the_api_get_a_clear_error(
+    server: AppServer, template: str
+) -> None:
+    client = Client(server.url, verbose=False)
+    client.predict("Once upon a time", api_name="/add_message")
+    for field, value, label in OUT_OF_RANGE:
+        args = respond_args(template, 1)
+        args[2 + SAMPLING_FIELDS.index(field)] = value
+        with pytest.raises(Exception, match=label) as info:
+            client.predict(*args, api_name="/respond")
+        assert "maximum" in str(info.value) or "minimum" in str(info.value), field
+    # The seed is a text box: a bad seed is refused by the handler, naming the field, and the
+    # message goes back to the text box (the last output) instead of being lost.
+    args = respond_args(template, 1)
+    args[2 + len(SAMPLING_FIELDS)] = "-5"
+    out = client.predict(*args, api_name="/respond")
+    assert "seed" in out[5] and out[-1] == "Once upon a time"
+    client.predict("Once upon a time", api_name="/add_message")
+    # Nothing was lost: the same session still gets its reply with valid values.
+    reply = client.predict(*respond_args(template, 1), api_name="/respond")
+    assert text_of(reply[0][-1]) and text_of(reply[0][0]) == "Once upon a time"
+    client.close()
+
+
+def test_busy_session_stop_twice_and_cancelled_job_free_the_slot(
+    server: AppServer, template: str
+) -> None:
+    a, b, c = (Client(server.url, verbose=False) for _ in range(3))
+    a.predict("Once upon a time", api_name="/add_message")
+    long = a.submit(*respond_args(template, 3, max_new_tokens=1024, views=[]), api_name="/respond")
+    wait_for_output(long)
+    with pytest.raises(Exception, match="still being written"):
+        a.predict("Another message", api_name="/add_message")  # sent while generating
+    a.predict(api_name="/stop")
+    a.predict(api_name="/stop")  # pressed twice: harmless
+    final = long.result(timeout=120)
+    assert "finished: cancelled" in final[5]
+    # A job dropped by its client (what a closed tab does) frees the model for the next one.
+    b.predict("Once upon a time", api_name="/add_message")
+    dropped = b.submit(
+        *respond_args(template, 4, max_new_tokens=1024, views=[]), api_name="/respond"
+    )
+    wait_for_output(dropped)
+    dropped.cancel()
+    c.predict("Once upon a time", api_name="/add_message")
+    start = time.monotonic()
+    out = c.predict(*respond_args(template, 5, max_new_tokens=4), api_name="/respond")
+    assert "finished:" in out[5] and time.monotonic() - start < 60
+    for client in (a, b, c):
+        client.close()
+
+
+def wait_for_output(job: Any, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not job.outputs():
+        assert time.monotonic() < deadline, "no streamed output"
+        time.sleep(0.05)
+
+
+def test_export_then_import_through_the_api(
+    server: AppServer, template: str, tmp_path: Path
+) -> None:
+    from gradio_client import handle_file
+
+    client = Client(server.url, verbose=False)
+    reply, _ = chat_turn(client, template, "Hello!", 11)
+    export_args = respond_args(template, 11)
+    path = client.predict(*export_args[:11], "", "11", api_name="/export_chat")
+    other = Client(server.url, verbose=False)
+    out = other.predict(handle_file(path), api_name="/import_chat")
+    assert [text_of(m) for m in out[0]] == ["Hello!", reply]
+    client.close()
+    other.close()
