@@ -88,8 +88,14 @@ class Variant:
 
 
 @torch.inference_mode()
-def decode_pass(model: torch.nn.Module, prompt: list[int], n: int, variants: list[Variant],
-                no_hook_cls: type, rng: random.Random) -> None:
+def decode_pass(
+    model: torch.nn.Module,
+    prompt: list[int],
+    n: int,
+    variants: list[Variant],
+    no_hook_cls: type,
+    rng: random.Random,
+) -> None:
     """Prefill (untimed), then n decode tokens, each timed under the next variant in turn."""
     for v in variants:
         if v.probe is not None:
@@ -154,10 +160,15 @@ def run(args: argparse.Namespace) -> None:
         Variant("no hooks", hooked=False),
         Variant("no probe"),
         Variant("default probe (layer 0, all heads)", probe=Probe(margs, token_pieces=tok.piece)),
-        Variant("default probe + snapshot every 8", snapshot_every=8,
-                probe=Probe(margs, token_pieces=tok.piece)),
-        Variant(f"all {margs.n_layers} layers traced",
-                probe=Probe(margs, layers=None, token_pieces=tok.piece)),
+        Variant(
+            "default probe + snapshot every 8",
+            snapshot_every=8,
+            probe=Probe(margs, token_pieces=tok.piece),
+        ),
+        Variant(
+            f"all {margs.n_layers} layers traced",
+            probe=Probe(margs, layers=None, token_pieces=tok.piece),
+        ),
     ]
     rng = random.Random(0)
     measure(model, prompt, n, variants, no_hook_cls, rng, args.passes)
@@ -171,8 +182,15 @@ def run(args: argparse.Namespace) -> None:
     check_cost(model)
 
 
-def measure(model: torch.nn.Module, prompt: list[int], n: int, variants: list[Variant],
-            no_hook_cls: type, rng: random.Random, passes: int) -> None:
+def measure(
+    model: torch.nn.Module,
+    prompt: list[int],
+    n: int,
+    variants: list[Variant],
+    no_hook_cls: type,
+    rng: random.Random,
+    passes: int,
+) -> None:
     decode_pass(model, prompt, min(n, 50), variants, no_hook_cls, rng)  # warm-up
     for v in variants:
         v.wall.clear()
@@ -192,19 +210,25 @@ def hook_check(pair: list[Variant], rng: random.Random, resamples: int = 2000) -
     lo, hi = float(ratios[int(0.025 * resamples)]), float(ratios[int(0.975 * resamples)])
     est = float(b.median() / a.median() - 1)
     print(f"\n## no probe vs no hooks ({len(a)} + {len(b)} tokens, the two taking turns, CPU)")
-    print(f"extra time per token: {est:+.2%} (95% bootstrap interval {lo:+.2%}..{hi:+.2%}); "
-          "target: within 2%")
+    print(
+        f"extra time per token: {est:+.2%} (95% bootstrap interval {lo:+.2%}..{hi:+.2%}); "
+        "target: within 2%"
+    )
 
 
 def header(where: str, margs: object, n: int, args: argparse.Namespace, samples: int) -> None:
     print(f"# probe overhead, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     print(f"model: {where}\n  {margs}")
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.1f}; {torch.get_num_threads()} torch thread(s), torch "
-          f"{torch.__version__}, python {platform.python_version()}")
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f}; {torch.get_num_threads()} torch thread(s), torch "
+        f"{torch.__version__}, python {platform.python_version()}"
+    )
     print(f"command: python bench/probe_overhead.py {' '.join(sys.argv[1:])}")
-    print(f"decode: {args.passes} passes of {n} greedy tokens after a {len(PROMPT)}-char prompt, "
-          f"{samples} timed tokens per variant; 'cost' = extra time per token against 'no probe'")
+    print(
+        f"decode: {args.passes} passes of {n} greedy tokens after a {len(PROMPT)}-char prompt, "
+        f"{samples} timed tokens per variant; 'cost' = extra time per token against 'no probe'"
+    )
 
 
 def cpu_name() -> str:
@@ -217,7 +241,7 @@ def cpu_name() -> str:
 
 def trimmed_mean(values: list[float]) -> float:
     cut = int(len(values) * TRIM)
-    kept = sorted(values)[cut: len(values) - cut]
+    kept = sorted(values)[cut : len(values) - cut]
     return sum(kept) / len(kept)
 
 
@@ -226,12 +250,16 @@ def table(times: dict[str, list[float]], clock: str) -> None:
     print(f"\n## {clock}")
     base = times["no probe"]
     base_med, base_mean = statistics.median(base), trimmed_mean(base)
-    print(f"{'variant':38s} {'tok/s(med)':>10s} {'tok/s(mean)':>11s} {'cost(med)':>10s} "
-          f"{'cost(mean)':>10s}")
+    print(
+        f"{'variant':38s} {'tok/s(med)':>10s} {'tok/s(mean)':>11s} {'cost(med)':>10s} "
+        f"{'cost(mean)':>10s}"
+    )
     for name, values in times.items():
         med, mean = statistics.median(values), trimmed_mean(values)
-        print(f"{name:38s} {1 / med:10.1f} {1 / mean:11.1f} {med / base_med - 1:+10.1%} "
-              f"{mean / base_mean - 1:+10.1%}")
+        print(
+            f"{name:38s} {1 / med:10.1f} {1 / mean:11.1f} {med / base_med - 1:+10.1%} "
+            f"{mean / base_mean - 1:+10.1%}"
+        )
 
 
 def check_cost(model: torch.nn.Module) -> None:
@@ -241,9 +269,11 @@ def check_cost(model: torch.nn.Module) -> None:
     check = min(timeit.repeat("attn.observer is not None", globals={"attn": attn}, number=loops))
     empty = min(timeit.repeat("attn", globals={"attn": attn}, number=loops))
     per_layer = max(0.0, check - empty) / loops
-    print(f"\nthe observer check itself (best of 5 timeit runs, minus an empty statement): "
-          f"{per_layer * 1e9:.0f} ns per layer, {per_layer * len(model.layers) * 1e6:.2f} us "
-          f"per token for {len(model.layers)} layers")
+    print(
+        f"\nthe observer check itself (best of 5 timeit runs, minus an empty statement): "
+        f"{per_layer * 1e9:.0f} ns per layer, {per_layer * len(model.layers) * 1e6:.2f} us "
+        f"per token for {len(model.layers)} layers"
+    )
 
 
 def screenshots(out: Path, model_path: str | None) -> None:
@@ -258,17 +288,29 @@ def screenshots(out: Path, model_path: str | None) -> None:
     args = model.args
     layer = args.n_layers // 2
     probe = Probe(args, layers={0, layer}, rope_head=0, window=48, token_pieces=tok.piece)
-    prompt = (encode_dialog(tok, [{"role": "user", "content": "Tell me a story about a cat."}])
-              if detect_template(path) == "chat" else tok.encode(PROMPT))
-    steps = list(generate(model, tok, prompt, SamplingParams(
-        temperature=0.8, top_k=40, top_p=0.9, seed=3, max_new_tokens=32), probe=probe))
+    prompt = (
+        encode_dialog(tok, [{"role": "user", "content": "Tell me a story about a cat."}])
+        if detect_template(path) == "chat"
+        else tok.encode(PROMPT)
+    )
+    steps = list(
+        generate(
+            model,
+            tok,
+            prompt,
+            SamplingParams(temperature=0.8, top_k=40, top_p=0.9, seed=3, max_new_tokens=32),
+            probe=probe,
+        )
+    )
     trace = probe.snapshot()
-    figs = {"attention_heads": figures.attention_by_group(trace, layer),
-            "attention_group_mean": figures.attention_by_group(trace, 0, mode="mean"),
-            "rope_rotation": figures.rope_rotation(trace, 0),
-            "kv_cache_growth": figures.kv_cache_growth(trace),
-            "token_probabilities": figures.token_probabilities(steps[-1]),
-            **{f"rope_lab_{k}": f for k, f in figures.rope_lab(args).items()}}
+    figs = {
+        "attention_heads": figures.attention_by_group(trace, layer),
+        "attention_group_mean": figures.attention_by_group(trace, 0, mode="mean"),
+        "rope_rotation": figures.rope_rotation(trace, 0),
+        "kv_cache_growth": figures.kv_cache_growth(trace),
+        "token_probabilities": figures.token_probabilities(steps[-1]),
+        **{f"rope_lab_{k}": f for k, f in figures.rope_lab(args).items()},
+    }
     out.mkdir(parents=True, exist_ok=True)
     for name, fig in figs.items():
         fig.update_layout(paper_bgcolor="white")  # PNGs have no page behind them
@@ -279,8 +321,12 @@ def screenshots(out: Path, model_path: str | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint (default: assets/tinychat, else stories260K)")
-    parser.add_argument("--tokens", type=int, default=480, help="decode tokens per pass (at "
-                        "most the context left after the prompt)")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=480,
+        help="decode tokens per pass (at most the context left after the prompt)",
+    )
     parser.add_argument("--passes", type=int, default=6, help="prefill + decode passes")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--screenshots", type=Path, help="render figure PNGs here instead")

@@ -68,8 +68,9 @@ def group_reduce(probs: Tensor, n_kv_heads: int) -> tuple[Tensor, Tensor]:
     return grouped.mean(1), grouped.amax(1) - grouped.amin(1)
 
 
-def kv_bytes(args: ModelArgs, positions: int, itemsize: int, n_kv_heads: int | None = None,
-             batch: int = 1) -> int:
+def kv_bytes(
+    args: ModelArgs, positions: int, itemsize: int, n_kv_heads: int | None = None, batch: int = 1
+) -> int:
     """K and V bytes over all layers: 2 * B * n_layers * H_kv * head_dim * positions * itemsize."""
     n_kv = args.kv_heads if n_kv_heads is None else n_kv_heads
     return 2 * batch * args.n_layers * n_kv * args.head_dim * positions * itemsize
@@ -196,10 +197,18 @@ class Probe:
     record on or off. Only batch row 0 is recorded.
     """
 
-    def __init__(self, args: ModelArgs, layers: Set[int] | None = frozenset({0}),
-                 rope_head: int = 0, window: int = 256,
-                 token_pieces: Callable[[int], str] | None = None, attention: bool = True,
-                 rope: bool = True, kv_cache: bool = True, rope_layer: int | None = None) -> None:
+    def __init__(
+        self,
+        args: ModelArgs,
+        layers: Set[int] | None = frozenset({0}),
+        rope_head: int = 0,
+        window: int = 256,
+        token_pieces: Callable[[int], str] | None = None,
+        attention: bool = True,
+        rope: bool = True,
+        kv_cache: bool = True,
+        rope_layer: int | None = None,
+    ) -> None:
         self.args = args
         self.layers = _check_layers(args, layers)
         if not 0 <= rope_head < args.n_heads:
@@ -286,10 +295,10 @@ class Probe:
     def _store_rows(self, cap: AttentionCapture, newest: int) -> None:
         rows = self._rows[cap.layer]
         probs = attention_probs(cap, rows=self.window)  # (H, T_rows, T_kv)
-        positions = cap.input_pos[-probs.shape[1]:].tolist()
+        positions = cap.input_pos[-probs.shape[1] :].tolist()
         for t, pos in enumerate(positions):
             lo = max(0, pos - self.window + 1)
-            rows[pos] = probs[:, t, lo:pos + 1].clone()  # (H, <= window)
+            rows[pos] = probs[:, t, lo : pos + 1].clone()  # (H, <= window)
         self._forget_before(newest - self.window + 1, rows)
 
     def _store_rope(self, cap: AttentionCapture) -> None:
@@ -298,7 +307,7 @@ class Probe:
         t_keep = min(cap.k_raw.shape[1], self.window)
         positions = cap.input_pos[-t_keep:].tolist()  # consecutive
         k_raws = _copy(cap.k_raw[0, -t_keep:, g])  # (T_keep, D)
-        k_rots = _copy(cap.keys[0, g, positions[0]: positions[-1] + 1])  # (T_keep, D)
+        k_rots = _copy(cap.keys[0, g, positions[0] : positions[-1] + 1])  # (T_keep, D)
         for t, pos in enumerate(positions):
             self._rope.keys[pos] = (k_raws[t], k_rots[t])
         newest = int(cap.input_pos[-1])
@@ -312,8 +321,12 @@ class Probe:
             if not caches:
                 return
             # KVCache.nbytes is linear in positions: one read per layer is enough.
-            self._kv_shape = (caches[0].capacity, tuple(c.nbytes(1) for c in caches),
-                              caches[0].k.element_size(), caches[0].k.shape[0])
+            self._kv_shape = (
+                caches[0].capacity,
+                tuple(c.nbytes(1) for c in caches),
+                caches[0].k.element_size(),
+                caches[0].k.shape[0],
+            )
         self._kv.append((self._n_steps - 1, self._filled))
 
     @staticmethod
@@ -333,12 +346,25 @@ class Probe:
         newest = self._newest()
         lo = max(0, newest - self.window + 1)
         positions = list(range(lo, newest + 1))
-        tokens = [token_label(self.token_pieces(self._tokens[p])) if p in self._tokens else "?"
-                  for p in positions]
-        attention = {layer: view for layer in sorted(self._rows)
-                     if (view := self._layer_view(layer, positions)) is not None}
-        return Trace(self.args, positions, tokens, attention, self._rope_view(),
-                     self._kv_view(), self._step, self._n_steps)
+        tokens = [
+            token_label(self.token_pieces(self._tokens[p])) if p in self._tokens else "?"
+            for p in positions
+        ]
+        attention = {
+            layer: view
+            for layer in sorted(self._rows)
+            if (view := self._layer_view(layer, positions)) is not None
+        }
+        return Trace(
+            self.args,
+            positions,
+            tokens,
+            attention,
+            self._rope_view(),
+            self._kv_view(),
+            self._step,
+            self._n_steps,
+        )
 
     def _newest(self) -> int:
         """The newest position the model has processed (else the newest token known)."""
@@ -371,14 +397,26 @@ class Probe:
         k_rots = torch.stack([self._rope.keys[p][1] for p in key_positions])  # (T, D)
         path_positions = list(range(max(0, pos - self.window + 1), pos + 1))
         angles = rope_angles(torch.tensor(path_positions), d, theta)  # (P, D/2)
-        q_path = apply_rope(q_raw.expand(1, len(path_positions), 1, d),
-                            torch.cos(angles), torch.sin(angles))[0, :, 0]  # (P, D)
+        q_path = apply_rope(
+            q_raw.expand(1, len(path_positions), 1, d), torch.cos(angles), torch.sin(angles)
+        )[0, :, 0]  # (P, D)
         k_raw, k_rot = self._rope.keys.get(pos, (k_raws[-1], k_rots[-1]))
         return RopeTrace(
-            self.rope_layer, self.rope_head, self.rope_head // self.args.n_rep, pos,
-            q_raw, q_rot, k_raw, k_rot, rope_frequencies(d, theta), angles[-1].clone(),
-            key_positions, k_rots @ q_rot / math.sqrt(d), k_raws @ q_raw / math.sqrt(d),
-            path_positions, q_path,
+            self.rope_layer,
+            self.rope_head,
+            self.rope_head // self.args.n_rep,
+            pos,
+            q_raw,
+            q_rot,
+            k_raw,
+            k_rot,
+            rope_frequencies(d, theta),
+            angles[-1].clone(),
+            key_positions,
+            k_rots @ q_rot / math.sqrt(d),
+            k_raws @ q_raw / math.sqrt(d),
+            path_positions,
+            q_path,
         )
 
     def _kv_view(self) -> KVTrace | None:
@@ -387,9 +425,17 @@ class Probe:
         capacity, per_position, itemsize, batch = self._kv_shape
         steps, positions = (list(col) for col in zip(*self._kv, strict=True))
         per_layer = [tuple(b * n for b in per_position) for n in positions]
-        return KVTrace(steps, positions, per_layer, capacity,
-                       tuple(b * capacity for b in per_position), itemsize, batch, self.args,
-                       counterfactual_kv_heads(self.args))
+        return KVTrace(
+            steps,
+            positions,
+            per_layer,
+            capacity,
+            tuple(b * capacity for b in per_position),
+            itemsize,
+            batch,
+            self.args,
+            counterfactual_kv_heads(self.args),
+        )
 
 
 def _copy(x: Tensor) -> Tensor:

@@ -35,8 +35,13 @@ def traced(args: ModelArgs, layers: set[int] | None = None, window: int = 64) ->
     torch.manual_seed(0)
     model = Transformer(args).eval()
     model.setup_caches(1)
-    probe = Probe(args, layers=layers or {0, 1}, rope_head=1, window=window,
-                  token_pieces=lambda i: PIECES.get(i, f"t{i}"))
+    probe = Probe(
+        args,
+        layers=layers or {0, 1},
+        rope_head=1,
+        window=window,
+        token_pieces=lambda i: PIECES.get(i, f"t{i}"),
+    )
     drive(model, probe, [1, 2, 3, 7, 2], n_new=5)
     return probe.snapshot()
 
@@ -65,15 +70,18 @@ def test_attention_one_panel_per_group_heads_side_by_side(trace: Trace) -> None:
         z = np.asarray(hm.z, dtype=float)
         assert z.shape == (t_q, args.n_rep * (t_kv + 1) - 1)
         for r in range(args.n_rep):  # head g*n_rep + r sits in block r
-            block = z[:, r * (t_kv + 1): r * (t_kv + 1) + t_kv]
+            block = z[:, r * (t_kv + 1) : r * (t_kv + 1) + t_kv]
             expected = view.probs[g * args.n_rep + r].numpy()
             lower = np.tril(np.ones((t_q, t_kv), dtype=bool))
             np.testing.assert_allclose(block[lower], expected[lower], rtol=1e-6)
             assert np.isnan(block[~lower]).all()  # future keys are blank, not 0
         heads = ", ".join(str(g * args.n_rep + r) for r in range(args.n_rep))
-        assert f"group {g} (KV head {g}): heads {heads}" in fig.layout.annotations[g].text
-        assert list(hm.y) == [f"{trace.label(p)} @{p}".replace("<", "&lt;").replace(">", "&gt;")
-                              for p in view.query_positions]
+        what = f"head {g} alone" if args.n_rep == 1 else f"heads {heads}"
+        assert f"group {g} (KV head {g}): {what}" in fig.layout.annotations[g].text
+        assert list(hm.y) == [
+            f"{trace.label(p)} @{p}".replace("<", "&lt;").replace(">", "&gt;")
+            for p in view.query_positions
+        ]
         assert "%{z:.6f}" in hm.hovertemplate
     assert fig.layout.coloraxis.colorscale is not None and fig.layout.coloraxis.cmin == 0
     rects = [s for s in fig.layout.shapes if s.name == "newest query"]
@@ -84,8 +92,11 @@ def test_attention_one_panel_per_group_heads_side_by_side(trace: Trace) -> None:
 def test_attention_title_is_honest_about_the_attention_kind(trace: Trace) -> None:
     title = _title(F.attention_by_group(trace, 0))
     kind = trace.args.attention_kind
-    expected = {"MHA": "MHA: groups of one head", "GQA": "GQA: 4 query heads in 2 groups of 2",
-                "MQA": "MQA: one group, all 4 query heads share a single KV head"}[kind]
+    expected = {
+        "MHA": "MHA: groups of one head",
+        "GQA": "GQA: 4 query heads in 2 groups of 2",
+        "MQA": "MQA: one group, all 4 query heads share a single KV head",
+    }[kind]
     assert expected in title and "Layer 0" in title
 
 
@@ -141,8 +152,7 @@ def test_attention_bad_or_missing_input() -> None:
 
 
 def test_mha_with_many_heads_lays_out_a_grid() -> None:
-    args = ModelArgs(dim=64, n_layers=1, n_heads=8, vocab_size=97, multiple_of=16,
-                     max_seq_len=32)
+    args = ModelArgs(dim=64, n_layers=1, n_heads=8, vocab_size=97, multiple_of=16, max_seq_len=32)
     fig = F.attention_by_group(traced(args, layers={0}), 0)
     assert len(fig.data) == 8 and fig.layout.xaxis8.anchor == "y8"
     assert "groups of one head" in _title(fig) and "8 query heads, 8 KV heads" in _title(fig)
@@ -200,16 +210,20 @@ def test_kv_cache_growth_traces_and_lines(trace: Trace) -> None:
     shapes = fig.layout.shapes
     capacity = 2 * args.n_layers * args.kv_heads * args.head_dim * args.max_seq_len * itemsize
     assert any(s.y0 == s.y1 == capacity for s in shapes)
-    assert any(s.x0 == s.x1 == 9 for s in shapes) and any(s.x0 == s.x1 == args.max_seq_len
-                                                         for s in shapes)
+    assert any(s.x0 == s.x1 == 9 for s in shapes) and any(
+        s.x0 == s.x1 == args.max_seq_len for s in shapes
+    )
     assert f"9 of {args.max_seq_len} positions" in _title(fig)
     assert F.kv_cache_growth(Trace(args, [], [], {}, None, None, None, 0)).data == ()
 
 
 # Token probabilities -------------------------------------------------------------------------
 def _step(chosen: int) -> Step:
-    top = [Candidate(5, " the", 0.6, 0.75), Candidate(9, "<0x0A>", 0.2, 0.25),
-           Candidate(11, " the", 0.1, 0.0)]
+    top = [
+        Candidate(5, " the", 0.6, 0.75),
+        Candidate(9, "<0x0A>", 0.2, 0.25),
+        Candidate(11, " the", 0.1, 0.0),
+    ]
     return Step(chosen, "x", 12, 0.6 if chosen == 5 else 0.2, top, 0.1, 0.05)
 
 
@@ -234,15 +248,20 @@ def test_token_probabilities_without_a_step() -> None:
 
 # RoPE lab ------------------------------------------------------------------------------------
 def test_rope_lab_figures() -> None:
-    args = ModelArgs(dim=128, n_layers=1, n_heads=4, vocab_size=97, max_seq_len=256,
-                     rope_theta=500000.0)
+    args = ModelArgs(
+        dim=128, n_layers=1, n_heads=4, vocab_size=97, max_seq_len=256, rope_theta=500000.0
+    )
     figs = F.rope_lab(args)
     assert set(figs) == {"encodings", "relative", "spectrum"}
     enc = figs["encodings"]
     assert len(enc.data) == 8 and all(isinstance(t, go.Heatmap) for t in enc.data)
     titles = [a.text for a in enc.layout.annotations]
-    assert titles[:4] == ["binary: bits of m", "sin only: sin(m·θ_i)",
-                          "sin + cos: sin, cos(m·θ_i)", "rotary: R_m q"]
+    assert titles[:4] == [
+        "binary: bits of m",
+        "sin only: sin(m·θ_i)",
+        "sin + cos: sin, cos(m·θ_i)",
+        "rotary: R_m q",
+    ]
     rel = figs["relative"]
     table = next(t for t in rel.data if isinstance(t, go.Table))
     assert all(float(e) < 1e-4 for e in table.cells.values[3])

@@ -76,13 +76,15 @@ def _expand_values(cap: AttentionCapture) -> torch.Tensor:
 
 def test_probs_times_values_reproduce_fast_path_output(tiny_args: ModelArgs) -> None:
     # prefill at 0 (is_causal), a second chunk into a non-empty cache (explicit mask), a decode
-    caps = _captures(_model(tiny_args), ([3, 1, 4, 1, 5], [0, 1, 2, 3, 4]),
-                     ([9, 2, 6], [5, 6, 7]), ([5], [8]))
+    caps = _captures(
+        _model(tiny_args), ([3, 1, 4, 1, 5], [0, 1, 2, 3, 4]), ([9, 2, 6], [5, 6, 7]), ([5], [8])
+    )
     assert len(caps) == 3 * tiny_args.n_layers
     for cap in caps:
         probs = attention_probs(cap)  # (H, T, T_kv)
-        torch.testing.assert_close(probs @ _expand_values(cap), cap.out[0].float(),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            probs @ _expand_values(cap), cap.out[0].float(), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_attention_probs_rows_sum_to_one_and_respect_causality(tiny_args: ModelArgs) -> None:
@@ -91,7 +93,7 @@ def test_attention_probs_rows_sum_to_one_and_respect_causality(tiny_args: ModelA
         probs = attention_probs(cap)
         torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:2]))
         for t, pos in enumerate(cap.input_pos.tolist()):
-            assert torch.all(probs[:, t, pos + 1:] == 0)
+            assert torch.all(probs[:, t, pos + 1 :] == 0)
             assert torch.all(probs[:, t, : pos + 1] > 0)
     last_rows = attention_probs(caps[-1], rows=1)
     torch.testing.assert_close(last_rows, attention_probs(caps[-1])[:, -1:])
@@ -116,8 +118,9 @@ def test_probe_rows_sum_to_one_and_equal_recomputation(tiny_args: ModelArgs) -> 
     with torch.no_grad():
         model(torch.tensor([tokens]))
     model.set_observer(None)
-    torch.testing.assert_close(trace.attention[1].probs, attention_probs(caps[0]),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        trace.attention[1].probs, attention_probs(caps[0]), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_window_bounds_memory_and_keeps_mass_accounted(tiny_args: ModelArgs) -> None:
@@ -131,8 +134,7 @@ def test_window_bounds_memory_and_keeps_mass_accounted(tiny_args: ModelArgs) -> 
     assert view.probs.shape == (tiny_args.n_heads, 4, 4)
     assert view.key_positions == trace.positions == [10, 11, 12, 13]
     assert "?" not in trace.tokens
-    torch.testing.assert_close(view.probs.sum(-1) + view.outside,
-                               torch.ones(tiny_args.n_heads, 4))
+    torch.testing.assert_close(view.probs.sum(-1) + view.outside, torch.ones(tiny_args.n_heads, 4))
     assert view.outside.min() > 0  # older keys still get some probability
 
 
@@ -144,7 +146,7 @@ def test_group_reduction_shapes_and_values(tiny_args: ModelArgs) -> None:
     assert view.group_mean.shape == shape and view.group_spread.shape == shape
     n_rep = tiny_args.n_rep
     for g in range(tiny_args.kv_heads):
-        heads = view.probs[g * n_rep:(g + 1) * n_rep]
+        heads = view.probs[g * n_rep : (g + 1) * n_rep]
         torch.testing.assert_close(view.group_mean[g], heads.mean(0))
         torch.testing.assert_close(view.group_spread[g], heads.amax(0) - heads.amin(0))
     if tiny_args.attention_kind == "MHA":
@@ -164,8 +166,11 @@ def test_rope_trace_norms_rotation_and_scores(tiny_args: ModelArgs) -> None:
     drive(model, probe, [1, 2, 3, 4], n_new=5)
     rope = probe.snapshot().rope
     assert rope is not None
-    assert (rope.layer, rope.head, rope.kv_head) == (1, tiny_args.n_heads - 1,
-                                                      tiny_args.kv_heads - 1)
+    assert (rope.layer, rope.head, rope.kv_head) == (
+        1,
+        tiny_args.n_heads - 1,
+        tiny_args.kv_heads - 1,
+    )
     assert rope.position == 7 and rope.key_positions == list(range(8))
     torch.testing.assert_close(rope.q_raw.norm(), rope.q_rot.norm())
     torch.testing.assert_close(rope.k_raw.norm(), rope.k_rot.norm())
@@ -224,11 +229,13 @@ def test_kv_only_probe_still_counts_positions() -> None:
 
 def test_counterfactuals_name_the_honest_alternatives() -> None:
     mha = ModelArgs(dim=4096, n_layers=32, n_heads=32)
-    assert counterfactual_kv_heads(mha) == {"MHA (H_kv=32)": 32, "GQA (H_kv=4)": 4,
-                                            "MQA (H_kv=1)": 1}
+    assert counterfactual_kv_heads(mha) == {
+        "MHA (H_kv=32)": 32,
+        "GQA (H_kv=4)": 4,
+        "MQA (H_kv=1)": 1,
+    }
     gqa = TINY_CONFIGS["gqa"]
-    assert counterfactual_kv_heads(gqa) == {"MHA (H_kv=4)": 4, "GQA (H_kv=2)": 2,
-                                            "MQA (H_kv=1)": 1}
+    assert counterfactual_kv_heads(gqa) == {"MHA (H_kv=4)": 4, "GQA (H_kv=2)": 2, "MQA (H_kv=1)": 1}
     two = ModelArgs(dim=64, n_layers=1, n_heads=2)
     assert counterfactual_kv_heads(two) == {"MHA (H_kv=2)": 2, "MQA (H_kv=1)": 1}
 
@@ -268,9 +275,14 @@ def test_snapshot_before_anything_is_empty_but_valid() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"layers": {2}}, "layers"), ({"layers": set()}, "layers"), ({"rope_head": 4}, "rope_head"),
-     ({"rope_head": -1}, "rope_head"), ({"window": 0}, "window"),
-     ({"rope_layer": 2}, "rope_layer")],
+    [
+        ({"layers": {2}}, "layers"),
+        ({"layers": set()}, "layers"),
+        ({"rope_head": 4}, "rope_head"),
+        ({"rope_head": -1}, "rope_head"),
+        ({"window": 0}, "window"),
+        ({"rope_layer": 2}, "rope_layer"),
+    ],
 )
 def test_bad_arguments_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
@@ -300,12 +312,17 @@ def test_end_to_end_through_generate_on_stories260k() -> None:
     assert trace.positions == list(range(last - 31, last + 1))
     assert trace.tokens == [token_label(tok.piece(ids[p])) for p in trace.positions]
     for view in trace.attention.values():
-        torch.testing.assert_close(view.probs.sum(-1) + view.outside,
-                                   torch.ones(model.args.n_heads, 32))
+        torch.testing.assert_close(
+            view.probs.sum(-1) + view.outside, torch.ones(model.args.n_heads, 32)
+        )
     assert trace.rope is not None and trace.rope.position == last
     assert trace.kv is not None and trace.kv.positions == [s.position for s in steps]
-    figs = [figures.attention_by_group(trace, 4), figures.rope_rotation(trace, 5),
-            figures.kv_cache_growth(trace), figures.token_probabilities(trace.step)]
+    figs = [
+        figures.attention_by_group(trace, 4),
+        figures.rope_rotation(trace, 5),
+        figures.kv_cache_growth(trace),
+        figures.token_probabilities(trace.step),
+    ]
     assert all(fig.data for fig in figs)
 
 
@@ -317,8 +334,9 @@ def test_trace_survives_the_next_generation() -> None:
     trace = probe.snapshot()
     kept = [t.clone() for t in (trace.rope.k_rot, trace.rope.q_rot, trace.attention[0].probs)]
     drive(model, Probe(args, layers={0, 1}), [9, 8, 7, 6, 5, 4, 3], n_new=6)  # overwrites caches
-    for before, now in zip(kept, (trace.rope.k_rot, trace.rope.q_rot, trace.attention[0].probs),
-                           strict=True):
+    for before, now in zip(
+        kept, (trace.rope.k_rot, trace.rope.q_rot, trace.attention[0].probs), strict=True
+    ):
         assert torch.equal(before, now)
 
 
