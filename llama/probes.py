@@ -10,7 +10,7 @@ query head.
 Everything stored is a small CPU fp32 tensor keyed by absolute position, and only the last
 `window` positions are kept (rows are cut to their last `window` keys), so memory stays
 bounded in long chats: about n_layers_traced * H * window^2 * 4 bytes for attention.
-`snapshot()` assembles an immutable `Trace` for ui/figures.py.
+`snapshot()` assembles an immutable `Trace` (llama/probe_views.py) for ui/figures.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,30 @@ from torch import Tensor
 
 from llama.config import ModelArgs
 from llama.model import AttentionCapture, Transformer
+from llama.probe_views import (
+    KVTrace,
+    LayerAttention,
+    RopeTrace,
+    Trace,
+    counterfactual_kv_heads,
+    group_reduce,
+    kv_bytes,
+    token_label,
+)
 from llama.rope import apply_rope, rope_angles, rope_frequencies
+
+__all__ = [
+    "KVTrace",
+    "LayerAttention",
+    "Probe",
+    "RopeTrace",
+    "Trace",
+    "attention_probs",
+    "counterfactual_kv_heads",
+    "group_reduce",
+    "kv_bytes",
+    "token_label",
+]
 
 KV_HISTORY = 4096  # steps of KV-cache history kept (two small ints per layer each)
 
@@ -54,131 +77,6 @@ def attention_probs(capture: AttentionCapture, batch: int = 0, rows: int | None 
         visible = torch.arange(t_kv, device=pos.device)[None, :] <= pos[:, None]  # (T, T_kv)
         scores = scores.masked_fill(~visible, float("-inf"))
     return torch.softmax(scores, dim=-1).reshape(n_heads, t_q, t_kv).cpu()  # (H, T, T_kv)
-
-
-def group_reduce(probs: Tensor, n_kv_heads: int) -> tuple[Tensor, Tensor]:
-    """Per GQA group g (query heads g*n_rep .. g*n_rep+n_rep-1): mean and spread (max - min).
-
-    probs (H, T_q, T_kv) -> two (H_kv, T_q, T_kv) tensors. Groups of one head have spread 0.
-    """
-    n_heads = probs.shape[0]
-    if n_heads % n_kv_heads:
-        raise ValueError(f"n_kv_heads: expected a divisor of {n_heads} heads, found {n_kv_heads}")
-    grouped = probs.view(n_kv_heads, n_heads // n_kv_heads, *probs.shape[1:])  # (H_kv, n_rep, ..)
-    return grouped.mean(1), grouped.amax(1) - grouped.amin(1)
-
-
-def kv_bytes(
-    args: ModelArgs, positions: int, itemsize: int, n_kv_heads: int | None = None, batch: int = 1
-) -> int:
-    """K and V bytes over all layers: 2 * B * n_layers * H_kv * head_dim * positions * itemsize."""
-    n_kv = args.kv_heads if n_kv_heads is None else n_kv_heads
-    return 2 * batch * args.n_layers * n_kv * args.head_dim * positions * itemsize
-
-
-def counterfactual_kv_heads(args: ModelArgs) -> dict[str, int]:
-    """KV-head counts to compare: MHA (H), a GQA grouping, MQA (1); the model's own included.
-
-    The GQA example is the model's own when it is GQA, else the divisor of H nearest H/8
-    (LLaMA-2 70B's ratio), left out when H has no divisor strictly between 1 and H.
-    """
-    h = args.n_heads
-    out = {f"MHA (H_kv={h})": h}
-    divisors = [d for d in range(2, h) if h % d == 0]
-    if args.attention_kind == "GQA":
-        out[f"GQA (H_kv={args.kv_heads})"] = args.kv_heads
-    elif divisors:
-        g = min(divisors, key=lambda d: (abs(d - h / 8), d))
-        out[f"GQA (H_kv={g})"] = g
-    out["MQA (H_kv=1)"] = 1
-    return out
-
-
-def token_label(piece: str) -> str:
-    """A token piece made visible on an axis: spaces, newlines and tabs get glyphs."""
-    return piece.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
-
-
-# Immutable views for figures ---------------------------------------------------------------
-@dataclass(frozen=True)
-class LayerAttention:
-    """One layer's attention over the window. probs (H, T_q, T_kv): row i is the query at
-    query_positions[i], column j the key at key_positions[j]; future keys are exactly 0.
-    outside (H, T_q): probability mass on keys older than the window (0 when it fits)."""
-
-    layer: int
-    query_positions: list[int]
-    key_positions: list[int]
-    probs: Tensor
-    outside: Tensor
-    group_mean: Tensor  # (H_kv, T_q, T_kv)
-    group_spread: Tensor  # (H_kv, T_q, T_kv), max - min over the group's heads
-
-
-@dataclass(frozen=True)
-class RopeTrace:
-    """Query head `head` (KV head `kv_head`) of `layer` at the newest position.
-
-    q_raw/q_rot, k_raw/k_rot: (D,) before/after rotation; angles (D/2,) = position * freqs.
-    key_positions (T,), scores_rope/scores_plain (T,): q.k / sqrt(D) against the window's keys
-    with and without RoPE. path_positions (P,), q_path (P, D): q_raw rotated as if it sat at
-    each of those positions (how a pair turns as position advances).
-    """
-
-    layer: int
-    head: int
-    kv_head: int
-    position: int
-    q_raw: Tensor
-    q_rot: Tensor
-    k_raw: Tensor
-    k_rot: Tensor
-    freqs: Tensor
-    angles: Tensor
-    key_positions: list[int]
-    scores_rope: Tensor
-    scores_plain: Tensor
-    path_positions: list[int]
-    q_path: Tensor
-
-
-@dataclass(frozen=True)
-class KVTrace:
-    """KV-cache fill after each step. bytes_per_layer[s][l]: bytes of layer l after step s."""
-
-    steps: list[int]
-    positions: list[int]
-    bytes_per_layer: list[tuple[int, ...]]
-    capacity_positions: int
-    capacity_bytes_per_layer: tuple[int, ...]
-    itemsize: int
-    batch: int
-    args: ModelArgs
-    counterfactual: dict[str, int]  # label -> n_kv_heads
-
-    def bytes_for(self, n_kv_heads: int, positions: int) -> int:
-        """All-layer bytes if the same model kept n_kv_heads KV heads."""
-        return kv_bytes(self.args, positions, self.itemsize, n_kv_heads, self.batch)
-
-
-@dataclass(frozen=True)
-class Trace:
-    """What the probe has seen, frozen for drawing. tokens[i] labels positions[i]; positions
-    are consecutive (the window)."""
-
-    args: ModelArgs
-    positions: list[int]
-    tokens: list[str]
-    attention: dict[int, LayerAttention]
-    rope: RopeTrace | None
-    kv: KVTrace | None
-    step: Any | None
-    n_steps: int
-
-    def label(self, position: int) -> str:
-        """The token label of an absolute position ('?' when not seen)."""
-        i = position - self.positions[0] if self.positions else -1
-        return self.tokens[i] if 0 <= i < len(self.tokens) else "?"
 
 
 @dataclass

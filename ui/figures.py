@@ -15,7 +15,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from llama.probes import Trace, token_label
+from llama.probe_views import Trace, token_label
 from ui.attention_fig import ATTENTION_MODES, attention_by_group
 from ui.plot_style import COLOURS, GRID, HIGHLIGHT, TEXT, alpha, empty_figure, esc, fmt_bytes, style
 from ui.rope_lab import rope_lab
