@@ -50,7 +50,7 @@ from llama.parallel.comm import SINGLE, TPContext
 from llama.parallel.control import Op
 from llama.parallel.health import DistributedError, Health, RankFailure, is_comm_error
 from llama.parallel.loading import bind, open_sliced, tokenizer_path
-from llama.parallel.model import ParallelTransformer, gather_capture
+from llama.parallel.model import ParallelTransformer, gather_capture, seal_row_parallel
 from llama.parallel.plan import ShardingError, ShardPlan, valid_world_sizes
 
 __all__ = [
@@ -169,6 +169,7 @@ def _load(path: Path, ctx: TPContext, dtype: torch.dtype | None, max_seq_len: in
     stream = progress_bar(source.tensors(plan), count, f"rank {ctx.rank}: loading {path.name}",
                           progress and ctx.is_leader)
     bind(model, stream, path, ctx.device, dtype, quantise)
+    seal_row_parallel(model)
     finish(model, ctx.device)
     return LoadedModel(model, tok, source.fmt, path, dtype, ctx.device, load_in_8bit)
 

@@ -2,13 +2,13 @@
 
 Built on the meta device, then re-shaped by module surgery (llama/model.py is not touched):
 each attention's wq/wk/wv/wo and each FFN's w1/w2/w3 become plain `nn.Linear`s of this
-rank's slice (see plan.py), the attention's n_heads/n_kv_heads become the local counts (its
-SDPA and KV cache then see only local heads), and forward hooks on the Attention and
-FeedForward modules all-reduce their outputs (the row-parallel sum). Keeping plain Linears
-under the Meta names means checkpoints bind by name, and post-load passes (8-bit swaps, fused
-projections) work on the local slices unchanged. tok_embeddings holds a slice of the model
-dimension (its output is all-gathered); output holds a slice of the vocabulary (the logits are
-gathered on rank 0).
+rank's slice (see plan.py), and the attention's n_heads/n_kv_heads become the local counts
+(its SDPA and KV cache then see only local heads). Plain Linears under the Meta names mean
+checkpoints bind by name and the 8-bit swap works on the local slices; once bound,
+`seal_row_parallel` turns wo and w2 (whatever their class then) into subclasses whose forward
+all-reduces (the row-parallel sum). Fused projections (wqkv, w13) work on the local slices.
+tok_embeddings holds a slice of the model dimension (its output is all-gathered); output
+holds a slice of the vocabulary (the logits are gathered on rank 0).
 
 On rank 0 every call that runs collectives (forward, setup_caches, set_observer) is first
 announced to the workers (control.py), which replay it in `run_worker_loop`. Inputs are
@@ -53,6 +53,7 @@ class ParallelTransformer(Transformer):
         self.channel = Channel(ctx)
         ranges = [ShardPlan(args, r, ctx.world_size).vocab for r in range(ctx.world_size)]
         self._vocab_sizes = [stop - start for start, stop in ranges]  # logits per rank
+        self.sealed = False  # seal_row_parallel() once the weights are bound
         _shard_modules(self)
 
     @property
@@ -72,6 +73,9 @@ class ParallelTransformer(Transformer):
         """As Transformer.forward; on rank 0 the workers run the same step."""
         if not self.tp.is_leader:
             return self.local_forward(tokens, input_pos, last_only)
+        if not self.sealed:
+            raise DistributedError("ParallelTransformer: bind the weights, then call "
+                                   "seal_row_parallel(model) (load_parallel does both)")
         host_tokens, host_pos = self._check_inputs(tokens, input_pos)
         return self._lead("forward", lambda: self._announce_forward(
             host_tokens, host_pos, last_only, tokens, input_pos))
@@ -249,7 +253,7 @@ def gather_capture(ctx: TPContext, plan: ShardPlan,
 
 
 def _shard_modules(model: ParallelTransformer) -> None:
-    """Swap every split weight's module for one of the local shape; hook the reductions."""
+    """Swap every split weight's module for one of the local shape; gather the embedding."""
     plan, ctx = model.plan, model.tp
     for name, param in list(model.named_parameters()):
         if plan.slice_of(name) is None:
@@ -266,10 +270,35 @@ def _shard_modules(model: ParallelTransformer) -> None:
     for layer in model.layers:
         layer.attention.n_heads = plan.n_local_heads
         layer.attention.n_kv_heads = plan.n_local_kv_heads
-        if ctx.distributed:
-            layer.attention.register_forward_hook(lambda m, i, out: comm.all_reduce_(ctx, out))
-            layer.feed_forward.register_forward_hook(
-                lambda m, i, out: comm.all_reduce_(ctx, out))
     if ctx.distributed:
         model.tok_embeddings.register_forward_hook(
             lambda m, i, out: comm.all_gather_last(ctx, out))
+
+
+def seal_row_parallel(model: ParallelTransformer) -> None:
+    """Make each layer's wo and w2 row-parallel: their output is summed over the ranks.
+
+    Call once the weights are bound (and quantised: the 8-bit swap only takes plain
+    nn.Linears). The module keeps its class's behaviour in a subclass whose forward
+    all-reduces; being no longer a plain nn.Linear also keeps the model's fused fast path
+    (which reads wo.weight directly, without calling the module) off the split model.
+    """
+    for layer in model.layers:
+        for module in (layer.attention.wo, layer.feed_forward.w2):
+            if not getattr(module, "row_parallel", False):
+                module.__class__ = _row_parallel_class(type(module))
+                module.tp_context = model.tp
+    model.sealed = True
+
+
+_ROW_PARALLEL: dict[type, type] = {}
+
+
+def _row_parallel_class(base: type) -> type:
+    if base not in _ROW_PARALLEL:
+        def forward(self: nn.Module, x: Tensor) -> Tensor:
+            return comm.all_reduce_(self.tp_context, base.forward(self, x))
+
+        _ROW_PARALLEL[base] = type(f"RowParallel{base.__name__}", (base,),
+                                   {"forward": forward, "row_parallel": True})
+    return _ROW_PARALLEL[base]
