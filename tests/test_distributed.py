@@ -515,7 +515,7 @@ def test_killed_rank_is_named_and_every_rank_exits(checkpoints: Path) -> None:
     codes = _join(procs, 20, root)
     elapsed, message = (root / "result.txt").read_text().split("|", 1)
     assert "rank 2 of 4 failed" in message and "exited" in message, message
-    assert float(elapsed) < 10
+    assert float(elapsed) < 20  # pid checks every 0.5 s; loose for a loaded machine
     assert codes[0] == 0 and codes[2] == -signal.SIGKILL
     assert codes[1] == codes[3] == 1  # told to stop by rank 0, no zombie left behind
     assert "stopping: tensor-parallel rank 2 of 4 failed" in (root / "rank1.err").read_text()
@@ -528,14 +528,15 @@ def test_hung_rank_is_named_within_the_heartbeat_timeout(checkpoints: Path) -> N
     os.kill(procs[1].pid, signal.SIGSTOP)  # alive but frozen: sockets stay open
     t0 = time.monotonic()
     try:
-        procs[0].join(20)
+        procs[0].join(40)  # ~6 s: 2 s of silence, then 3 s of grace if stuck in a collective
         waited = time.monotonic() - t0
     finally:
         procs[1].kill()
         codes = _join(procs, 10, root)
     log = (root / "rank0.err").read_text()
     assert "rank 1 of 2 failed: no heartbeat for 2 s" in log, _logs(root)
-    assert waited < 12 and codes[0] is not None
+    # Far below the 60 s collective timeout; loose because this machine may be loaded.
+    assert waited < 30 and codes[0] is not None, (waited, codes)
 
 
 def test_rank_that_hangs_mid_step_is_named(checkpoints: Path) -> None:
