@@ -227,7 +227,7 @@ class Health:
             self._watch_leader()
             return
         self._refresh(range(1, self.world_size))
-        if self.failure is None:
+        if self.failure is None and not self.errored:  # rank 0's own error is reported as is
             found = self._blame(None, fresh_since=None)
             if found is not None:
                 self._fail(found)
