@@ -6,12 +6,31 @@ Nothing here touches a model: ui/figures.py can use it on any recorded Trace.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from llama.config import ModelArgs
+
+
+def causal_probs(q: Tensor, keys: Tensor, pos: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(D)) over keys 0..T_kv-1, key j visible to query t iff j <= pos[t].
+
+    q (H, T, D), keys (H_kv, T_kv, D), pos (T,) -> (H, T, T_kv) fp32 on the CPU.
+    """
+    q, keys = q.float(), keys.float()
+    n_heads, t_q, d = q.shape
+    n_kv, t_kv = keys.shape[0], keys.shape[1]
+    grouped = q.reshape(n_kv, n_heads // n_kv * t_q, d)  # (H_kv, n_rep*T, D)
+    scores = torch.bmm(grouped, keys.transpose(1, 2)).mul_(1.0 / math.sqrt(d))
+    scores = scores.view(n_kv, -1, t_q, t_kv)  # (H_kv, n_rep, T, T_kv)
+    if t_q > 1 or int(pos[0]) != t_kv - 1:  # one query at the cache's end sees every key
+        visible = torch.arange(t_kv, device=pos.device)[None, :] <= pos[:, None]  # (T, T_kv)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1).reshape(n_heads, t_q, t_kv).cpu()  # (H, T, T_kv)
 
 
 def group_reduce(probs: Tensor, n_kv_heads: int) -> tuple[Tensor, Tensor]:
@@ -73,6 +92,24 @@ class LayerAttention:
     group_spread: Tensor  # (H_kv, T_q, T_kv), max - min over the group's heads
 
 
+def layer_view(
+    layer: int, rows: dict[int, Tensor], positions: list[int], window: int, args: ModelArgs
+) -> LayerAttention | None:
+    """Assemble (H, T_q, T_kv) over the window `positions` from per-query rows (H, <= window)
+    covering keys max(0, q - window + 1) .. q; None when no query of the window has a row."""
+    queries = [p for p in positions if p in rows]
+    if not queries:
+        return None
+    lo = positions[0]
+    probs = torch.zeros(args.n_heads, len(queries), len(positions))  # (H, T_q, T_kv)
+    for i, q in enumerate(queries):
+        start = lo - max(0, q - window + 1)  # the row starts at or before lo
+        probs[:, i, : q - lo + 1] = rows[q][:, start:]
+    outside = (1.0 - probs.sum(-1)).clamp_min(0.0)  # (H, T_q)
+    mean, spread = group_reduce(probs, args.kv_heads)
+    return LayerAttention(layer, queries, positions, probs, outside, mean, spread)
+
+
 @dataclass(frozen=True)
 class RopeTrace:
     """Query head `head` (KV head `kv_head`) of `layer` at the newest position.
@@ -113,6 +150,31 @@ class KVTrace:
     batch: int
     args: ModelArgs
     counterfactual: dict[str, int]  # label -> n_kv_heads
+
+    @classmethod
+    def from_samples(
+        cls,
+        samples: list[tuple[int, int]],
+        capacity: int,
+        per_position: tuple[int, ...],
+        itemsize: int,
+        batch: int,
+        args: ModelArgs,
+    ) -> KVTrace:
+        """samples: (step, positions filled); per_position: bytes per position of each layer
+        (a KVCache's nbytes is linear in positions)."""
+        steps, positions = (list(col) for col in zip(*samples, strict=True))
+        return cls(
+            steps,
+            positions,
+            [tuple(b * n for b in per_position) for n in positions],
+            capacity,
+            tuple(b * capacity for b in per_position),
+            itemsize,
+            batch,
+            args,
+            counterfactual_kv_heads(args),
+        )
 
     def bytes_for(self, n_kv_heads: int, positions: int) -> int:
         """All-layer bytes if the same model kept n_kv_heads KV heads."""

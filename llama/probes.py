@@ -32,9 +32,11 @@ from llama.probe_views import (
     LayerAttention,
     RopeTrace,
     Trace,
+    causal_probs,
     counterfactual_kv_heads,
     group_reduce,
     kv_bytes,
+    layer_view,
     token_label,
 )
 from llama.rope import apply_rope, rope_angles, rope_frequencies
@@ -46,6 +48,7 @@ __all__ = [
     "RopeTrace",
     "Trace",
     "attention_probs",
+    "causal_probs",
     "counterfactual_kv_heads",
     "group_reduce",
     "kv_bytes",
@@ -63,26 +66,40 @@ def attention_probs(capture: AttentionCapture, batch: int = 0, rows: int | None 
     use). Key j is visible to the query at absolute position p iff j <= p. `rows` keeps only
     the last `rows` queries (the softmax still runs over every cached key, so rows sum to 1).
     """
-    q = capture.q[batch].float()  # (H, T, D)
-    keys = capture.keys[batch].float()  # (H_kv, T_kv, D)
-    pos = capture.input_pos
+    q, pos = capture.q[batch], capture.input_pos  # (H, T, D), (T,)
     if rows is not None and rows < q.shape[1]:
         q, pos = q[:, -rows:], pos[-rows:]
-    n_heads, t_q, d = q.shape
-    n_kv, t_kv = keys.shape[0], keys.shape[1]
-    grouped = q.reshape(n_kv, n_heads // n_kv * t_q, d)  # (H_kv, n_rep*T, D)
-    scores = torch.bmm(grouped, keys.transpose(1, 2)).mul_(1.0 / math.sqrt(d))
-    scores = scores.view(n_kv, -1, t_q, t_kv)  # (H_kv, n_rep, T, T_kv)
-    if t_q > 1 or int(pos[0]) != t_kv - 1:  # a decode step at the cache's end sees every key
-        visible = torch.arange(t_kv, device=pos.device)[None, :] <= pos[:, None]  # (T, T_kv)
-        scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, dim=-1).reshape(n_heads, t_q, t_kv).cpu()  # (H, T, T_kv)
+    return causal_probs(q, capture.keys[batch], pos)
+
+
+@dataclass
+class _Pending:
+    """Decode steps of one layer not yet turned into rows: their positions, what each step
+    captured (references, no copies) and the latest keys view, which covers every position.
+    Rows are computed in one batch at the next snapshot, at end() or after `window` steps:
+    the cache positions they read are not rewritten before end() (one generation at a time)."""
+
+    positions: list[int] = field(default_factory=list)
+    captured: list[tuple[Tensor, ...]] = field(default_factory=list)
+    keys: Tensor | None = None  # (B, H_kv, T_kv, D)
+
+    def add(self, position: int, keys: Tensor, *captured: Tensor) -> int:
+        self.positions.append(position)
+        self.captured.append(captured)
+        self.keys = keys
+        return len(self.positions)
+
+    def take(self) -> tuple[list[int], list[tuple[Tensor, ...]], Tensor | None]:
+        out = (self.positions, self.captured, self.keys)
+        self.positions, self.captured, self.keys = [], [], None
+        return out
 
 
 @dataclass
 class _RopeState:
     keys: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)  # pos -> (k_raw, k_rot)
     current: tuple[int, Tensor, Tensor] | None = None  # (pos, q_raw, q_rot)
+    pending: _Pending = field(default_factory=_Pending)
 
 
 # The probe ---------------------------------------------------------------------------------
@@ -162,6 +179,8 @@ class Probe:
 
     def end(self, model: Transformer) -> None:
         """Detach from the model (the recorded data stays readable through snapshot())."""
+        with self._lock:
+            self._flush()  # before another generation may rewrite the cache
         model.set_observer(None)
         self._model = None
 
@@ -170,6 +189,7 @@ class Probe:
         self._model: Transformer | None = None
         self._tokens: dict[int, int] = {}
         self._rows: dict[int, dict[int, Tensor]] = {layer: {} for layer in self.layers}
+        self._pending: dict[int, _Pending] = {layer: _Pending() for layer in self.layers}
         self._rope = _RopeState()
         self._filled = 0
         self._kv: deque[tuple[int, int]] = deque(maxlen=KV_HISTORY)  # (step, positions)
@@ -183,34 +203,77 @@ class Probe:
             self._capture(cap)
 
     def _capture(self, cap: AttentionCapture) -> None:
+        """Decode steps are only noted (a few references); prefills are computed at once."""
         newest = int(cap.input_pos[-1])
         self._filled = max(self._filled, newest + 1)
+        decode = cap.q.shape[2] == 1
         if self.want_attention and cap.layer in self._rows:
-            self._store_rows(cap, newest)
+            self._capture_rows(cap, newest, decode)
         if self.want_rope and cap.layer == self.rope_layer:
-            self._store_rope(cap)
+            self._capture_rope(cap, newest, decode)
 
-    def _store_rows(self, cap: AttentionCapture, newest: int) -> None:
-        rows = self._rows[cap.layer]
-        probs = attention_probs(cap, rows=self.window)  # (H, T_rows, T_kv)
-        positions = cap.input_pos[-probs.shape[1] :].tolist()
+    def _capture_rows(self, cap: AttentionCapture, newest: int, decode: bool) -> None:
+        if not decode:
+            self._flush_rows(cap.layer)
+            self._store_rows(cap.layer, cap.q[0], cap.keys[0], cap.input_pos)
+        elif self._pending[cap.layer].add(newest, cap.keys, cap.q[0, :, 0]) >= self.window:
+            self._flush_rows(cap.layer)
+
+    def _capture_rope(self, cap: AttentionCapture, newest: int, decode: bool) -> None:
+        h, g = self.rope_head, self.rope_head // self.args.n_rep
+        q_raw, q_rot = cap.q_raw[0, -1, h], cap.q[0, h, -1]  # (D,) the newest query
+        if not decode:
+            self._flush_rope()
+            positions = cap.input_pos.tolist()
+            self._store_rope(positions, cap.k_raw[0, :, g], cap.keys, q_raw, q_rot)
+        elif self._rope.pending.add(newest, cap.keys, q_raw, q_rot, cap.k_raw[0, 0, g]) >= (
+            self.window
+        ):
+            self._flush_rope()
+
+    def _flush(self) -> None:
+        for layer in self._pending:
+            self._flush_rows(layer)
+        self._flush_rope()
+
+    def _flush_rows(self, layer: int) -> None:
+        positions, captured, keys = self._pending[layer].take()
+        if positions:
+            q = torch.stack([c[0] for c in captured], 1)  # (H, P, D)
+            self._store_rows(layer, q, keys[0], torch.tensor(positions))
+
+    def _store_rows(self, layer: int, q: Tensor, keys: Tensor, input_pos: Tensor) -> None:
+        """Rows of the last `window` queries q (H, T, D) against keys (H_kv, T_kv, D)."""
+        rows = self._rows[layer]
+        t_keep = min(q.shape[1], self.window)
+        positions = input_pos[-t_keep:].tolist()
+        probs = causal_probs(q[:, -t_keep:], keys, input_pos[-t_keep:].to(keys.device))
         for t, pos in enumerate(positions):
             lo = max(0, pos - self.window + 1)
             rows[pos] = probs[:, t, lo : pos + 1].clone()  # (H, <= window)
-        self._forget_before(newest - self.window + 1, rows)
+        self._forget_before(positions[-1] - self.window + 1, rows)
 
-    def _store_rope(self, cap: AttentionCapture) -> None:
-        h = self.rope_head
-        g = h // self.args.n_rep
-        t_keep = min(cap.k_raw.shape[1], self.window)
-        positions = cap.input_pos[-t_keep:].tolist()  # consecutive
-        k_raws = _copy(cap.k_raw[0, -t_keep:, g])  # (T_keep, D)
-        k_rots = _copy(cap.keys[0, g, positions[0] : positions[-1] + 1])  # (T_keep, D)
+    def _flush_rope(self) -> None:
+        positions, captured, keys = self._rope.pending.take()
+        if positions:
+            q_raw, q_rot, _ = captured[-1]
+            k_raw = torch.stack([c[2] for c in captured])  # (P, D)
+            self._store_rope(positions, k_raw, keys, q_raw, q_rot)
+
+    def _store_rope(
+        self, positions: list[int], k_raw: Tensor, keys: Tensor, q_raw: Tensor, q_rot: Tensor
+    ) -> None:
+        """Keep k before RoPE (k_raw (T, D) at `positions`) and after (read from keys
+        (B, H_kv, T_kv, D)) for the last `window` positions, and the newest q (D,) both ways."""
+        g = self.rope_head // self.args.n_rep
+        t_keep = min(len(positions), self.window)
+        positions = positions[-t_keep:]  # consecutive
+        k_raws = _copy(k_raw[-t_keep:])  # (T_keep, D)
+        k_rots = _copy(keys[0, g, positions[0] : positions[-1] + 1])  # (T_keep, D)
         for t, pos in enumerate(positions):
             self._rope.keys[pos] = (k_raws[t], k_rots[t])
-        newest = int(cap.input_pos[-1])
-        self._forget_before(newest - self.window + 1, self._rope.keys)
-        self._rope.current = (newest, _copy(cap.q_raw[0, -1, h]), _copy(cap.q[0, h, -1]))
+        self._forget_before(positions[-1] - self.window + 1, self._rope.keys)
+        self._rope.current = (positions[-1], _copy(q_raw), _copy(q_rot))
 
     def _record_kv(self) -> None:
         if self._kv_shape is None:
@@ -241,6 +304,7 @@ class Probe:
             return self._trace()
 
     def _trace(self) -> Trace:
+        self._flush()
         newest = self._newest()
         lo = max(0, newest - self.window + 1)
         positions = list(range(lo, newest + 1))
@@ -251,7 +315,8 @@ class Probe:
         attention = {
             layer: view
             for layer in sorted(self._rows)
-            if (view := self._layer_view(layer, positions)) is not None
+            if (view := layer_view(layer, self._rows[layer], positions, self.window, self.args))
+            is not None
         }
         return Trace(
             self.args,
@@ -269,21 +334,6 @@ class Probe:
         if self._filled:
             return self._filled - 1
         return max(self._tokens, default=-1)
-
-    def _layer_view(self, layer: int, positions: list[int]) -> LayerAttention | None:
-        rows = self._rows[layer]
-        queries = [p for p in positions if p in rows]
-        if not queries:
-            return None
-        lo = positions[0]
-        probs = torch.zeros(self.args.n_heads, len(queries), len(positions))  # (H, T_q, T_kv)
-        for i, q in enumerate(queries):
-            row = rows[q]  # keys max(0, q-window+1) .. q, which covers lo .. q
-            start = lo - max(0, q - self.window + 1)
-            probs[:, i, : q - lo + 1] = row[:, start:]
-        outside = (1.0 - probs.sum(-1)).clamp_min(0.0)  # (H, T_q)
-        mean, spread = group_reduce(probs, self.args.kv_heads)
-        return LayerAttention(layer, queries, positions, probs, outside, mean, spread)
 
     def _rope_view(self) -> RopeTrace | None:
         if self._rope.current is None:
@@ -320,20 +370,7 @@ class Probe:
     def _kv_view(self) -> KVTrace | None:
         if not self.want_kv or self._kv_shape is None or not self._kv:
             return None
-        capacity, per_position, itemsize, batch = self._kv_shape
-        steps, positions = (list(col) for col in zip(*self._kv, strict=True))
-        per_layer = [tuple(b * n for b in per_position) for n in positions]
-        return KVTrace(
-            steps,
-            positions,
-            per_layer,
-            capacity,
-            tuple(b * capacity for b in per_position),
-            itemsize,
-            batch,
-            self.args,
-            counterfactual_kv_heads(self.args),
-        )
+        return KVTrace.from_samples(list(self._kv), *self._kv_shape, self.args)
 
 
 def _copy(x: Tensor) -> Tensor:

@@ -364,3 +364,25 @@ def test_snapshot_from_another_thread_while_recording() -> None:
         done.set()
         watcher.join()
     assert errors == []
+
+
+def test_snapshots_between_steps_do_not_change_the_rows() -> None:
+    # Decode rows are computed in batches (at snapshot, at end, or every `window` steps).
+    args = TINY_CONFIGS["gqa"]
+    model = _model(args)
+    quiet = Probe(args, layers={0, 1}, window=6)
+    drive(model, quiet, [1, 2, 3], n_new=12)
+
+    class Watched(Probe):
+        def on_step(self, step) -> None:
+            super().on_step(step)
+            self.snapshot()
+
+    watched = Watched(args, layers={0, 1}, window=6)
+    drive(model, watched, [1, 2, 3], n_new=12)
+    a, b = quiet.snapshot(), watched.snapshot()
+    assert a.positions == b.positions == list(range(8, 14))
+    for layer in (0, 1):
+        torch.testing.assert_close(a.attention[layer].probs, b.attention[layer].probs)
+    torch.testing.assert_close(a.rope.scores_rope, b.rope.scores_rope)
+    assert all(not p.positions for p in watched._pending.values())

@@ -38,11 +38,14 @@ SIMILARITY = {
 
 def rope_lab(args: ModelArgs) -> dict[str, go.Figure]:
     """{"encodings", "relative", "spectrum"}: the three RoPE lab figures for this model."""
-    return {
+    figs = {
         "encodings": style(encodings_figure(args), _enc_title(args), height=640),
         "relative": style(relative_figure(args), _rel_title(args), height=680),
         "spectrum": style(spectrum_figure(args), _spec_title(args), height=420),
     }
+    for fig in figs.values():
+        fig.update_annotations(font_size=12)  # panel titles, smaller than the figure title
+    return figs
 
 
 # Encodings compared -------------------------------------------------------------------------
