@@ -8,6 +8,13 @@ that stores only the KV heads; scaled_dot_product_attention does the work.
 - without input_pos: a plain causal forward over the T tokens (training, full-sequence checks);
 - with input_pos (absolute positions, shape (T,)): prefill or decode through the KV cache set
   up by `setup_caches`. Queries attend to every cached position <= their own.
+
+Speed (bench/decode.py measures each choice): `fuse_projections()` after loading turns
+wq|wk|wv and w1|w3 into one product each (llama/fusion.py; state dicts keep Meta names);
+RoPE is one complex multiply over q and k together; a decode step folds each GQA group's
+query heads into rows of one attention call over its KV head (no K/V expansion); keep
+input_pos on the CPU so that reading the cache length costs no device sync; and
+`compile_decode()` (llama/runtime_opts.py) swaps in a torch.compile'd static-shape step.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from torch import Tensor, nn
 
 from llama.cache import CacheOverflowError, KVCache
 from llama.config import ModelArgs
-from llama.rope import apply_rope, rope_tables
+from llama.fusion import fuse_linears
+from llama.rope import rope_tables
 
 
 @dataclass(frozen=True)
@@ -55,9 +63,45 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        if x.dtype == torch.float32 == self.weight.dtype:  # one fused kernel
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Meta's order for half precision: normalise in fp32, round, then scale.
+        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight
+
+
+def rotate(x: Tensor, rot: Tensor) -> Tensor:
+    """RoPE on interleaved pairs of x (B, T, H, D); rot holds per-position rotors.
+
+    rot is complex64 (T, 1, D/2), e^{i m theta} (one complex multiply: the eager path), or
+    fp32 (T, 1, D/2, 2) holding (cos, sin) (element-wise: what torch.compile fuses, as
+    inductor lacks complex numbers). Computed in fp32, returned in x's dtype. The same maths
+    as llama.rope.apply_rope.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    if rot.is_complex():
+        out = torch.view_as_real(torch.view_as_complex(pairs) * rot)
+    else:
+        out = torch.stack(_rotated_pairs(pairs, rot), dim=-1)
+    return out.flatten(-2).type_as(x)  # (B, T, H, D)
+
+
+def _rotated_pairs(pairs: Tensor, rot: Tensor) -> tuple[Tensor, Tensor]:
+    """(x0 cos - x1 sin, x0 sin + x1 cos) for pairs (..., D/2, 2), rot (T, 1, D/2, 2)."""
+    x0, x1 = pairs.unbind(-1)
+    cos, sin = rot.unbind(-1)
+    return x0 * cos - x1 * sin, x0 * sin + x1 * cos
+
+
+def rotate_heads_(qkv: Tensor, rot: Tensor, n_heads: int) -> None:
+    """Rotate the first n_heads heads of qkv (B, T, heads, D) in place (the q and k heads of a
+    fused projection; the value heads after them stay as they are). rot as in `rotate`."""
+    pairs = qkv[:, :, :n_heads].unflatten(-1, (-1, 2))  # (B, T, n_heads, D/2, 2), a view
+    if rot.is_complex() and qkv.dtype == torch.float32:
+        torch.view_as_complex(pairs).mul_(rot)
+    elif rot.is_complex():
+        pairs.copy_(torch.view_as_real(torch.view_as_complex(pairs.float()) * rot))
+    else:
+        pairs.copy_(torch.stack(_rotated_pairs(pairs.float(), rot), dim=-1))
 
 
 class Attention(nn.Module):
@@ -70,37 +114,64 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, kv_dim, bias=False)
         self.wv = nn.Linear(args.dim, kv_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wqkv: nn.Linear | None = None  # set by fuse(); then wq, wk, wv are gone
         self.cache: KVCache | None = None
         # Called with an AttentionCapture when set; None keeps the fast path untouched.
         self.observer: AttentionObserver | None = None
 
+    def fuse(self) -> bool:
+        """wq|wk|wv -> wqkv (see llama/fusion.py). False when not plain nn.Linear (8-bit)."""
+        return self.wqkv is not None or fuse_linears(self, ("wq", "wk", "wv"), "wqkv")
+
+    def _project(self, x: Tensor, rot: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """q_raw (B,T,H,D), k_raw (B,T,H_kv,D) before RoPE; q, k after; v (B,T,H_kv,D)."""
+        B, T, _ = x.shape
+        H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.wqkv is None:
+            q_raw = self.wq(x).view(B, T, H, D)  # (B, T, H, D)
+            k_raw = self.wk(x).view(B, T, H_kv, D)  # (B, T, H_kv, D)
+            v = self.wv(x).view(B, T, H_kv, D)  # (B, T, H_kv, D)
+            return q_raw, k_raw, rotate(q_raw, rot), rotate(k_raw, rot), v
+        qkv = self.wqkv(x).view(B, T, H + 2 * H_kv, D)  # (B, T, H + 2 H_kv, D)
+        qk_raw, v = qkv[:, :, : H + H_kv], qkv[:, :, H + H_kv :]
+        qk = rotate(qk_raw, rot)  # q and k heads are adjacent: one rotation for both
+        return qk_raw[:, :, :H], qk_raw[:, :, H:], qk[:, :, :H], qk[:, :, H:], v
+
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        rot: Tensor,
         input_pos: Tensor | None,
         mask: Tensor | None,
-        kv_len: int,
+        kv_len: int | None,
     ) -> Tensor:
+        """x (B, T, dim) -> (B, T, dim). kv_len: cached positions to attend to (None: all)."""
         B, T, _ = x.shape
-        q_raw = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k_raw = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, H_kv, D)
-        q = apply_rope(q_raw, cos, sin).transpose(1, 2)  # (B, H, T, D)
-        k = apply_rope(k_raw, cos, sin).transpose(1, 2)  # (B, H_kv, T, D)
-        v = v.transpose(1, 2)  # (B, H_kv, T, D)
+        q_raw, k_raw, q, k, v = self._project(x, rot)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, T, D)
         if input_pos is not None:
             assert self.cache is not None, "setup_caches() before a cached forward"
-            k_all, v_all = self.cache.update(input_pos, k, v)
-            k, v = k_all[:, :, :kv_len], v_all[:, :, :kv_len]  # (B, H_kv, T_kv, D)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, H, T, D)
+            k, v = self.cache.update(input_pos, k, v)
+            if kv_len is not None:
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # (B, H_kv, T_kv, D)
+        if T == 1:
+            # Decode: the n_rep query heads sharing a KV head are rows of one query matrix.
+            qg = q.reshape(B, self.n_kv_heads, -1, self.head_dim)  # (B, H_kv, n_rep, D)
+            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+            q, out = q.transpose(1, 2), out.view(B, 1, -1, self.head_dim).transpose(1, 2)
+        else:
+            q = q.transpose(1, 2)  # (B, H, T, D)
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )  # (B, H, T, D)
         if self.observer is not None:
-            self.observer(AttentionCapture(self.layer_id, input_pos if input_pos is not None
-                                           else torch.arange(T), q_raw, k_raw, q, k, v, out))
+            pos = input_pos if input_pos is not None else torch.arange(T, device=x.device)
+            self.observer(AttentionCapture(self.layer_id, pos, q_raw, k_raw, q, k, v, out))
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, dim)
 
 
@@ -112,12 +183,27 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13: nn.Linear | None = None  # set by fuse(); then w1, w3 are gone
+
+    def fuse(self) -> bool:
+        """w1|w3 -> w13 (see llama/fusion.py). False when not plain nn.Linear (8-bit)."""
+        return self.w13 is not None or fuse_linears(self, ("w1", "w3"), "w13")
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, T, hidden) each
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
+    """Pre-norm residual block: h = x + attention(norm(x)); out = h + ffn(norm(h)).
+
+    Two equal routes: the module route (any Linear type, the observer, readable) and, for a
+    fused block of plain Linears with no observer, `_fast_forward`: the same maths in the
+    fewest torch calls (a small model decodes at the speed of Python; bench/decode.py).
+    """
+
     def __init__(self, args: ModelArgs, layer_id: int) -> None:
         super().__init__()
         self.attention = Attention(args, layer_id)
@@ -128,14 +214,57 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        rot: Tensor,
         input_pos: Tensor | None,
         mask: Tensor | None,
-        kv_len: int,
+        kv_len: int | None,
     ) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask, kv_len)
-        return h + self.feed_forward(self.ffn_norm(h))
+        att, ffn = self.attention, self.feed_forward
+        if (
+            att.observer is None
+            and att.wqkv is not None
+            and ffn.w13 is not None
+            and type(att.wo) is nn.Linear
+            and type(ffn.w2) is nn.Linear
+        ):
+            return self._fast_forward(x, rot, input_pos, mask, kv_len)
+        h = x + att(self.attention_norm(x), rot, input_pos, mask, kv_len)
+        return h + ffn(self.ffn_norm(h))
+
+    def _fast_forward(
+        self,
+        x: Tensor,
+        rot: Tensor,
+        input_pos: Tensor | None,
+        mask: Tensor | None,
+        kv_len: int | None,
+    ) -> Tensor:
+        att, ffn = self.attention, self.feed_forward
+        B, T, _ = x.shape
+        H, H_kv, D = att.n_heads, att.n_kv_heads, att.head_dim
+        qkv = F.linear(self.attention_norm(x), att.wqkv.weight).view(B, T, -1, D)
+        rotate_heads_(qkv, rot, H + H_kv)  # (B, T, H + 2 H_kv, D): q, k rotated; v as is
+        q, kv = qkv[:, :, :H], qkv[:, :, H:].transpose(1, 2)  # kv: (B, 2 H_kv, T, D)
+        if input_pos is not None:
+            assert att.cache is not None, "setup_caches() before a cached forward"
+            kv = att.cache.update_kv(input_pos, kv)  # (B, 2 H_kv, S_max, D)
+            if kv_len is not None:
+                kv = kv[:, :, :kv_len]  # (B, 2 H_kv, T_kv, D)
+        k, v = kv[:, :H_kv], kv[:, H_kv:]
+        if T == 1:  # decode: each GQA group's query heads are rows of one query matrix
+            out = F.scaled_dot_product_attention(q.view(B, H_kv, -1, D), k, v, attn_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None,
+                enable_gqa=H_kv != H,
+            ).transpose(1, 2)  # (B, T, H, D)
+        h = x + F.linear(out.reshape(B, T, -1), att.wo.weight)
+        gate, up = F.linear(self.ffn_norm(h), ffn.w13.weight).chunk(2, dim=-1)
+        return h + F.linear(F.silu(gate) * up, ffn.w2.weight)
 
 
 class Transformer(nn.Module):
@@ -146,45 +275,121 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        cos, sin = rope_tables(args.max_seq_len, args.head_dim, args.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (S_max, D/2) fp32
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # RoPE rotors are plain attributes, not buffers: model.to(bf16) must not round them,
+        # and a model built on the meta device must still get real tables. Built lazily.
+        self._rotors: dict[tuple[torch.device, bool], Tensor] = {}
+        self._observed = False
+        # Set by llama.runtime_opts.compile_decode: (tokens (B,1), input_pos (1,)) -> logits.
+        self.compiled_decode: Callable[[Tensor, Tensor], Tensor] | None = None
 
-    def setup_caches(self, batch_size: int = 1, dtype: torch.dtype | None = None) -> None:
-        """Preallocate every layer's KV cache for max_seq_len positions."""
+    @property
+    def rope_cos(self) -> Tensor:
+        """cos(m theta_i), (max_seq_len, D/2) fp32 on CPU."""
+        return self._rope_table(torch.device("cpu"), complex_=True).real
+
+    @property
+    def rope_sin(self) -> Tensor:
+        """sin(m theta_i), (max_seq_len, D/2) fp32 on CPU."""
+        return self._rope_table(torch.device("cpu"), complex_=True).imag
+
+    def fuse_projections(self) -> int:
+        """Fuse wq|wk|wv and w1|w3 in every layer (call after loading weights).
+
+        Idempotent; skips modules that are not plain nn.Linear (8-bit). state_dict() keeps
+        Meta names and load_state_dict still takes them. Returns how many modules fused.
+        """
+        return sum(int(b.attention.fuse()) + int(b.feed_forward.fuse()) for b in self.layers)
+
+    def setup_caches(
+        self, batch_size: int = 1, dtype: torch.dtype | None = None, max_seq_len: int | None = None
+    ) -> None:
+        """Preallocate every layer's KV cache: max_seq_len positions (default args.max_seq_len).
+
+        A shorter cache saves memory and, in the compiled decode (which attends over the whole
+        static cache with a mask), time. Replaces a compiled step's cache (recompiles once).
+        """
         ref = self.tok_embeddings.weight
         dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.float32)
         a = self.args
+        capacity = a.max_seq_len if max_seq_len is None else max_seq_len
+        if not 0 < capacity <= a.max_seq_len:
+            raise ValueError(
+                f"max_seq_len: expected 1..{a.max_seq_len} (args.max_seq_len), found {capacity}"
+            )
         for layer in self.layers:
             layer.attention.cache = KVCache(
-                batch_size, a.kv_heads, a.max_seq_len, a.head_dim, dtype, ref.device
+                batch_size, a.kv_heads, capacity, a.head_dim, dtype, ref.device
             )
 
     def caches(self) -> list[KVCache]:
         return [layer.attention.cache for layer in self.layers if layer.attention.cache is not None]
 
-    def set_observer(self, observer: AttentionObserver | None, layers: set[int] | None = None) -> None:
+    def set_observer(
+        self, observer: AttentionObserver | None, layers: set[int] | None = None
+    ) -> None:
         """Attach `observer` to the given layers (all when None) and detach it from the rest."""
         for i, layer in enumerate(self.layers):
             wanted = observer is not None and (layers is None or i in layers)
             layer.attention.observer = observer if wanted else None
+        self._observed = any(layer.attention.observer is not None for layer in self.layers)
 
-    def forward(self, tokens: Tensor, input_pos: Tensor | None = None, last_only: bool = False) -> Tensor:
-        """tokens (B, T) -> logits (B, T, vocab) in fp32; (B, 1, vocab) when last_only."""
+    def forward(
+        self, tokens: Tensor, input_pos: Tensor | None = None, last_only: bool = False
+    ) -> Tensor:
+        """tokens (B, T) -> logits (B, T, vocab) in fp32; (B, 1, vocab) when last_only.
+
+        input_pos is best kept on the CPU (it is moved to the model's device): the cache
+        length is then read without waiting for the device.
+        """
         T = tokens.shape[1]
         if input_pos is None:
-            positions, mask, kv_len = torch.arange(T, device=tokens.device), None, T
+            positions, mask, kv_len = torch.arange(T, device=tokens.device), None, None
         else:
-            # One host read of the last position per forward (not per layer).
-            kv_len = int(input_pos[-1]) + 1
-            positions, mask = input_pos, self._cache_mask(input_pos, T, kv_len)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, D/2)
+            kv_len = self._kv_len(input_pos, T)
+            positions = input_pos = input_pos.to(tokens.device, non_blocking=True)
+            if T == 1 and self.compiled_decode is not None and not self._observed:
+                return self.compiled_decode(tokens, input_pos)
+            mask = self._cache_mask(input_pos, T, kv_len)
+        rot = self._rope_table(tokens.device, complex_=True)[positions].unsqueeze(1)  # (T,1,D/2)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, cos, sin, input_pos, mask, kv_len)
+            h = layer(h, rot, input_pos, mask, kv_len)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
+
+    def static_decode(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        """One decode step with static shapes and no host reads (what compile_decode compiles).
+
+        tokens (B, 1), input_pos (1,) on the model's device. Attends over the whole cache
+        with a mask `key position <= input_pos`; no overflow check (forward does it).
+        """
+        capacity = self.caches()[0].capacity
+        keys = torch.arange(capacity, device=tokens.device)
+        mask = keys[None, :] <= input_pos[:, None]  # (1, S_max)
+        # (1, 1, D/2, 2) real (cos, sin): torch.compile has no complex numbers
+        rot = self._rope_table(tokens.device, complex_=False)[input_pos].unsqueeze(1)
+        h = self.tok_embeddings(tokens)  # (B, 1, dim)
+        for layer in self.layers:
+            h = layer(h, rot, input_pos, mask, None)
+        return self.output(self.norm(h)).float()
+
+    def _kv_len(self, input_pos: Tensor, T: int) -> int:
+        """Positions attended to after this call; CacheOverflowError past the capacity."""
+        # One host read per forward (free when input_pos is on the CPU), none per layer.
+        if input_pos.shape != (T,):
+            raise ValueError(
+                f"input_pos: expected shape ({T},) (one position per token), "
+                f"found {tuple(input_pos.shape)}"
+            )
+        kv_len = int(input_pos[-1]) + 1
+        cache = self.layers[0].attention.cache
+        capacity = cache.capacity if cache is not None else self.args.max_seq_len
+        if kv_len > capacity:
+            raise CacheOverflowError(
+                f"position {kv_len - 1} is past the KV cache capacity of {capacity} positions"
+            )
+        return kv_len
 
     def _cache_mask(self, input_pos: Tensor, T: int, kv_len: int) -> Tensor | None:
         """None where SDPA's own masking is right, else an explicit (T, T_kv) boolean mask.
@@ -192,12 +397,18 @@ class Transformer(nn.Module):
         Decode (T == 1) sees every cached position; a prefill starting at 0 is plainly causal.
         A chunk starting later needs the explicit mask: is_causal aligns top-left.
         """
-        if kv_len > self.args.max_seq_len:
-            raise CacheOverflowError(
-                f"position {kv_len - 1} is past the KV cache capacity of "
-                f"{self.args.max_seq_len} positions (max_seq_len)"
-            )
         if T == 1 or kv_len == T:
             return None
         keys = torch.arange(kv_len, device=input_pos.device)
         return keys[None, :] <= input_pos[:, None]  # (T, T_kv)
+
+    def _rope_table(self, device: torch.device, complex_: bool) -> Tensor:
+        """(S_max, D/2) complex64 rotors, or (S_max, D/2, 2) fp32 (cos, sin), on `device`."""
+        table = self._rotors.get((device, complex_))
+        if table is None:
+            a = self.args
+            with torch.device("cpu"):  # real numbers even when built under a meta context
+                cos, sin = rope_tables(a.max_seq_len, a.head_dim, a.rope_theta)
+            table = torch.complex(cos, sin) if complex_ else torch.stack((cos, sin), -1)
+            table = self._rotors[(device, complex_)] = table.to(device)
+        return table

@@ -1,0 +1,110 @@
+"""Fused projections: wq|wk|wv -> wqkv and w1|w3 -> w13, with Meta names kept on disk.
+
+One matrix product instead of three (attention) or two (SwiGLU) per layer: fewer kernel
+launches and Python calls, which is most of a small model's decode time, and one longer
+matrix-vector product for large models. The fused weight is the row-wise concatenation,
+so `wqkv(x) == cat(wq(x), wk(x), wv(x))` exactly up to floating-point summation order.
+
+Checkpoints keep Meta's names both ways: a fused module's `state_dict()` splits the fused
+weight back into `wq.weight`, `wk.weight`, `wv.weight` (copies, so safetensors can save
+them), and `load_state_dict` of Meta-named tensors concatenates them into the fused weight
+(a load pre-hook). Only plain bias-free `nn.Linear` triples are fused: a module already
+swapped for an 8-bit `Linear8bitLt` (llama/quant.py) stays as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def fuse_linears(module: nn.Module, parts: tuple[str, ...], fused_name: str) -> bool:
+    """Replace `module.<parts>` (plain bias-free nn.Linear, same input) by one `fused_name`.
+
+    Returns False (and changes nothing) when any part is missing, biased, not exactly an
+    nn.Linear (e.g. 8-bit), or the parts disagree on dtype/device/input size.
+    """
+    linears = [getattr(module, name, None) for name in parts]
+    if not all(type(lin) is nn.Linear and lin.bias is None for lin in linears):
+        return False
+    weights = [lin.weight for lin in linears]
+    w0 = weights[0]
+    if any((w.dtype, w.device, w.shape[1]) != (w0.dtype, w0.device, w0.shape[1]) for w in weights):
+        return False
+    sizes = [w.shape[0] for w in weights]
+    fused = nn.Linear(w0.shape[1], sum(sizes), bias=False, device="meta", dtype=w0.dtype)
+    with torch.no_grad():
+        fused.weight = nn.Parameter(torch.cat(weights, 0), requires_grad=w0.requires_grad)
+    for name in parts:
+        delattr(module, name)
+    setattr(module, fused_name, fused)  # replaces the None placeholder
+    module.register_state_dict_post_hook(_SplitOnSave(parts, fused_name, sizes))
+    module.register_load_state_dict_pre_hook(_FuseOnLoad(parts, fused_name, sizes))
+    return True
+
+
+class _SplitOnSave:
+    """state_dict post-hook: `<fused>.weight` -> Meta-named parts (contiguous copies)."""
+
+    def __init__(self, parts: tuple[str, ...], fused: str, sizes: list[int]) -> None:
+        self.parts, self.fused, self.sizes = parts, fused, sizes
+
+    def __call__(self, module: nn.Module, state: dict[str, Any], prefix: str, _meta: Any) -> None:
+        weight = state.pop(prefix + self.fused + ".weight")
+        for name, piece in zip(self.parts, weight.split(self.sizes, 0), strict=True):
+            state[prefix + name + ".weight"] = piece.clone()
+
+
+class _FuseOnLoad:
+    """load_state_dict pre-hook: Meta-named parts -> `<fused>.weight` (one concatenation)."""
+
+    def __init__(self, parts: tuple[str, ...], fused: str, sizes: list[int]) -> None:
+        self.parts, self.fused, self.sizes = parts, fused, sizes
+
+    def __call__(
+        self,
+        module: nn.Module,
+        state: dict[str, Any],
+        prefix: str,
+        _meta: Any,
+        _strict: bool,
+        _missing: list[str],
+        _unexpected: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        keys = [prefix + name + ".weight" for name in self.parts]
+        present = [k for k in keys if k in state]
+        if not present:
+            return  # already fused names, or missing: load_state_dict reports it
+        if len(present) < len(keys):
+            absent = sorted(set(keys) - set(present))
+            error_msgs.append(f"{', '.join(absent)}: missing (needed with {', '.join(present)})")
+            return
+        dim = getattr(module, self.fused).weight.shape[1]
+        bad = _shape_errors(state, keys, self.sizes, dim)
+        if bad:
+            error_msgs.extend(bad)
+            for k in keys:  # the shape errors name the Meta keys; don't also list them unexpected
+                state.pop(k)
+            return
+        state[prefix + self.fused + ".weight"] = _cat_popped(state, keys)
+
+
+def _shape_errors(state: dict[str, Any], keys: list[str], rows: list[int], cols: int) -> list[str]:
+    errors = []
+    for key, n in zip(keys, rows, strict=True):
+        t = state[key]
+        found = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        if not isinstance(t, Tensor) or tuple(t.shape) != (n, cols):
+            errors.append(f"{key}: expected shape ({n}, {cols}), found {found}")
+    return errors
+
+
+def _cat_popped(state: dict[str, Any], keys: list[str]) -> Tensor:
+    parts = [state.pop(k) for k in keys]
+    dtypes = {p.dtype for p in parts}
+    if len(dtypes) > 1:  # mixed precision on disk: settle on the first part's dtype
+        parts = [p.to(parts[0].dtype) for p in parts]
+    return torch.cat(parts, 0)
