@@ -126,7 +126,7 @@ def make_instruction(story: str, rng: random.Random) -> tuple[str, str]:
     of the story, or just asks for a story.
     """
     m = NAMED.search(story)
-    if m is not None and rng.random() < 0.85:
+    if m is not None:
         noun_phrase, noun, old = m.group(1), m.group(2), m.group(3)
         new = rng.choice(NAMES)
         story = rename(story, old, new)
