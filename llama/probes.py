@@ -4,8 +4,11 @@ A `Probe` is handed to `generate()`, which calls `begin(model, prompt_ids)` befo
 `on_step(step)` after every Step and `end(model)` in a finally block. The probe attaches itself
 to the traced layers with `model.set_observer`; with no probe the model's SDPA fast path runs
 untouched. For the traced layers only, the attention probabilities softmax(q k^T / sqrt(D)) are
-recomputed (Vaswani et al. 2017, eq. 1) with the causal rule; a decode step costs one row per
-query head.
+recomputed (Vaswani et al. 2017, eq. 1) with the causal rule: one row per query head per
+decode step. A decode step only keeps references to its query (and, for RoPE, q/k before and
+after rotation); the rows are computed in one batch at the next snapshot(), at end() or every
+`window` steps, reading keys from the KV cache, which no one rewrites before end().
+bench/probe_overhead.py measures the cost.
 
 Everything stored is a small CPU fp32 tensor keyed by absolute position, and only the last
 `window` positions are kept (rows are cut to their last `window` keys), so memory stays
