@@ -70,20 +70,25 @@ def configure_threads(n: int | None = None) -> int:
     return n
 
 
-def compile_decode(model: Transformer, mode: str | None = None, warmup: bool = True) -> None:
+def compile_decode(
+    model: Transformer, mode: str | None = None, warmup: bool = True, backend: str = "inductor"
+) -> None:
     """Install a torch.compile'd decode step on `model` (see the module docstring).
 
     mode: torch.compile's mode; default "reduce-overhead" on CUDA (CUDA graphs), "default"
-    elsewhere. Sets up KV caches for batch 1 if there are none. warmup: compile now with
-    steps at position 0 (the next prefill overwrites it) instead of on the first token.
-    Compiling takes seconds to minutes; the eager path stays in use while an observer is set.
+    elsewhere (ignored unless backend is "inductor"). Sets up KV caches for batch 1 if there
+    are none. warmup: compile now with steps at position 0 (the next prefill overwrites it)
+    instead of on the first token. Compiling takes seconds to minutes (inductor builds C++
+    or Triton kernels); the eager path stays in use while an observer is set.
     """
     if not model.caches():
         model.setup_caches(1)
     device = model.tok_embeddings.weight.device
     mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
+    if backend != "inductor":
+        mode = None
     model._rope_table(device, complex_=False)  # built eagerly: not traced into the graph
-    step = torch.compile(model.static_decode, mode=mode, dynamic=False)
+    step = torch.compile(model.static_decode, mode=mode, dynamic=False, backend=backend)
     graphs = mode == "reduce-overhead" and device.type == "cuda"
 
     def compiled(tokens: Tensor, input_pos: Tensor) -> Tensor:

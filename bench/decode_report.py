@@ -1,0 +1,183 @@
+"""Rows, tables and RESULTS.md for bench/decode.py."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from bench.common import BenchPreset, median, spread
+from bench.decode_runs import Runtime
+from bench.membw import bandwidth
+from llama.config import ModelArgs
+
+
+def decode_bytes(args: ModelArgs, item: float, kv_item: int, position: float) -> float:
+    """Bytes one decode step reads: every weight but the embedding table (one row of it),
+    plus the KV cache up to `position`."""
+    weights = args.n_params() - args.vocab_size * args.dim + args.dim
+    kv = 2 * args.n_layers * args.kv_heads * args.head_dim * position
+    return weights * item + kv * kv_item
+
+
+def row(
+    preset: BenchPreset,
+    threads: int,
+    ours: Runtime,
+    theirs: Runtime,
+    bw_before: dict[str, float],
+    bw_after: dict[str, float],
+    a: argparse.Namespace,
+) -> dict[str, Any]:
+    item = {"fp32": 4, "bf16": 2, "fp16": 2}[a.dtype_name]
+    weight_item = 1.0 if a.load_in_8bit else item
+    per_token = decode_bytes(preset.args, weight_item, item, a.prompt_len + a.new_tokens / 2)
+    bw = max(bandwidth(bw_before), bandwidth(bw_after))
+    same = sum(1 for _ in _common_prefix(ours.tokens, theirs.tokens))
+    return {
+        "preset": preset.name,
+        "note": preset.note,
+        "threads": threads,
+        "params_m": preset.args.n_params() / 1e6,
+        "ours": ours,
+        "theirs": theirs,
+        "bytes_per_token": per_token,
+        "bw": bw,
+        "bw_before": bw_before,
+        "bw_after": bw_after,
+        "same_greedy": same,
+        "n_tokens": len(ours.tokens),
+    }
+
+
+def _common_prefix(a: list[int], b: list[int]) -> list[int]:
+    out = []
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        out.append(x)
+    return out
+
+
+def _pair(
+    ours: list[float],
+    theirs: list[float],
+    scale: float = 1.0,
+    fmt: str = ".0f",
+    higher_better: bool = True,
+) -> str:
+    if not ours:
+        return "n/a"
+    o = median(ours) * scale
+    if not theirs:
+        return f"{o:{fmt}} / n/a"
+    t = median(theirs) * scale
+    ratio = o / t if higher_better else t / o
+    return f"{o:{fmt}} / {t:{fmt}} (**{ratio:.2f}x**)"
+
+
+def _gbs(r: dict[str, Any], rt: Runtime) -> str:
+    if not rt.decode:
+        return "n/a"
+    gbs = r["bytes_per_token"] * median(rt.decode) / 1e9
+    return f"{gbs:.2f} ({100 * gbs / r['bw']:.0f}%)"
+
+
+HEADER = (
+    "| preset | params | threads | prefill tok/s ours / HF | decode tok/s ours / HF "
+    "| TTFT ms, 128-token prompt | TTFT ms, 100-token prompt | peak RSS MiB ours / HF "
+    "| decode GB/s (% of bandwidth) ours / HF | same greedy tokens |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The results table; ratios are ours/HF for rates and HF/ours for times (higher = ours
+    better)."""
+    lines = [HEADER]
+    for r in rows:
+        o, t = r["ours"], r["theirs"]
+        rss = f"{o.resident_mb + o.transient_mb:.0f} / " + (
+            "n/a" if t.error else f"{t.resident_mb + t.transient_mb:.0f}"
+        )
+        lines.append(
+            " | ".join(
+                [
+                    f"| {r['preset']}",
+                    f"{r['params_m']:.1f}M",
+                    str(r["threads"]),
+                    _pair(o.prefill, t.prefill),
+                    _pair(o.decode, t.decode, fmt=".1f"),
+                    _pair(o.ttft, t.ttft, 1e3, ".1f", higher_better=False),
+                    _pair(o.ttft_short, t.ttft_short, 1e3, ".1f", higher_better=False),
+                    rss,
+                    f"{_gbs(r, o)} / {_gbs(r, t)}",
+                    f"{r['same_greedy']}/{r['n_tokens']} |",
+                ]
+            )
+        )
+    return "\n".join(lines)
+
+
+def spreads(rows: list[dict[str, Any]]) -> str:
+    """Median (min-max) over rounds for every rate, to show the noise."""
+    lines = [
+        "| preset | runtime | prefill tok/s | decode tok/s | TTFT ms (128) | TTFT ms (100) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for rt in (r["ours"], r["theirs"]):
+            if rt.error:
+                lines.append(f"| {r['preset']} | {rt.name} | {rt.error} | | | |")
+                continue
+            ms = [x * 1e3 for x in rt.ttft]
+            ms_short = [x * 1e3 for x in rt.ttft_short]
+            lines.append(
+                f"| {r['preset']} | {rt.name}{rt.variant} | {spread(rt.prefill)} | "
+                f"{spread(rt.decode)} | {spread(ms)} | {spread(ms_short)} |"
+            )
+    return "\n".join(lines)
+
+
+def results_markdown(
+    tab: str,
+    rows: list[dict[str, Any]],
+    skipped: list[tuple[str, str]],
+    a: argparse.Namespace,
+    argv: list[str],
+    started: str,
+    machine: str,
+    load_before: str,
+    load_after: str,
+    bw: dict[str, float],
+    bw_best: float,
+) -> str:
+    cmd = "python bench/decode.py " + " ".join(argv)
+    bws = ", ".join(f"{k} {v:.1f}" for k, v in bw.items())
+    per = "; ".join(
+        f"{r['preset']}: {bandwidth(r['bw_before']):.1f} before, "
+        f"{bandwidth(r['bw_after']):.1f} after"
+        for r in rows
+    )
+    skip = "".join(f"\n- **{n}** skipped: {why}." for n, why in skipped)
+    return f"""# Decode benchmark: our runtime vs Hugging Face transformers
+
+Generated by `{cmd.strip()}` on {started}.
+
+- Machine: {machine}
+- Device {a.device}, dtype {a.dtype_name}{", 8-bit weights" if a.load_in_8bit else ""}\
+{", compiled decode (ours)" if a.compile else ""}; {a.rounds} timed rounds after a warm-up,
+  runtimes interleaved (ABBA); medians, ratios in bold (higher = ours better).
+- Load average before / after: {load_before} / {load_after} (the machine is shared).
+- Memory bandwidth (bench/membw.py, GB/s, all cores): {bws}; per preset, max(copy, triad) on
+  the preset's threads: {per}. The % column divides by the better of the two.
+- Prompt {a.prompt_len} random tokens, {a.new_tokens} new tokens, greedy. Ours: `load()` of
+  the HF-layout checkpoint, `fuse_projections()`, `llama.generate.generate` (temperature 0,
+  n_top=0, EOS ignored). Transformers: `generate(do_sample=False, min_new_tokens=N)`, the
+  better of the dynamic and static caches.{skip}
+
+{tab}
+
+Spread over rounds, median (min-max):
+
+{spreads(rows)}
+"""

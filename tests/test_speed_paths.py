@@ -1,0 +1,293 @@
+"""The fast paths compute what the plain ones do: fused projections, the fast block route,
+the static (compile target) decode step, the compiled step itself, and thread settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from llama.cache import CacheOverflowError
+from llama.checkpoints.writers import random_transformer
+from llama.config import ModelArgs
+from llama.model import AttentionCapture, Transformer, rotate
+from llama.rope import apply_rope, rope_tables
+from llama.runtime_opts import (
+    compile_decode,
+    configure_threads,
+    physical_cores,
+    recommended_threads,
+    uncompile_decode,
+)
+
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: a second thread only contends on a shared box
+    yield
+    torch.set_num_threads(before)
+
+
+def pair(args: ModelArgs) -> tuple[Transformer, Transformer]:
+    """(plain, fused) models with the same random weights."""
+    plain = random_transformer(args)
+    fused = Transformer(args)
+    fused.load_state_dict(plain.state_dict(), strict=True)
+    assert fused.fuse_projections() == 2 * args.n_layers
+    return plain, fused
+
+
+def cached_logits(
+    model: Transformer, tokens: torch.Tensor, chunks: tuple[int, ...]
+) -> torch.Tensor:
+    model.setup_caches(tokens.shape[0])
+    parts, start = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            parts.append(model(tokens[:, start : start + n], torch.arange(start, start + n)))
+            start += n
+    return torch.cat(parts, dim=1)
+
+
+# Fusion ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunks", [(12,), (5, 1, 1, 3, 2), (1,) * 8])
+def test_fused_equals_plain(tiny_args: ModelArgs, chunks: tuple[int, ...]) -> None:
+    plain, fused = pair(tiny_args)
+    tokens = torch.randint(0, tiny_args.vocab_size, (2, sum(chunks)))
+    with torch.no_grad():
+        reference = plain(tokens)
+        torch.testing.assert_close(fused(tokens), reference, atol=ATOL, rtol=0)
+    torch.testing.assert_close(cached_logits(fused, tokens, chunks), reference, atol=ATOL, rtol=0)
+    torch.testing.assert_close(cached_logits(plain, tokens, chunks), reference, atol=ATOL, rtol=0)
+
+
+def test_fused_state_dict_keeps_meta_names(tiny_args: ModelArgs, tmp_path: Path) -> None:
+    plain, fused = pair(tiny_args)
+    mine, theirs = fused.state_dict(), plain.state_dict()
+    assert sorted(mine) == sorted(theirs)
+    assert not any("wqkv" in k or "w13" in k for k in mine)
+    for key, value in theirs.items():
+        assert torch.equal(mine[key], value), key
+    from safetensors.torch import load_file, save_file
+
+    save_file(mine, tmp_path / "m.safetensors")  # no shared storage between the pieces
+    again = Transformer(tiny_args)
+    again.fuse_projections()  # fuse first, then load Meta names (the load pre-hook)
+    again.load_state_dict(load_file(tmp_path / "m.safetensors"), strict=True, assign=True)
+    tokens = torch.randint(0, tiny_args.vocab_size, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens), plain(tokens), atol=ATOL, rtol=0)
+
+
+def test_fusing_twice_changes_nothing(tiny_args: ModelArgs) -> None:
+    _, fused = pair(tiny_args)
+    before = {k: v.clone() for k, v in fused.named_parameters()}
+    fused.fuse_projections()
+    after = dict(fused.named_parameters())
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fused_load_refuses_bad_meta_tensors(tiny_args: ModelArgs) -> None:
+    plain, fused = pair(tiny_args)
+    state = plain.state_dict()
+    wrong = dict(state)
+    wrong["layers.1.attention.wk.weight"] = torch.zeros(3, tiny_args.dim)
+    with pytest.raises(RuntimeError, match=r"layers\.1\.attention\.wk\.weight: expected shape"):
+        fused.load_state_dict(wrong, strict=True)
+    missing = {k: v for k, v in state.items() if k != "layers.0.feed_forward.w3.weight"}
+    with pytest.raises(RuntimeError, match=r"layers\.0\.feed_forward\.w3\.weight: missing"):
+        fused.load_state_dict(missing, strict=True)
+
+
+class NotPlainLinear(nn.Linear):
+    """Stands in for a swapped module (bitsandbytes' Linear8bitLt is an nn.Linear subclass)."""
+
+
+def test_fusion_skips_modules_that_are_not_plain_linear(tiny_args: ModelArgs) -> None:
+    model = random_transformer(tiny_args)
+    tokens = torch.randint(0, tiny_args.vocab_size, (1, 6))
+    with torch.no_grad():
+        reference = model(tokens)
+    old = model.layers[0].attention.wq
+    swapped = NotPlainLinear(old.in_features, old.out_features, bias=False)
+    swapped.weight = old.weight
+    model.layers[0].attention.wq = swapped
+    assert model.fuse_projections() == 2 * tiny_args.n_layers - 1
+    assert model.layers[0].attention.wqkv is None and model.layers[0].feed_forward.w13 is not None
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference, atol=ATOL, rtol=0)
+
+
+def test_eight_bit_model_is_left_unfused_and_runs(tiny_args: ModelArgs) -> None:
+    pytest.importorskip("bitsandbytes")
+    from llama.quant import quantise_model
+
+    model = quantise_model(random_transformer(tiny_args))
+    assert model.fuse_projections() == 0
+    model.setup_caches(1)
+    with torch.no_grad():
+        out = model(torch.randint(0, tiny_args.vocab_size, (1, 4)), torch.arange(4))
+    assert out.shape == (1, 4, tiny_args.vocab_size) and torch.isfinite(out).all()
+
+
+def test_fused_training_gradients_match(tiny_args: ModelArgs) -> None:
+    plain, fused = pair(tiny_args)
+    tokens = torch.randint(0, tiny_args.vocab_size, (2, 10))
+    losses = []
+    for model in (plain, fused):
+        logits = model(tokens[:, :-1])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1])
+    a, f = plain.layers[1], fused.layers[1]
+    grads = [a.attention.wq.weight.grad, a.attention.wk.weight.grad, a.attention.wv.weight.grad]
+    torch.testing.assert_close(f.attention.wqkv.weight.grad, torch.cat(grads), atol=1e-5, rtol=1e-4)
+    grads = [a.feed_forward.w1.weight.grad, a.feed_forward.w3.weight.grad]
+    torch.testing.assert_close(
+        f.feed_forward.w13.weight.grad, torch.cat(grads), atol=1e-5, rtol=1e-4
+    )
+
+
+# The observer sees the same thing on every route -----------------------------------------
+def test_observer_captures_agree_between_plain_and_fused(tiny_args: ModelArgs) -> None:
+    plain, fused = pair(tiny_args)
+    tokens = torch.randint(0, tiny_args.vocab_size, (1, 7))
+    seen: dict[str, list[AttentionCapture]] = {"plain": [], "fused": []}
+    for name, model in (("plain", plain), ("fused", fused)):
+        model.set_observer(seen[name].append, layers={1})
+        model.setup_caches(1)
+        with torch.no_grad():
+            model(tokens[:, :5], torch.arange(5))
+            model(tokens[:, 5:6], torch.tensor([5]))
+    assert [c.layer for c in seen["fused"]] == [1, 1]
+    for p, f in zip(seen["plain"], seen["fused"], strict=True):
+        assert torch.equal(p.input_pos, f.input_pos)
+        for field in ("q_raw", "k_raw", "q", "keys", "values", "out"):
+            a, b = getattr(p, field), getattr(f, field)
+            assert a.shape == b.shape, field
+            torch.testing.assert_close(b, a, atol=ATOL, rtol=0, msg=field)
+    # and the observed (module) route gives the logits of the unobserved fast route
+    fused.set_observer(None)
+    watched = random_transformer(tiny_args)
+    watched.load_state_dict(plain.state_dict())
+    watched.fuse_projections()
+    watched.set_observer(lambda c: None)
+    with torch.no_grad():
+        torch.testing.assert_close(watched(tokens), fused(tokens), atol=ATOL, rtol=0)
+
+
+# RoPE, caches, the static step ------------------------------------------------------------
+def test_rotate_forms_match_apply_rope() -> None:
+    x = torch.randn(2, 5, 3, 8)
+    positions = torch.tensor([0, 3, 7, 100, 511])
+    cos, sin = rope_tables(512, 8)
+    expected = apply_rope(x, cos[positions], sin[positions])
+    complex_rot = torch.complex(cos, sin)[positions].unsqueeze(1)
+    real_rot = torch.stack((cos, sin), -1)[positions].unsqueeze(1)
+    torch.testing.assert_close(rotate(x, complex_rot), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(rotate(x, real_rot), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_rope_tables_stay_fp32_and_real_after_meta_build(tiny_args: ModelArgs) -> None:
+    with torch.device("meta"):
+        model = Transformer(tiny_args)
+    model.to_empty(device="cpu").to(torch.bfloat16)
+    assert model.rope_cos.dtype == torch.float32 and model.rope_cos.device.type == "cpu"
+    cos, _ = rope_tables(tiny_args.max_seq_len, tiny_args.head_dim)
+    torch.testing.assert_close(model.rope_cos, cos)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_decode_equals_eager_decode(tiny_args: ModelArgs, dtype: torch.dtype) -> None:
+    """What compile_decode compiles (full-cache mask, real RoPE) run eagerly."""
+    _, model = pair(tiny_args)
+    model.to(dtype)
+    tokens = torch.randint(0, tiny_args.vocab_size, (1, 9))
+    model.setup_caches(1, max_seq_len=16)
+    with torch.no_grad():
+        model(tokens[:, :6], torch.arange(6))
+        eager = [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(6, 9)]
+        model(tokens[:, :6], torch.arange(6))
+        static = [model.static_decode(tokens[:, i : i + 1], torch.tensor([i])) for i in range(6, 9)]
+    tol = ATOL if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(torch.cat(static, 1), torch.cat(eager, 1), atol=tol, rtol=0)
+
+
+def test_short_cache_and_bad_positions_are_refused(tiny_args: ModelArgs) -> None:
+    model = random_transformer(tiny_args)
+    with pytest.raises(ValueError, match="max_seq_len: expected 1"):
+        model.setup_caches(1, max_seq_len=tiny_args.max_seq_len + 1)
+    model.setup_caches(1, max_seq_len=8)
+    assert model.caches()[0].nbytes() == 2 * tiny_args.kv_heads * 8 * tiny_args.head_dim * 4
+    with torch.no_grad(), pytest.raises(CacheOverflowError, match="capacity of 8"):
+        model(torch.zeros(1, 1, dtype=torch.long), torch.tensor([8]))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"input_pos: expected shape \(2,\)"):
+        model(torch.zeros(1, 2, dtype=torch.long), torch.tensor([0]))
+
+
+def test_kv_views_share_one_buffer(tiny_args: ModelArgs) -> None:
+    model = random_transformer(tiny_args)
+    model.setup_caches(2)
+    cache = model.caches()[0]
+    k = torch.randn(2, tiny_args.kv_heads, 1, tiny_args.head_dim)
+    v = torch.randn_like(k)
+    cache.update(torch.tensor([3]), k, v)
+    torch.testing.assert_close(cache.k[:, :, 3:4], k)
+    torch.testing.assert_close(cache.kv[:, tiny_args.kv_heads :, 3:4], v)
+
+
+# Compiled decode ---------------------------------------------------------------------------
+def check_compiled_decode(backend: str) -> None:
+    args = ModelArgs(
+        dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=16, max_seq_len=16
+    )
+    eager, compiled = pair(args)
+    eager.setup_caches(1)
+    torch._dynamo.reset()
+    compile_decode(compiled, backend=backend)
+    tokens = torch.randint(0, args.vocab_size, (1, 10))
+    with torch.no_grad():
+        want = [eager(tokens[:, :6], torch.arange(6))]
+        got = [compiled(tokens[:, :6], torch.arange(6))]
+        for i in range(6, 10):
+            want.append(eager(tokens[:, i : i + 1], torch.tensor([i])))
+            got.append(compiled(tokens[:, i : i + 1], torch.tensor([i])))
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), atol=ATOL, rtol=0)
+    uncompile_decode(compiled)
+    assert compiled.compiled_decode is None
+
+
+def test_compiled_decode_graph_equals_eager() -> None:
+    """The traced graph (dynamo + functionalised cache writes), run without codegen: quick."""
+    check_compiled_decode("aot_eager")
+
+
+@pytest.mark.slow
+def test_compiled_decode_inductor_equals_eager() -> None:
+    """inductor generates and builds C++: a minute or more on 2 busy cores."""
+    check_compiled_decode("inductor")
+
+
+# Threads ---------------------------------------------------------------------------------
+def test_physical_cores_counts_hyperthreads_once(tmp_path: Path) -> None:
+    blocks = [f"processor\t: {i}\nphysical id\t: 0\ncore id\t\t: {i % 2}\n" for i in range(4)]
+    info = tmp_path / "cpuinfo"
+    info.write_text("\n".join(blocks))
+    logical = len(__import__("os").sched_getaffinity(0))
+    assert physical_cores(info) == max(1, logical * 2 // 4)
+    assert physical_cores(tmp_path / "absent") == logical
+
+
+def test_thread_recommendation_and_setting() -> None:
+    assert recommended_threads(2_000_000, "cpu") == 1
+    assert recommended_threads(1_100_000_000, "cpu") == physical_cores()
+    assert configure_threads(1) == 1 and torch.get_num_threads() == 1
+    with pytest.raises(ValueError, match="threads: expected a positive integer"):
+        configure_threads(0)
