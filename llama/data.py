@@ -118,15 +118,19 @@ def rename(story: str, old: str, new: str) -> str:
     return re.sub(rf"\b{re.escape(old)}\b", new, story)
 
 
-def make_instruction(story: str, rng: random.Random) -> tuple[str, str]:
+def make_instruction(
+    story: str, rng: random.Random, rename_share: float = 1.0
+) -> tuple[str, str]:
     """(instruction, story) for a chat example; the story may have its hero renamed.
 
-    "a dog named Max" in the story -> a random name from NAMES replaces Max throughout and the
-    instruction asks for "a dog named <new name>"; otherwise the instruction lists three words
+    "a dog named Max" in the story -> (for `rename_share` of such stories) a random name from
+    NAMES replaces Max throughout and the instruction asks for "a dog named <new name>";
+    otherwise the instruction lists three words
     of the story, or just asks for a story.
     """
     m = NAMED.search(story)
-    if m is not None:
+    # No draw at rename_share 1: the random stream stays the one the shipped model used.
+    if m is not None and (rename_share >= 1.0 or rng.random() < rename_share):
         noun_phrase, noun, old = m.group(1), m.group(2), m.group(3)
         new = rng.choice(NAMES)
         story = rename(story, old, new)
@@ -170,11 +174,13 @@ def chat_ids(tok: Tokenizer, instruction: str, answer: str, system: str | None =
     return full[: len(full) - len(encode_dialog(tok, tail).ids)]
 
 
-def document_ids(tok: Tokenizer, doc: str, chat: bool, rng: random.Random) -> list[int]:
+def document_ids(
+    tok: Tokenizer, doc: str, chat: bool, rng: random.Random, rename_share: float = 1.0
+) -> list[int]:
     """One training document: plain BOS + text + EOS, or a chat example made from it."""
     if not chat:
         return tok.encode(doc, bos=True, eos=True)
-    instruction, story = make_instruction(doc, rng)
+    instruction, story = make_instruction(doc, rng, rename_share)
     system = rng.choice(SYSTEM_PROMPTS) if rng.random() < 0.2 else None
     return chat_ids(tok, instruction, story, system)
 
@@ -189,7 +195,9 @@ class Source:
     chat_share: float = 0.0
 
 
-def build_stream(tok: Tokenizer, sources: Sequence[Source], seed: int) -> np.ndarray:
+def build_stream(
+    tok: Tokenizer, sources: Sequence[Source], seed: int, rename_share: float = 1.0
+) -> np.ndarray:
     """Token ids of every source's documents, shuffled together, as one uint16 array.
 
     Fractional epochs take a seeded random subset of the docs for the last partial epoch.
@@ -202,7 +210,7 @@ def build_stream(tok: Tokenizer, sources: Sequence[Source], seed: int) -> np.nda
         picks += rng.sample(list(src.docs), round(part * len(src.docs)))
         items += [(d, rng.random() < src.chat_share) for d in picks]
     rng.shuffle(items)
-    ids = [t for doc, chat in items for t in document_ids(tok, doc, chat, rng)]
+    ids = [t for doc, chat in items for t in document_ids(tok, doc, chat, rng, rename_share)]
     if tok.vocab_size > 65535:
         raise ValueError(f"vocab_size {tok.vocab_size} does not fit the uint16 stream")
     return np.asarray(ids, dtype=np.uint16)

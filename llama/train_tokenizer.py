@@ -83,11 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path, help="output prefix (writes PREFIX.model)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--max-bytes", type=int, default=0, help="read at most this much per file")
+    p.add_argument("--rename-share", type=float, default=1.0,
+                   help="as llama.train's: changes the instruction lines trained on")
     a = p.parse_args(argv)
     docs = [d for f in a.files for d in read_documents(f, max_bytes=a.max_bytes or None)]
     # The chat instructions the training data will hold, so their words get pieces too.
     rng = random.Random(0)
-    lines = docs + [make_instruction(d, rng)[0] for d in docs]
+    lines = docs + [make_instruction(d, rng, a.rename_share)[0] for d in docs]
     path = train_tokenizer(lines, a.out, a.vocab_size)
     print(f"wrote {path} ({a.vocab_size} pieces, trained on {len(docs)} documents)")
 
