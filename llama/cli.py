@@ -11,6 +11,10 @@ files end with one "error: ..." line on stderr and exit status 2, never a traceb
 a message the template rejects (e.g. special tags) is reported and the REPL goes on; Ctrl-C
 stops the current reply, Ctrl-C or EOF at the prompt ends the session. "/reset" forgets the
 dialog.
+
+Under torchrun (`torchrun --nproc-per-node N -m llama chat --model PATH`) the model is split
+over the N processes (llama/distributed.py): rank 0 runs the chat, the other ranks replay its
+forward passes, and a failed rank ends the run with exit status 1 naming it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 class UsageError(Exception):
     """A flag or file the CLI cannot use (printed as one line, exit status 2)."""
+
+
+class _WorkerDone(Exception):
+    """A tensor-parallel worker rank finished serving rank 0."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,20 +134,46 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
     device = _device(ns.device)
     try:
         path = ns.model if ns.model is not None else shipped_model_dir()
-        loaded = load(
-            path,
-            device=device,
-            dtype=dtype,
-            load_in_8bit=ns.load_in_8bit,
-            max_seq_len=ns.max_seq_len,
-            tokenizer_path=ns.tokenizer,
-            progress=sys.stderr.isatty(),
-        )
+        if ns.tp is not None:
+            loaded = _load_parallel(ns, path, dtype)
+        else:
+            loaded = load(
+                path,
+                device=device,
+                dtype=dtype,
+                load_in_8bit=ns.load_in_8bit,
+                max_seq_len=ns.max_seq_len,
+                tokenizer_path=ns.tokenizer,
+                progress=sys.stderr.isatty(),
+            )
         if loaded.tokenizer_path is None:
             raise UsageError(f"{path}: no tokenizer.model found; pass --tokenizer")
         return loaded.model, Tokenizer(loaded.tokenizer_path)
     except (CheckpointError, ConfigError, TokenizerError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
+
+
+def _load_parallel(ns: argparse.Namespace, path, dtype):  # -> LoadedModel
+    """This rank's slice; worker ranks serve rank 0 here and never return."""
+    from llama.distributed import ShardingError, load_parallel, run_worker_loop
+
+    try:
+        loaded = load_parallel(
+            path,
+            ns.tp,
+            dtype=dtype,
+            max_seq_len=ns.max_seq_len,
+            tokenizer=ns.tokenizer,
+            load_in_8bit=ns.load_in_8bit,
+            progress=ns.tp.is_leader and sys.stderr.isatty(),
+        )
+    except ShardingError as exc:
+        raise UsageError(str(exc)) from None
+    ns.tp_model = loaded.model
+    if not ns.tp.is_leader:
+        run_worker_loop(loaded.model)
+        raise _WorkerDone
+    return loaded
 
 
 def _device(name: str | None):  # -> torch.device | None
@@ -265,10 +299,40 @@ def main(
     for stream in (out, err, sys.stdin):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(encoding="utf-8", errors="replace")
+    ns = argparse.Namespace(tp=None, tp_model=None)
     try:
-        ns = build_parser().parse_args(argv)
+        build_parser().parse_args(argv, namespace=ns)
         run = run_chat if ns.command == "chat" else run_complete
+        ns.tp = _join_torchrun()
         return run(ns, out, err)
     except UsageError as exc:
-        print(f"error: {exc}", file=err)
+        if ns.tp is None or ns.tp.is_leader:
+            print(f"error: {exc}", file=err)
         return EXIT_BAD_INPUT
+    except _WorkerDone:
+        return 0
+    except _rank_failure() as exc:
+        print(f"error: {exc}", file=err)
+        return 1
+    finally:
+        if ns.tp is not None:
+            from llama.distributed import shutdown
+
+            shutdown(ns.tp, ns.tp_model)
+
+
+def _join_torchrun():  # -> TPContext | None
+    """The tensor-parallel context when launched by torchrun with several processes."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from llama.distributed import init_from_env
+
+    return init_from_env(exit_on_failure=True)
+
+
+def _rank_failure() -> type[Exception]:
+    """RankFailure when tensor parallelism is loaded (importing it costs nothing then)."""
+    module = sys.modules.get("llama.distributed")
+    return module.RankFailure if module is not None else _WorkerDone
