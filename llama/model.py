@@ -9,12 +9,10 @@ that stores only the KV heads; scaled_dot_product_attention does the work.
 - with input_pos (absolute positions, shape (T,)): prefill or decode through the KV cache set
   up by `setup_caches`. Queries attend to every cached position <= their own.
 
-Speed (bench/decode.py measures each choice): `fuse_projections()` after loading turns
-wq|wk|wv and w1|w3 into one product each (llama/fusion.py; state dicts keep Meta names);
-RoPE is one complex multiply over q and k together; a decode step folds each GQA group's
-query heads into rows of one attention call over its KV head (no K/V expansion); keep
-input_pos on the CPU so that reading the cache length costs no device sync; and
-`compile_decode()` (llama/runtime_opts.py) swaps in a torch.compile'd static-shape step.
+Speed (bench/decode.py, bench/ops.py): `fuse_projections()` after loading makes wq|wk|wv and
+w1|w3 one product each (llama/fusion.py; state dicts keep Meta names); RoPE is one complex
+multiply over q and k; keep input_pos on the CPU (reading the cache length then costs no
+device sync); `llama.runtime_opts.compile_decode` installs a compiled static-shape step.
 """
 
 from __future__ import annotations
@@ -52,6 +50,22 @@ class AttentionCapture:
 
 
 AttentionObserver = Callable[[AttentionCapture], None]
+
+
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    """What every layer of one forward call shares.
+
+    rot: RoPE rotors, (T, 1, D/2) complex64 or (T, 1, D/2, 2) fp32 (cos, sin), see `rotate`;
+    input_pos: (T,) absolute positions, None without a cache (training);
+    mask: (T, T_kv) boolean, or None where SDPA's causal flag (prefill from 0) or nothing
+    (decode) is right; kv_len: cached positions attended to, None = the whole cache.
+    """
+
+    rot: Tensor
+    input_pos: Tensor | None
+    mask: Tensor | None
+    kv_len: int | None
 
 
 class RMSNorm(nn.Module):
@@ -137,42 +151,41 @@ class Attention(nn.Module):
         qk = rotate(qk_raw, rot)  # q and k heads are adjacent: one rotation for both
         return qk_raw[:, :, :H], qk_raw[:, :, H:], qk[:, :, :H], qk[:, :, H:], v
 
-    def forward(
-        self,
-        x: Tensor,
-        rot: Tensor,
-        input_pos: Tensor | None,
-        mask: Tensor | None,
-        kv_len: int | None,
-    ) -> Tensor:
-        """x (B, T, dim) -> (B, T, dim). kv_len: cached positions to attend to (None: all)."""
+    def forward(self, x: Tensor, s: StepInputs) -> Tensor:
+        """x (B, T, dim) -> (B, T, dim)."""
         B, T, _ = x.shape
-        q_raw, k_raw, q, k, v = self._project(x, rot)
+        q_raw, k_raw, q, k, v = self._project(x, s.rot)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, T, D)
-        if input_pos is not None:
+        if s.input_pos is not None:
             assert self.cache is not None, "setup_caches() before a cached forward"
-            k, v = self.cache.update(input_pos, k, v)
-            if kv_len is not None:
-                k, v = k[:, :, :kv_len], v[:, :, :kv_len]  # (B, H_kv, T_kv, D)
-        if T == 1:
-            # Decode: the n_rep query heads sharing a KV head are rows of one query matrix.
-            qg = q.reshape(B, self.n_kv_heads, -1, self.head_dim)  # (B, H_kv, n_rep, D)
-            out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
-            q, out = q.transpose(1, 2), out.view(B, 1, -1, self.head_dim).transpose(1, 2)
-        else:
-            q = q.transpose(1, 2)  # (B, H, T, D)
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=mask is None,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            )  # (B, H, T, D)
+            k, v = self.cache.update(s.input_pos, k, v)
+            if s.kv_len is not None:
+                k, v = k[:, :, : s.kv_len], v[:, :, : s.kv_len]  # (B, H_kv, T_kv, D)
+        out = attend(q, k, v, s.mask)  # (B, T, H, D)
         if self.observer is not None:
-            pos = input_pos if input_pos is not None else torch.arange(T, device=x.device)
+            pos = s.input_pos if s.input_pos is not None else torch.arange(T, device=x.device)
+            q, out = q.transpose(1, 2), out.transpose(1, 2)  # (B, H, T, D)
             self.observer(AttentionCapture(self.layer_id, pos, q_raw, k_raw, q, k, v, out))
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*D) -> (B, T, dim)
+            out = out.transpose(1, 2)
+        return self.wo(out.reshape(B, T, -1))  # (B, T, H*D) -> (B, T, dim)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """SDPA of q (B, T, H, D) over k, v (B, H_kv, T_kv, D) -> (B, T, H, D).
+
+    Decode (T == 1) needs no mask among queries, so the n_rep query heads that share a KV head
+    become the rows of one query matrix over it: no K/V expansion (bench/ops.py: faster than
+    enable_gqa, repeat_interleave or expand). Longer T uses SDPA's enable_gqa.
+    """
+    B, T, H, D = q.shape
+    H_kv = k.shape[1]
+    if T == 1:
+        out = F.scaled_dot_product_attention(q.reshape(B, H_kv, -1, D), k, v, attn_mask=mask)
+        return out.reshape(B, 1, H, D)  # head h = kv_head * n_rep + row, as in q
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H_kv != H
+    )  # (B, H, T, D)
+    return out.transpose(1, 2)
 
 
 class FeedForward(nn.Module):
@@ -211,57 +224,27 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(
-        self,
-        x: Tensor,
-        rot: Tensor,
-        input_pos: Tensor | None,
-        mask: Tensor | None,
-        kv_len: int | None,
-    ) -> Tensor:
+    def forward(self, x: Tensor, s: StepInputs) -> Tensor:
         att, ffn = self.attention, self.feed_forward
-        if (
-            att.observer is None
-            and att.wqkv is not None
-            and ffn.w13 is not None
-            and type(att.wo) is nn.Linear
-            and type(ffn.w2) is nn.Linear
-        ):
-            return self._fast_forward(x, rot, input_pos, mask, kv_len)
-        h = x + att(self.attention_norm(x), rot, input_pos, mask, kv_len)
+        fast = att.observer is None and att.wqkv is not None and ffn.w13 is not None
+        if fast and type(att.wo) is nn.Linear and type(ffn.w2) is nn.Linear:
+            return self._fast_forward(x, s)
+        h = x + att(self.attention_norm(x), s)
         return h + ffn(self.ffn_norm(h))
 
-    def _fast_forward(
-        self,
-        x: Tensor,
-        rot: Tensor,
-        input_pos: Tensor | None,
-        mask: Tensor | None,
-        kv_len: int | None,
-    ) -> Tensor:
+    def _fast_forward(self, x: Tensor, s: StepInputs) -> Tensor:
         att, ffn = self.attention, self.feed_forward
         B, T, _ = x.shape
         H, H_kv, D = att.n_heads, att.n_kv_heads, att.head_dim
         qkv = F.linear(self.attention_norm(x), att.wqkv.weight).view(B, T, -1, D)
-        rotate_heads_(qkv, rot, H + H_kv)  # (B, T, H + 2 H_kv, D): q, k rotated; v as is
-        q, kv = qkv[:, :, :H], qkv[:, :, H:].transpose(1, 2)  # kv: (B, 2 H_kv, T, D)
-        if input_pos is not None:
+        rotate_heads_(qkv, s.rot, H + H_kv)  # (B, T, H + 2 H_kv, D): q, k rotated; v as is
+        kv = qkv[:, :, H:].transpose(1, 2)  # (B, 2 H_kv, T, D)
+        if s.input_pos is not None:
             assert att.cache is not None, "setup_caches() before a cached forward"
-            kv = att.cache.update_kv(input_pos, kv)  # (B, 2 H_kv, S_max, D)
-            if kv_len is not None:
-                kv = kv[:, :, :kv_len]  # (B, 2 H_kv, T_kv, D)
-        k, v = kv[:, :H_kv], kv[:, H_kv:]
-        if T == 1:  # decode: each GQA group's query heads are rows of one query matrix
-            out = F.scaled_dot_product_attention(q.view(B, H_kv, -1, D), k, v, attn_mask=mask)
-        else:
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2),
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=mask is None,
-                enable_gqa=H_kv != H,
-            ).transpose(1, 2)  # (B, T, H, D)
+            kv = att.cache.update_kv(s.input_pos, kv)  # (B, 2 H_kv, S_max, D)
+            if s.kv_len is not None:
+                kv = kv[:, :, : s.kv_len]  # (B, 2 H_kv, T_kv, D)
+        out = attend(qkv[:, :, :H], kv[:, :H_kv], kv[:, H_kv:], s.mask)  # (B, T, H, D)
         h = x + F.linear(out.reshape(B, T, -1), att.wo.weight)
         gate, up = F.linear(self.ffn_norm(h), ffn.w13.weight).chunk(2, dim=-1)
         return h + F.linear(F.silu(gate) * up, ffn.w2.weight)
@@ -351,9 +334,10 @@ class Transformer(nn.Module):
                 return self.compiled_decode(tokens, input_pos)
             mask = self._cache_mask(input_pos, T, kv_len)
         rot = self._rope_table(tokens.device, complex_=True)[positions].unsqueeze(1)  # (T,1,D/2)
+        s = StepInputs(rot, input_pos, mask, kv_len)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, rot, input_pos, mask, kv_len)
+            h = layer(h, s)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
@@ -369,9 +353,10 @@ class Transformer(nn.Module):
         mask = keys[None, :] <= input_pos[:, None]  # (1, S_max)
         # (1, 1, D/2, 2) real (cos, sin): torch.compile has no complex numbers
         rot = self._rope_table(tokens.device, complex_=False)[input_pos].unsqueeze(1)
+        s = StepInputs(rot, input_pos, mask, None)
         h = self.tok_embeddings(tokens)  # (B, 1, dim)
         for layer in self.layers:
-            h = layer(h, rot, input_pos, mask, None)
+            h = layer(h, s)
         return self.output(self.norm(h)).float()
 
     def _kv_len(self, input_pos: Tensor, T: int) -> int:

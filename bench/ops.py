@@ -1,0 +1,136 @@
+"""The small choices behind the decode step, each measured against its alternatives.
+
+One decode step (T = 1) of the shipped model's shape and of TinyLlama-1.1B's, on one thread:
+- attention for GQA: SDPA's enable_gqa, K/V repeat_interleave, K/V expand, and ours (the
+  query heads of a group as rows of one query matrix over the group's KV head);
+- RoPE: llama.rope.apply_rope on q and k, against ours (one in-place complex multiply over
+  the fused q|k heads);
+- RMSNorm: Meta's formula in torch ops against F.rms_norm;
+- one transformer block: the module route against the fused fast route (Python overhead).
+
+Alternatives run interleaved, round after round; per call: min and median microseconds.
+
+    python bench/ops.py [--rounds 20] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import bench_presets
+from llama.config import PRESETS, ModelArgs
+from llama.model import Transformer, rotate_heads_
+from llama.rope import apply_rope, rope_tables
+
+
+def compare(fns: dict[str, Callable[[], object]], rounds: int, n: int = 50) -> dict[str, tuple]:
+    """{name: (min us, median us)} per call, alternatives interleaved within each round."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(n):
+                f()
+            times[name].append((time.perf_counter() - t0) / n * 1e6)
+    return {k: (min(v), sorted(v)[len(v) // 2]) for k, v in times.items()}
+
+
+def attention_cases(a: ModelArgs, kv_len: int) -> dict[str, Callable[[], object]]:
+    H, H_kv, D = a.n_heads, a.kv_heads, a.head_dim
+    rep = H // H_kv
+    q = torch.randn(1, H, 1, D)
+    k, v = torch.randn(1, H_kv, kv_len, D), torch.randn(1, H_kv, kv_len, D)
+
+    def expand(t: torch.Tensor) -> torch.Tensor:
+        return t[:, :, None].expand(1, H_kv, rep, kv_len, D).reshape(1, H, kv_len, D)
+
+    return {
+        "SDPA enable_gqa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+        "repeat_interleave": lambda: F.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        ),
+        "expand": lambda: F.scaled_dot_product_attention(q, expand(k), expand(v)),
+        "group rows (ours)": lambda: F.scaled_dot_product_attention(q.view(1, H_kv, rep, D), k, v),
+    }
+
+
+def rope_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
+    H, H_kv, D = a.n_heads, a.kv_heads, a.head_dim
+    qkv = torch.randn(1, 1, H + 2 * H_kv, D)
+    cos, sin = rope_tables(64, D)
+    cos, sin = cos[7:8], sin[7:8]
+    rot = torch.complex(cos, sin).unsqueeze(1)
+    return {
+        "apply_rope(q), apply_rope(k)": lambda: (
+            apply_rope(qkv[:, :, :H], cos, sin),
+            apply_rope(qkv[:, :, H : H + H_kv], cos, sin),
+        ),
+        "in-place complex q|k (ours)": lambda: rotate_heads_(qkv, rot, H + H_kv),
+    }
+
+
+def norm_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
+    x, w, eps = torch.randn(1, 1, a.dim), torch.ones(a.dim), a.norm_eps
+
+    def meta() -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
+
+    return {"Meta's formula": meta, "F.rms_norm (ours)": lambda: F.rms_norm(x, (a.dim,), w, eps)}
+
+
+def block_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
+    plain, fused = Transformer(a.replace(n_layers=1)), Transformer(a.replace(n_layers=1))
+    fused.load_state_dict(plain.state_dict())
+    fused.fuse_projections()
+    out = {}
+    for name, model in (("module route, unfused", plain), ("fast route, fused (ours)", fused)):
+        model.setup_caches(1, max_seq_len=256)
+        with torch.inference_mode():
+            model(torch.zeros(1, 128, dtype=torch.long), torch.arange(128))
+        pos = torch.tensor([128])
+        out[name] = lambda m=model, p=pos: m(torch.zeros(1, 1, dtype=torch.long), p)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--markdown", action="store_true", help="print a markdown table")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    shapes = {"shipped": bench_presets()["shipped"].args, "tinyllama": PRESETS["tinyllama-1.1b"]}
+    rows = []
+    with torch.inference_mode():
+        for shape, args in shapes.items():
+            groups = {f"attention, {n} cached": attention_cases(args, n) for n in (128, 1024)}
+            groups |= {"RoPE": rope_cases(args), "RMSNorm": norm_cases(args)}
+            if shape == "shipped":
+                groups["1-layer decode step"] = block_cases(args)
+            for what, cases in groups.items():
+                for name, (lo, med) in compare(cases, a.rounds).items():
+                    rows.append((shape, what, name, lo, med))
+                    if not a.markdown:
+                        print(
+                            f"{shape:9} {what:24} {name:30} min {lo:8.1f}  med {med:8.1f} us",
+                            flush=True,
+                        )
+    if a.markdown:
+        print("| shape | what | variant | min us | median us |\n|---|---|---|---|---|")
+        for shape, what, name, lo, med in rows:
+            print(f"| {shape} | {what} | {name} | {lo:.1f} | {med:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
