@@ -4,8 +4,9 @@ For "Write a story about a <animal> named <Name>." over 10 (animal, name) pairs 
 sent through the real chat path (llama/chat.py encode_dialog -> llama/generate.py generate,
 temperature 0.8, top-p 0.9), count the replies that use the requested name. The names are NOT
 among the names substituted into the training stories (llama/data.py NAMES), so the model must
-copy the name from the prompt. Also prints the decode speed seen (generated tokens / second,
-prefill included). Target: rate >= 0.8.
+copy the name from the prompt (`--seen` repeats the test with names from that list, for
+comparison; the target is about the unseen names). Also prints the decode speed seen
+(generated tokens / second, prefill included). Target: rate >= 0.8.
 
 Usage: python bench/name_rate.py [--model assets/tinychat] [--seeds 3] [--show]
 """
@@ -36,6 +37,8 @@ PAIRS = (
     ("fox", "Marco"), ("bear", "Hattie"), ("frog", "Felipe"), ("duck", "Nadia"),
     ("lion", "Tobias"), ("mouse", "Greta"),
 )
+# --seen: the same animals with names that ARE in the training substitution list (NAMES).
+SEEN_NAMES = ("Clara", "Hugo", "Kofi", "Lena", "Nico", "Priya", "Theo", "Wren", "Yara", "Zuri")
 
 
 def uses_name(reply: str, name: str) -> bool:
@@ -49,15 +52,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--show", action="store_true", help="print every reply")
+    p.add_argument("--seen", action="store_true", help="use names from the training list")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     assert not {n for _, n in PAIRS} & set(NAMES), "test names must be unseen in training"
+    assert set(SEEN_NAMES) <= set(NAMES)
+    pairs = [(a_, n) for (a_, _), n in zip(PAIRS, SEEN_NAMES, strict=True)] if a.seen else PAIRS
     loaded = load(a.model, device="cpu", dtype=torch.float32, progress=False)
     tok = Tokenizer(loaded.tokenizer_path)
     hits = total = n_tokens = 0
     elapsed = 0.0
-    for animal, name in PAIRS:
+    for animal, name in pairs:
         prompt = encode_dialog(tok, [{"role": "user", "content":
                                       f"Write a story about a {animal} named {name}."}])
         for seed in range(a.seeds):
@@ -72,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
             hits, total = hits + ok, total + 1
             if a.show:
                 print(f"--- {animal} {name} seed {seed}: {'OK' if ok else 'MISSING'}\n{reply}")
-    print(f"name rate: {hits}/{total} = {hits / total:.2f} (target >= 0.80); decode "
+    kind = "seen" if a.seen else "unseen"
+    print(f"name rate ({kind} names): {hits}/{total} = {hits / total:.2f} (target >= 0.80); decode "
           f"{n_tokens / elapsed:.0f} tokens/s over {n_tokens} tokens "
           f"({torch.get_num_threads()} threads)")
 
