@@ -145,6 +145,7 @@ class Handlers:
             try:
                 settings = settings_from(sampling, seed, stop)
             except SettingsError as exc:
+                control.running = False
                 yield self._refused(history, str(exc))
                 return
             shown = views_from(views, layer, head, mode, every)
@@ -168,6 +169,7 @@ class Handlers:
                 run_turn(self.rt, history, settings, views, template, system, control)
             ):
                 if update.done and update.step is None and not update.chat[-1]["content"]:
+                    control.running = False
                     yield self._refused(history, "Stopped before the first token.", warn=False)
                     return
                 now = time.monotonic()
@@ -178,8 +180,12 @@ class Handlers:
                     or (now - sent >= self.stream_interval_s)
                 ):
                     sent = now
+                    # Free the session before the last update reaches the page: a message
+                    # sent the moment the reply shows as finished must not be refused.
+                    control.running = control.running and not update.done
                     yield self._outputs(update)
         except Exception as exc:
+            control.running = False
             if update is None and isinstance(exc, INPUT_ERRORS):
                 yield self._refused(history, str(exc))
                 return

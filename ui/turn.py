@@ -28,7 +28,7 @@ from ui.settings import Settings
 Message = dict[str, str]
 FIGURE_KEYS = ("attention", "probs", "rope", "kv")
 PROBE_VIEWS = frozenset({"attention", "rope", "kv"})
-PROBE_WINDOW = 64  # positions a probe keeps: bounds the figures' size and the trace's memory
+PROBE_WINDOW = 48  # positions a probe keeps: bounds the figures' size and the trace's memory
 ALL_LAYERS_UP_TO = 12  # models this shallow have every layer traced, so any layer can be shown
 
 
@@ -42,6 +42,7 @@ class Views:
     mode: str = "heads"
     every: int = 8
     pace: float = 2.0  # after a redraw that took d s, the next waits >= pace * d s (0 = off)
+    min_interval_s: float = 2.0  # the browser redraws 4 plots (react + resize) per update
 
     @property
     def needs_probe(self) -> bool:
@@ -213,7 +214,7 @@ class _Pacer:
         start = time.perf_counter()
         figs = draw(trace, step, self.views)
         end = time.perf_counter()
-        self.next_at = end + self.views.pace * (end - start)
+        self.next_at = end + max(self.views.pace * (end - start), self.views.min_interval_s)
         return figs
 
 

@@ -1,0 +1,297 @@
+"""The playground in a real browser: Playwright's python package driving Debian's chromium.
+
+One app server (tests/app_server.py) and one browser serve the whole file. The main test walks
+through what a user does: type a message and watch the reply stream in while every figure
+appears and changes, press Stop mid-reply, change temperature and seed and regenerate (the same
+seed gives the same reply), switch layer and head, export the chat and import it back. A second
+test closes a tab mid-reply and checks the model is free for the next user. Screenshots go to
+test-artifacts/ (the README's come from there, copied to assets/screenshots/).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.app_server import AppServer, start_app
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+ARTIFACTS = REPO / "test-artifacts"
+FIGURES = ("attention", "probs", "rope", "kv")
+TIMEOUT_MS = 240_000  # a busy 2-core machine is slow to compile plotly.js
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    srv = start_app(tmp_path_factory.mktemp("browser-app"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def page(browser: Any, server: AppServer) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1500, "height": 1100}, accept_downloads=True)
+    context.set_default_timeout(TIMEOUT_MS)
+    pg = context.new_page()
+    open_app(pg, server.url)
+    yield pg
+    context.close()
+
+
+def open_app(pg: Any, url: str) -> None:
+    pg.goto(url)
+    pg.wait_for_selector("#message textarea")
+    for key in FIGURES:  # the placeholders are drawn: plotly.js is loaded and compiled
+        pg.wait_for_selector(f"#plot-{key} .js-plotly-plot")
+    pg.evaluate(RECORDER)
+
+
+def shot(pg: Any, name: str, full_page: bool = False) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"app_{name}.png"
+    pg.screenshot(path=str(path), full_page=full_page)
+    return path
+
+
+# Reading the page ----------------------------------------------------------------------------
+def status(pg: Any) -> str:
+    """The status line's own text (not the queue/progress overlay gradio draws over it)."""
+    return pg.evaluate("document.querySelector('#status [data-testid=markdown]').innerText")
+
+
+def bot_texts(pg: Any) -> list[str]:
+    return pg.locator('#chatbot [data-testid="bot"]').all_inner_texts()
+
+
+def figure_state(pg: Any, key: str) -> str | None:
+    """What a plot currently shows (title + data), or None before plotly drew it."""
+    return pg.evaluate(
+        """(key) => {
+            const gd = document.querySelector(`#plot-${key} .js-plotly-plot`);
+            if (!gd || !gd.data) return null;
+            const title = (gd.layout && gd.layout.title && gd.layout.title.text) || '';
+            const data = gd.data.map(d => [d.x, d.y, d.z && d.z.length, d.r, d.theta]);
+            return title + '|' + JSON.stringify(data);
+        }""",
+        key,
+    )
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def wait_finished(pg: Any) -> str:
+    wait_until(lambda: "finished:" in status(pg), "the reply to finish")
+    return status(pg)
+
+
+RECORDER = """() => {
+    // Notes, inside the page and as they happen, every change of the last reply's text and
+    // every redraw of each plot, with whether the status line already said "finished".
+    window.__log = [];
+    const finished = () =>
+        document.querySelector('#status [data-testid=markdown]').innerText.includes('finished:');
+    const chat = document.querySelector('#chatbot');
+    new MutationObserver(() => {
+        const bots = chat.querySelectorAll('[data-testid="bot"]');
+        const text = bots.length ? bots[bots.length - 1].innerText : '';
+        window.__log.push({kind: 'text', len: text.length, finished: finished()});
+    }).observe(chat, {subtree: true, childList: true, characterData: true});
+    for (const key of KEYS) {
+        const gd = document.querySelector(`#plot-${key} .js-plotly-plot`);
+        gd.on('plotly_afterplot', () => {
+            const title = (gd.layout.title && gd.layout.title.text) || '';
+            const data = JSON.stringify(gd.data.map(d => [d.x, d.y, d.z && d.z.length, d.r]));
+            window.__log.push({kind: key, state: title + '|' + data, finished: finished()});
+        });
+    }
+}""".replace("KEYS", json.dumps(FIGURES))
+
+
+def watch_reply(pg: Any, text: str) -> tuple[set[int], dict[str, list[str]], dict[str, str]]:
+    """Send `text` and wait for the reply to finish. Returns the reply's text lengths and each
+    figure's states seen while it was still running (recorded in the page by RECORDER), and
+    each figure's final state."""
+    pg.evaluate("window.__log = []")
+    before = status(pg)
+    send(pg, text)
+    wait_until(lambda: status(pg) != before and "finished:" in status(pg), "the reply")
+    time.sleep(0.5)  # plotly draws the last update asynchronously
+    log = pg.evaluate("window.__log")
+    lengths = {e["len"] for e in log if e["kind"] == "text" and not e["finished"] and e["len"]}
+    during = {k: [e["state"] for e in log if e["kind"] == k and not e["finished"]] for k in FIGURES}
+    return lengths, during, {k: figure_state(pg, k) for k in FIGURES}
+
+
+# Acting on the page ----------------------------------------------------------------------------
+def set_number(pg: Any, elem_id: str, value: float) -> None:
+    """Type a value into a slider's number box (what a user does to set it exactly)."""
+    box = pg.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+    wait_until(
+        lambda: float(pg.locator(f"#{elem_id} input[type=range]").input_value()) == float(value),
+        f"{elem_id} = {value}",
+    )
+
+
+def send(pg: Any, text: str) -> None:
+    pg.fill("#message textarea", text)
+    pg.press("#message textarea", "Enter")
+
+
+def pick(pg: Any, elem_id: str, option: str) -> None:
+    pg.click(f"#{elem_id} input")
+    pg.get_by_role("option", name=option, exact=True).click()
+
+
+def open_accordion(pg: Any, title: str) -> None:
+    pg.get_by_role("button", name=title).click()
+
+
+# The tests -------------------------------------------------------------------------------------
+def test_chat_stream_figures_stop_regenerate_pickers_export_import(page: Any) -> None:
+    pg = page
+    shot(pg, "start", full_page=True)
+    placeholders = {k: figure_state(pg, k) for k in FIGURES}
+    set_number(pg, "max-new-tokens", 600)
+    set_number(pg, "every", 1)
+
+    # 1. The reply streams in, and every figure appears and then changes during the reply:
+    #    each shows a drawn state while the reply is still running, and a different one at
+    #    the end. (A reply can be short; then we ask again.)
+    seen = []
+    for _ in range(4):
+        lengths, during, final = watch_reply(pg, "Write a story about a dog named Max.")
+        drawn = {k: [s for s in during[k] if s != placeholders[k]] for k in FIGURES}
+        seen.append((len(lengths), {k: len(v) for k, v in drawn.items()}))
+        changed = all(any(state != final[k] for state in drawn[k]) for k in FIGURES)
+        if len(lengths) >= 2 and changed:
+            break
+    else:
+        pytest.fail(f"no streaming seen: (text lengths, figure states) per try: {seen}")
+    shot(pg, "streaming")
+
+    # 2. Stop mid-reply (twice: harmless); the partial reply stays.
+    for _ in range(4):
+        before = status(pg)
+        send(pg, "Tell me a long story about a big red ball.")
+        wait_until(lambda: status(pg) != before and bot_texts(pg)[-1] != "", "a reply")
+        pg.click("#stop")
+        pg.click("#stop")
+        final_status = wait_finished(pg)
+        if "finished: cancelled" in final_status:
+            break
+    else:
+        pytest.fail(f"every reply ended before Stop: {final_status}")
+    stopped = bot_texts(pg)[-1]
+    assert stopped and pg.input_value("#message textarea") == ""
+    time.sleep(1)
+    assert bot_texts(pg)[-1] == stopped  # nothing more arrives after Stop
+    shot(pg, "stopped")
+
+    # 3. Temperature and seed changed, then Regenerate: the same seed gives the same reply.
+    set_number(pg, "max-new-tokens", 40)
+    set_number(pg, "temperature", 1.3)
+    pg.fill("#seed textarea, #seed input", "42")
+    pg.click("#regenerate")
+    wait_until(lambda: "seed 42" in status(pg) and "finished:" in status(pg), "reply seed 42")
+    first = bot_texts(pg)[-1]
+    n_turns = len(bot_texts(pg))
+    assert first
+    pg.click("#regenerate")
+    wait_until(
+        lambda: "seed 42" in status(pg) and "finished:" in status(pg) and bot_texts(pg)[-1] != "",
+        "second reply",
+    )
+    time.sleep(0.5)
+    assert bot_texts(pg)[-1] == first
+    assert "42" in pg.input_value("#seed-used textarea, #seed-used input")
+
+    # 4. Switching layer and head redraws attention from the recorded trace.
+    before = figure_state(pg, "attention")
+    pick(pg, "layer", "layer 2")
+    wait_until(lambda: figure_state(pg, "attention") != before, "layer 2 drawn")
+    at_layer = figure_state(pg, "attention")
+    pick(pg, "head", "head 1 (group 0)")
+    wait_until(lambda: figure_state(pg, "attention") != at_layer, "head 1 drawn")
+    pg.locator("#plot-attention").scroll_into_view_if_needed()
+    shot(pg, "attention")
+
+    # 5. Export the chat, clear it, import it back.
+    open_accordion(pg, "Export / import chat")
+    pg.click("#export")
+    link = pg.locator("#export-file a").first
+    link.wait_for()
+    with pg.expect_download() as download:
+        link.click()
+    exported = ARTIFACTS / "exported_chat.json"
+    download.value.save_as(str(exported))
+    saved = json.loads(exported.read_text(encoding="utf-8"))
+    assert len(saved["messages"]) == 2 * n_turns and saved["messages"][-1]["content"] == first
+    assert saved["sampling"]["temperature"] == 1.3 and saved["sampling"]["seed"] == 42
+
+    pg.click("#clear")
+    wait_until(lambda: bot_texts(pg) == [], "the chat to clear")
+    set_number(pg, "temperature", 0.6)
+    pg.locator("input[type=file]").set_input_files(str(exported))
+    wait_until(
+        lambda: len(bot_texts(pg)) == n_turns and bot_texts(pg)[-1] == first, "the imported chat"
+    )
+    wait_until(
+        lambda: pg.locator("#temperature input[type=number]").input_value() == "1.3",
+        "the imported temperature",
+    )
+    shot(pg, "imported", full_page=True)
+
+
+def test_closing_a_tab_mid_reply_frees_the_model(browser: Any, server: AppServer) -> None:
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(TIMEOUT_MS)
+    leaving, staying = context.new_page(), context.new_page()
+    open_app(leaving, server.url)
+    open_app(staying, server.url)
+    set_number(leaving, "max-new-tokens", 1024)
+    send(leaving, "Once upon a time")
+    wait_until(lambda: len((bot_texts(leaving) or [""])[-1]) > 0, "the reply to start")
+    leaving.close()
+    set_number(staying, "max-new-tokens", 8)
+    send(staying, "The little dog")
+    start = time.monotonic()
+    final = wait_finished(staying)
+    assert "finished:" in final and bot_texts(staying)[-1]
+    assert time.monotonic() - start < 120
+    context.close()
