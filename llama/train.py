@@ -14,6 +14,7 @@ command resumes from OUT/ckpt exactly where it stopped.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -252,9 +253,11 @@ def run(args: ModelArgs, cfg: TrainConfig, out: Path, train_bin: Path, val_bin: 
 
 
 def _export(model: Transformer, directory: Path, tokenizer: Path, step: int, val: float) -> None:
+    """Write the model in the native format with fp16 weights (half the bytes of fp32, so the
+    shipped model fits the repository; loaders upcast to fp32 on CPU)."""
     from llama.checkpoints import save
 
-    save(model, directory, tokenizer_path=tokenizer)
+    save(copy.deepcopy(model).to(torch.float16), directory, tokenizer_path=tokenizer)
     (directory / "training_state.json").write_text(
         json.dumps({"step": step, "val_loss": round(val, 4)}, indent=2) + "\n")
 

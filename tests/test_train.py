@@ -160,3 +160,18 @@ def test_init_from_takes_weights_only(tmp_path):
     b = load_file(str(tmp_path / "phase2" / "ckpt" / WEIGHTS))
     for key in (k for k in a if k.startswith("model.")):
         assert torch.equal(a[key], b[key]), key
+
+
+def test_export_writes_a_loadable_fp16_tied_model(tmp_path, trained_tokenizer):
+    from llama.checkpoints import load
+
+    args = ARGS.replace(vocab_size=trained_tokenizer.vocab_size)
+    train, val = _streams(tmp_path)
+    run(args, _cfg(max_steps=2, eval_every=2), tmp_path / "run", train, val,
+        tokenizer=trained_tokenizer.path, export=tmp_path / "export",
+        device=torch.device("cpu"), progress=False)
+    tensors = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert "output.weight" not in tensors  # tied to the embedding
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    loaded = load(tmp_path / "export", device="cpu", progress=False)
+    assert loaded.model.args == args and loaded.tokenizer_path.is_file()
