@@ -63,7 +63,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--dtype", choices=list(DTYPES), default=None, help="default fp32 on CPU, bf16 on CUDA"
     )
-    p.add_argument("--compile", action="store_true", help="ours: llama.runtime_opts.compile_decode")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also ours with llama.runtime_opts.compile_decode (an extra row per preset)",
+    )
+    p.add_argument(
+        "--compile-max-params",
+        type=float,
+        default=1e8,
+        help="on CPU, compile only presets below this many parameters (memory-bound "
+        "decodes gain little; compiling them takes minutes)",
+    )
     p.add_argument("--load-in-8bit", action="store_true", help="both: bitsandbytes LLM.int8")
     p.add_argument("--no-fuse", action="store_true", help="ours without fused projections")
     p.add_argument(
@@ -93,7 +104,9 @@ def threads_for(a: argparse.Namespace, preset: BenchPreset, device: torch.device
     return recommended_threads(preset.args.n_params(), device)
 
 
-def fits(preset: BenchPreset, dtype: torch.dtype, device: torch.device) -> str | None:
+def fits(
+    preset: BenchPreset, dtype: torch.dtype, device: torch.device, variants: list[bool]
+) -> str | None:
     """None when both runtimes fit at once, else the reason to skip."""
     item = torch.finfo(dtype).bits // 8
     need = preset.args.n_params() * item
@@ -102,18 +115,25 @@ def fits(preset: BenchPreset, dtype: torch.dtype, device: torch.device) -> str |
         have, what = free, "free GPU memory"
     else:
         have, what = mem_available_bytes(), "MemAvailable"
-    # Two models resident, plus writing the checkpoint (HF keeps one more copy while saving).
-    if 2.3 * need > have:
+    # Every runtime resident at once, plus one more copy while the checkpoint is written.
+    copies = len(variants) + 1.3
+    if copies * need > have:
         return (
-            f"needs ~{2.3 * need / 2**30:.1f} GiB for two copies of {need / 2**30:.1f} GiB "
-            f"of weights; {what} is {have / 2**30:.1f} GiB"
+            f"needs ~{copies * need / 2**30:.1f} GiB for {copies:g} copies of "
+            f"{need / 2**30:.1f} GiB of weights; {what} is {have / 2**30:.1f} GiB"
         )
     return None
 
 
+def ours_variants(a: argparse.Namespace, preset: BenchPreset, device: torch.device) -> list[bool]:
+    """[False] (eager), plus True (compiled) when --compile applies to this preset."""
+    small = preset.args.n_params() < a.compile_max_params
+    return [False, True] if a.compile and (device.type == "cuda" or small) else [False]
+
+
 def run_preset(
     a: argparse.Namespace, preset: BenchPreset, device: torch.device, dtype: torch.dtype
-) -> dict[str, object]:
+) -> list[dict[str, object]]:
     threads = threads_for(a, preset, device)
     torch.set_num_threads(threads)
     print(
@@ -122,18 +142,21 @@ def run_preset(
         flush=True,
     )
     ckpt = runs.write_hf_checkpoint(preset.args, a.workdir / f"{preset.name}-{a.dtype_name}")
-    ours = runs.Ours(ckpt, preset, device, dtype, a)
+    ours = [
+        runs.Ours(ckpt, preset, device, dtype, a, compiled)
+        for compiled in ours_variants(a, preset, device)
+    ]
     theirs = runs.Theirs(ckpt, preset, device, dtype, a)
+    everyone = [*ours, theirs]
     prompt = runs.prompt_ids(preset.args.vocab_size, a.prompt_len)
     short = prompt[: a.ttft_prompt]
     bw_before = measure(threads, device=str(device))
-    for r in range(a.rounds + 1):  # round 0 warms up (and compiles); not recorded
-        order = (ours, theirs) if r % 2 == 0 else (theirs, ours)
-        for runner in order:
-            runner.round(prompt, short, a.new_tokens, record=r > 0)
-        print(f"  round {r}: " + " | ".join(x.summary() for x in (ours, theirs)), flush=True)
+    for r in range(1, a.rounds + 1):  # each runtime warmed up (and compiled) when loaded
+        for runner in everyone if r % 2 else reversed(everyone):
+            runner.round(prompt, short, a.new_tokens, record=True)
+        print(f"  round {r}: " + " | ".join(x.summary() for x in everyone), flush=True)
     bw_after = measure(threads, device=str(device))
-    return report.row(preset, threads, ours, theirs, bw_before, bw_after, a)
+    return [report.row(preset, threads, o, theirs, bw_before, bw_after, a) for o in ours]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,13 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows, skipped = [], []
     for name in names:
-        reason = fits(presets[name], dtype, device)
+        reason = fits(presets[name], dtype, device, ours_variants(a, presets[name], device))
         if reason:
             print(f"\n== {name}: skipped: {reason}", flush=True)
             skipped.append((name, reason))
             continue
         t0 = time.perf_counter()
-        rows.append(run_preset(a, presets[name], device, dtype))
+        rows.extend(run_preset(a, presets[name], device, dtype))
         print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     table = report.table(rows)
     print("\n" + table)

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import bench_presets
 from llama.config import PRESETS, ModelArgs
-from llama.model import Transformer, rotate_heads_
+from llama.functional import rotate_heads_
+from llama.model import Transformer
 from llama.rope import apply_rope, rope_tables
 
 

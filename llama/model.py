@@ -23,9 +23,18 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from llama.cache import CacheOverflowError, KVCache
 from llama.config import ModelArgs
+from llama.functional import (
+    FastLayer,
+    StepInputs,
+    attend,
+    fast_block,
+    rms_norm,
+    rotate,
+)
 from llama.fusion import fuse_linears
 from llama.rope import rope_tables
 
@@ -52,20 +61,20 @@ class AttentionCapture:
 AttentionObserver = Callable[[AttentionCapture], None]
 
 
-@dataclass(frozen=True, slots=True)
-class StepInputs:
-    """What every layer of one forward call shares.
+# Bumped whenever any module registers a parameter, buffer or submodule (every load with
+# assign=True, fusion, 8-bit swap, setup_caches, tying) or an observer changes: the fast
+# route's cached list of weights (Transformer._fast_layers) is rebuilt when it moved.
+_structure_version = 0
 
-    rot: RoPE rotors, (T, 1, D/2) complex64 or (T, 1, D/2, 2) fp32 (cos, sin), see `rotate`;
-    input_pos: (T,) absolute positions, None without a cache (training);
-    mask: (T, T_kv) boolean, or None where SDPA's causal flag (prefill from 0) or nothing
-    (decode) is right; kv_len: cached positions attended to, None = the whole cache.
-    """
 
-    rot: Tensor
-    input_pos: Tensor | None
-    mask: Tensor | None
-    kv_len: int | None
+def _structure_changed(*_: object) -> None:
+    global _structure_version
+    _structure_version += 1
+
+
+_module.register_module_parameter_registration_hook(_structure_changed)
+_module.register_module_buffer_registration_hook(_structure_changed)
+_module.register_module_module_registration_hook(_structure_changed)
 
 
 class RMSNorm(nn.Module):
@@ -77,45 +86,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32 == self.weight.dtype:  # one fused kernel
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Meta's order for half precision: normalise in fp32, round, then scale.
-        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight
-
-
-def rotate(x: Tensor, rot: Tensor) -> Tensor:
-    """RoPE on interleaved pairs of x (B, T, H, D); rot holds per-position rotors.
-
-    rot is complex64 (T, 1, D/2), e^{i m theta} (one complex multiply: the eager path), or
-    fp32 (T, 1, D/2, 2) holding (cos, sin) (element-wise: what torch.compile fuses, as
-    inductor lacks complex numbers). Computed in fp32, returned in x's dtype. The same maths
-    as llama.rope.apply_rope.
-    """
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
-    if rot.is_complex():
-        out = torch.view_as_real(torch.view_as_complex(pairs) * rot)
-    else:
-        out = torch.stack(_rotated_pairs(pairs, rot), dim=-1)
-    return out.flatten(-2).type_as(x)  # (B, T, H, D)
-
-
-def _rotated_pairs(pairs: Tensor, rot: Tensor) -> tuple[Tensor, Tensor]:
-    """(x0 cos - x1 sin, x0 sin + x1 cos) for pairs (..., D/2, 2), rot (T, 1, D/2, 2)."""
-    x0, x1 = pairs.unbind(-1)
-    cos, sin = rot.unbind(-1)
-    return x0 * cos - x1 * sin, x0 * sin + x1 * cos
-
-
-def rotate_heads_(qkv: Tensor, rot: Tensor, n_heads: int) -> None:
-    """Rotate the first n_heads heads of qkv (B, T, heads, D) in place (the q and k heads of a
-    fused projection; the value heads after them stay as they are). rot as in `rotate`."""
-    pairs = qkv[:, :, :n_heads].unflatten(-1, (-1, 2))  # (B, T, n_heads, D/2, 2), a view
-    if rot.is_complex() and qkv.dtype == torch.float32:
-        torch.view_as_complex(pairs).mul_(rot)
-    elif rot.is_complex():
-        pairs.copy_(torch.view_as_real(torch.view_as_complex(pairs.float()) * rot))
-    else:
-        pairs.copy_(torch.stack(_rotated_pairs(pairs.float(), rot), dim=-1))
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -130,8 +101,17 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.wqkv: nn.Linear | None = None  # set by fuse(); then wq, wk, wv are gone
         self.cache: KVCache | None = None
-        # Called with an AttentionCapture when set; None keeps the fast path untouched.
-        self.observer: AttentionObserver | None = None
+        self.observer = None
+
+    @property
+    def observer(self) -> AttentionObserver | None:
+        """Called with an AttentionCapture when set; None keeps the fast route untouched."""
+        return self._observer
+
+    @observer.setter
+    def observer(self, fn: AttentionObserver | None) -> None:
+        self._observer = fn
+        _structure_changed()
 
     def fuse(self) -> bool:
         """wq|wk|wv -> wqkv (see llama/fusion.py). False when not plain nn.Linear (8-bit)."""
@@ -170,24 +150,6 @@ class Attention(nn.Module):
         return self.wo(out.reshape(B, T, -1))  # (B, T, H*D) -> (B, T, dim)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """SDPA of q (B, T, H, D) over k, v (B, H_kv, T_kv, D) -> (B, T, H, D).
-
-    Decode (T == 1) needs no mask among queries, so the n_rep query heads that share a KV head
-    become the rows of one query matrix over it: no K/V expansion (bench/ops.py: faster than
-    enable_gqa, repeat_interleave or expand). Longer T uses SDPA's enable_gqa.
-    """
-    B, T, H, D = q.shape
-    H_kv = k.shape[1]
-    if T == 1:
-        out = F.scaled_dot_product_attention(q.reshape(B, H_kv, -1, D), k, v, attn_mask=mask)
-        return out.reshape(B, 1, H, D)  # head h = kv_head * n_rep + row, as in q
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H_kv != H
-    )  # (B, H, T, D)
-    return out.transpose(1, 2)
-
-
 class FeedForward(nn.Module):
     """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x)."""
 
@@ -212,9 +174,10 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm residual block: h = x + attention(norm(x)); out = h + ffn(norm(h)).
 
-    Two equal routes: the module route (any Linear type, the observer, readable) and, for a
-    fused block of plain Linears with no observer, `_fast_forward`: the same maths in the
-    fewest torch calls (a small model decodes at the speed of Python; bench/decode.py).
+    Two routes compute the same thing: this module route (any Linear type, the observer,
+    readable), and for a fused block of plain Linears with no observer `fast_block` over
+    `fast_parts()`: the same maths in the fewest torch calls, reading no module attributes
+    (a small model decodes at the speed of Python; see bench/ops.py).
     """
 
     def __init__(self, args: ModelArgs, layer_id: int) -> None:
@@ -225,29 +188,34 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x: Tensor, s: StepInputs) -> Tensor:
-        att, ffn = self.attention, self.feed_forward
-        fast = att.observer is None and att.wqkv is not None and ffn.w13 is not None
-        if fast and type(att.wo) is nn.Linear and type(ffn.w2) is nn.Linear:
-            return self._fast_forward(x, s)
-        h = x + att(self.attention_norm(x), s)
-        return h + ffn(self.ffn_norm(h))
+        parts = self.fast_parts()
+        if parts is not None:
+            return fast_block(x, parts, s)
+        h = x + self.attention(self.attention_norm(x), s)
+        return h + self.feed_forward(self.ffn_norm(h))
 
-    def _fast_forward(self, x: Tensor, s: StepInputs) -> Tensor:
+    def fast_parts(self) -> FastLayer | None:
+        """The tensors the fast route reads, or None when it does not apply."""
         att, ffn = self.attention, self.feed_forward
-        B, T, _ = x.shape
-        H, H_kv, D = att.n_heads, att.n_kv_heads, att.head_dim
-        qkv = F.linear(self.attention_norm(x), att.wqkv.weight).view(B, T, -1, D)
-        rotate_heads_(qkv, s.rot, H + H_kv)  # (B, T, H + 2 H_kv, D): q, k rotated; v as is
-        kv = qkv[:, :, H:].transpose(1, 2)  # (B, 2 H_kv, T, D)
-        if s.input_pos is not None:
-            assert att.cache is not None, "setup_caches() before a cached forward"
-            kv = att.cache.update_kv(s.input_pos, kv)  # (B, 2 H_kv, S_max, D)
-            if s.kv_len is not None:
-                kv = kv[:, :, : s.kv_len]  # (B, 2 H_kv, T_kv, D)
-        out = attend(qkv[:, :, :H], kv[:, :H_kv], kv[:, H_kv:], s.mask)  # (B, T, H, D)
-        h = x + F.linear(out.reshape(B, T, -1), att.wo.weight)
-        gate, up = F.linear(self.ffn_norm(h), ffn.w13.weight).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, ffn.w2.weight)
+        if att.observer is not None or att.wqkv is None or ffn.w13 is None:
+            return None
+        if type(att.wo) is not nn.Linear or type(ffn.w2) is not nn.Linear:
+            return None  # e.g. 8-bit or tensor-parallel subclasses: their forward must run
+        n1, n2 = self.attention_norm, self.ffn_norm
+        return FastLayer(
+            n1.weight,
+            n1.eps,
+            att.wqkv.weight,
+            att.cache,
+            att.wo.weight,
+            n2.weight,
+            n2.eps,
+            ffn.w13.weight,
+            ffn.w2.weight,
+            att.n_heads,
+            att.n_kv_heads,
+            att.head_dim,
+        )
 
 
 class Transformer(nn.Module):
@@ -262,6 +230,8 @@ class Transformer(nn.Module):
         # and a model built on the meta device must still get real tables. Built lazily.
         self._rotors: dict[tuple[torch.device, bool], Tensor] = {}
         self._observed = False
+        self._fast: list[FastLayer] | None = None
+        self._route_version = -1  # _structure_version that _fast and _observed reflect
         # Set by llama.runtime_opts.compile_decode: (tokens (B,1), input_pos (1,)) -> logits.
         self.compiled_decode: Callable[[Tensor, Tensor], Tensor] | None = None
 
@@ -314,7 +284,20 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             wanted = observer is not None and (layers is None or i in layers)
             layer.attention.observer = observer if wanted else None
-        self._observed = any(layer.attention.observer is not None for layer in self.layers)
+
+    def _fast_layers(self) -> list[FastLayer] | None:
+        """Every block's fast-route tensors (None if any block needs its module route), rebuilt
+        only when some module's structure or an observer changed since the last call."""
+        if self._route_version != _structure_version:
+            parts = [layer.fast_parts() for layer in self.layers]
+            self._fast = None if any(p is None for p in parts) else parts
+            self._observed = any(layer.attention.observer is not None for layer in self.layers)
+            self._route_version = _structure_version
+        return self._fast
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> Transformer:
+        _structure_changed()  # .to()/.half(): parameters may come back as new objects
+        return super()._apply(fn, recurse)
 
     def forward(
         self, tokens: Tensor, input_pos: Tensor | None = None, last_only: bool = False
@@ -330,14 +313,19 @@ class Transformer(nn.Module):
         else:
             kv_len = self._kv_len(input_pos, T)
             positions = input_pos = input_pos.to(tokens.device, non_blocking=True)
-            if T == 1 and self.compiled_decode is not None and not self._observed:
-                return self.compiled_decode(tokens, input_pos)
             mask = self._cache_mask(input_pos, T, kv_len)
+        fast = self._fast_layers()
+        if T == 1 and input_pos is not None and self.compiled_decode and not self._observed:
+            return self.compiled_decode(tokens, input_pos)
         rot = self._rope_table(tokens.device, complex_=True)[positions].unsqueeze(1)  # (T,1,D/2)
         s = StepInputs(rot, input_pos, mask, kv_len)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        for layer in self.layers:
-            h = layer(h, s)
+        if fast is not None:
+            for parts in fast:
+                h = fast_block(h, parts, s)
+        else:
+            for layer in self.layers:
+                h = layer(h, s)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

@@ -12,7 +12,8 @@ from torch import nn
 from llama.cache import CacheOverflowError
 from llama.checkpoints.writers import random_transformer
 from llama.config import ModelArgs
-from llama.model import AttentionCapture, Transformer, rotate
+from llama.functional import rotate
+from llama.model import AttentionCapture, Transformer
 from llama.rope import apply_rope, rope_tables
 from llama.runtime_opts import (
     compile_decode,

@@ -1,0 +1,130 @@
+"""The model's maths as plain functions: RMSNorm, RoPE application, attention, and the whole
+fused block (`fast_block`), which llama/model.py's modules call.
+
+Each function says its shapes. `fast_block` is what TransformerBlock computes, written for
+the fewest torch calls: a small model's decode step is bound by Python and dispatch, not by
+arithmetic (bench/ops.py measures the alternatives).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from llama.cache import KVCache
+
+
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    """What every layer of one forward call shares.
+
+    rot: RoPE rotors, (T, 1, D/2) complex64 or (T, 1, D/2, 2) fp32 (cos, sin), see `rotate`;
+    input_pos: (T,) absolute positions, None without a cache (training);
+    mask: (T, T_kv) boolean, or None where SDPA's causal flag (prefill from 0) or nothing
+    (decode) is right; kv_len: cached positions attended to, None = the whole cache.
+    """
+
+    rot: Tensor
+    input_pos: Tensor | None
+    mask: Tensor | None
+    kv_len: int | None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm of x (..., dim); fp32 in one call, half precision in Meta's order (normalise in
+    fp32, round to x's dtype, then scale)."""
+    if x.dtype == torch.float32 == weight.dtype:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return F.rms_norm(x.float(), weight.shape, None, eps).type_as(x) * weight
+
+
+def rotate(x: Tensor, rot: Tensor) -> Tensor:
+    """RoPE on interleaved pairs of x (B, T, H, D); rot holds per-position rotors.
+
+    rot is complex64 (T, 1, D/2), e^{i m theta} (one complex multiply: the eager path), or
+    fp32 (T, 1, D/2, 2) holding (cos, sin) (element-wise: what torch.compile fuses, as
+    inductor lacks complex numbers). Computed in fp32, returned in x's dtype. The same maths
+    as llama.rope.apply_rope.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    if rot.is_complex():
+        out = torch.view_as_real(torch.view_as_complex(pairs) * rot)
+    else:
+        out = torch.stack(_rotated_pairs(pairs, rot), dim=-1)
+    return out.flatten(-2).type_as(x)  # (B, T, H, D)
+
+
+def _rotated_pairs(pairs: Tensor, rot: Tensor) -> tuple[Tensor, Tensor]:
+    """(x0 cos - x1 sin, x0 sin + x1 cos) for pairs (..., D/2, 2), rot (T, 1, D/2, 2)."""
+    x0, x1 = pairs.unbind(-1)
+    cos, sin = rot.unbind(-1)
+    return x0 * cos - x1 * sin, x0 * sin + x1 * cos
+
+
+def rotate_heads_(qkv: Tensor, rot: Tensor, n_heads: int) -> None:
+    """Rotate the first n_heads heads of qkv (B, T, heads, D) in place (the q and k heads of a
+    fused projection; the value heads after them stay as they are). rot as in `rotate`."""
+    pairs = qkv[:, :, :n_heads].unflatten(-1, (-1, 2))  # (B, T, n_heads, D/2, 2), a view
+    if rot.is_complex() and qkv.dtype == torch.float32:
+        torch.view_as_complex(pairs).mul_(rot)
+    elif rot.is_complex():
+        pairs.copy_(torch.view_as_real(torch.view_as_complex(pairs.float()) * rot))
+    else:
+        pairs.copy_(torch.stack(_rotated_pairs(pairs.float(), rot), dim=-1))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """SDPA of q (B, T, H, D) over k, v (B, H_kv, T_kv, D) -> (B, T, H, D).
+
+    Decode (T == 1) needs no mask among queries, so the n_rep query heads that share a KV head
+    become the rows of one query matrix over it: no K/V expansion (bench/ops.py: faster than
+    enable_gqa, repeat_interleave or expand). Longer T uses SDPA's enable_gqa.
+    """
+    B, T, H, D = q.shape
+    H_kv = k.shape[1]
+    if T == 1:
+        out = F.scaled_dot_product_attention(q.reshape(B, H_kv, -1, D), k, v, attn_mask=mask)
+        return out.reshape(B, 1, H, D)  # head h = kv_head * n_rep + row, as in q
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H_kv != H
+    )  # (B, H, T, D)
+    return out.transpose(1, 2)
+
+
+class FastLayer(NamedTuple):
+    """One fused block's tensors (the module's own objects, so in-place updates show)."""
+
+    norm1: Tensor
+    eps1: float
+    wqkv: Tensor
+    cache: KVCache | None
+    wo: Tensor
+    norm2: Tensor
+    eps2: float
+    w13: Tensor
+    w2: Tensor
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+
+def fast_block(x: Tensor, L: FastLayer, s: StepInputs) -> Tensor:
+    """TransformerBlock.forward for a fused block: x (B, T, dim) -> (B, T, dim)."""
+    B, T, _ = x.shape
+    H, H_kv, D = L.n_heads, L.n_kv_heads, L.head_dim
+    qkv = F.linear(rms_norm(x, L.norm1, L.eps1), L.wqkv).view(B, T, -1, D)
+    rotate_heads_(qkv, s.rot, H + H_kv)  # (B, T, H + 2 H_kv, D): q, k rotated; v as is
+    kv = qkv[:, :, H:].transpose(1, 2)  # (B, 2 H_kv, T, D)
+    if s.input_pos is not None:
+        assert L.cache is not None, "setup_caches() before a cached forward"
+        kv = L.cache.update_kv(s.input_pos, kv)  # (B, 2 H_kv, S_max, D)
+        if s.kv_len is not None:
+            kv = kv[:, :, : s.kv_len]  # (B, 2 H_kv, T_kv, D)
+    out = attend(qkv[:, :, :H], kv[:, :H_kv], kv[:, H_kv:], s.mask)  # (B, T, H, D)
+    h = x + F.linear(out.reshape(B, T, -1), L.wo)
+    gate, up = F.linear(rms_norm(h, L.norm2, L.eps2), L.w13).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, L.w2)
