@@ -118,8 +118,20 @@ def rename(story: str, old: str, new: str) -> str:
     return re.sub(rf"\b{re.escape(old)}\b", new, story)
 
 
+ONSETS = ("b", "br", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z")
+VOWELS = ("a", "e", "i", "o", "u", "ia", "ei")
+CODAS = ("", "", "", "n", "r", "l", "s", "m")
+
+
+def invent_name(rng: random.Random) -> str:
+    """A pronounceable made-up name of 2-3 syllables ("Tobin", "Marela"): not in any list, so
+    the model can only write it by copying it from the instruction."""
+    syllables = [rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(rng.randint(2, 3))]
+    return ("".join(syllables) + rng.choice(CODAS)).capitalize()
+
+
 def make_instruction(
-    story: str, rng: random.Random, rename_share: float = 1.0
+    story: str, rng: random.Random, rename_share: float = 1.0, invented_share: float = 0.0
 ) -> tuple[str, str]:
     """(instruction, story) for a chat example; the story may have its hero renamed.
 
@@ -132,7 +144,9 @@ def make_instruction(
     # No draw at rename_share 1: the random stream stays the one the shipped model used.
     if m is not None and (rename_share >= 1.0 or rng.random() < rename_share):
         noun_phrase, noun, old = m.group(1), m.group(2), m.group(3)
-        new = rng.choice(NAMES)
+        # No draw at invented_share 0, as for rename_share 1 (reproducible older streams).
+        invented = invented_share > 0 and rng.random() < invented_share
+        new = invent_name(rng) if invented else rng.choice(NAMES)
         story = rename(story, old, new)
         what = noun if rng.random() < 0.7 else noun_phrase
         article = "an" if what[0] in "aeiou" else "a"
@@ -175,12 +189,13 @@ def chat_ids(tok: Tokenizer, instruction: str, answer: str, system: str | None =
 
 
 def document_ids(
-    tok: Tokenizer, doc: str, chat: bool, rng: random.Random, rename_share: float = 1.0
+    tok: Tokenizer, doc: str, chat: bool, rng: random.Random, rename_share: float = 1.0,
+    invented_share: float = 0.0,
 ) -> list[int]:
     """One training document: plain BOS + text + EOS, or a chat example made from it."""
     if not chat:
         return tok.encode(doc, bos=True, eos=True)
-    instruction, story = make_instruction(doc, rng, rename_share)
+    instruction, story = make_instruction(doc, rng, rename_share, invented_share)
     system = rng.choice(SYSTEM_PROMPTS) if rng.random() < 0.2 else None
     return chat_ids(tok, instruction, story, system)
 
@@ -196,7 +211,8 @@ class Source:
 
 
 def build_stream(
-    tok: Tokenizer, sources: Sequence[Source], seed: int, rename_share: float = 1.0
+    tok: Tokenizer, sources: Sequence[Source], seed: int, rename_share: float = 1.0,
+    invented_share: float = 0.0,
 ) -> np.ndarray:
     """Token ids of every source's documents, shuffled together, as one uint16 array.
 
@@ -210,7 +226,8 @@ def build_stream(
         picks += rng.sample(list(src.docs), round(part * len(src.docs)))
         items += [(d, rng.random() < src.chat_share) for d in picks]
     rng.shuffle(items)
-    ids = [t for doc, chat in items for t in document_ids(tok, doc, chat, rng, rename_share)]
+    ids = [t for doc, chat in items for t in document_ids(tok, doc, chat, rng, rename_share,
+                                                                  invented_share)]
     if tok.vocab_size > 65535:
         raise ValueError(f"vocab_size {tok.vocab_size} does not fit the uint16 stream")
     return np.asarray(ids, dtype=np.uint16)

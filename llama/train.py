@@ -167,8 +167,8 @@ def _tensorboard(path: Path) -> Any:
 def prepare_data(out: Path, tok: Tokenizer, docs_files: list[Path], epochs: float,
                  chat_share: float, holdout: float, seed: int,
                  extra_files: list[Path] | None = None, extra_epochs: float = 0.0,
-                 extra_chat_share: float = 0.0, rename_share: float = 1.0
-                 ) -> tuple[Path, Path]:
+                 extra_chat_share: float = 0.0, rename_share: float = 1.0,
+                 invented_share: float = 0.0) -> tuple[Path, Path]:
     """Build OUT/data/{train,val}.bin once (reused on resume). Val: held-out docs of
     `docs_files`, plain. `extra_files` (long texts, cut into ~1.5 kB chunks of paragraphs) add
     `extra_epochs` passes to the train stream (`extra_chat_share` of them as chat examples)
@@ -182,7 +182,7 @@ def prepare_data(out: Path, tok: Tokenizer, docs_files: list[Path], epochs: floa
     if extra_files and extra_epochs > 0:
         extra = chunk_documents([d for f in extra_files for d in read_documents(f)], 1500)
         sources.append(Source(extra, extra_epochs, extra_chat_share))
-    train = build_stream(tok, sources, seed, rename_share)
+    train = build_stream(tok, sources, seed, rename_share, invented_share)
     val = build_stream(tok, [Source(val_docs, 1.0, 0.0)], seed + 1)
     save_stream(train, train_bin)
     save_stream(val, val_bin)
@@ -191,7 +191,8 @@ def prepare_data(out: Path, tok: Tokenizer, docs_files: list[Path], epochs: floa
             "val_tokens": len(val), "val_bytes": val_bytes, "files": [str(f) for f in docs_files],
             "epochs": epochs, "chat_share": chat_share,
             "extra_files": [str(f) for f in extra_files or []], "extra_epochs": extra_epochs,
-            "extra_chat_share": extra_chat_share, "rename_share": rename_share}
+            "extra_chat_share": extra_chat_share, "rename_share": rename_share,
+            "invented_share": invented_share}
     (out / "data" / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     return train_bin, val_bin
 
@@ -275,6 +276,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extra-chat-share", type=float, default=0.0)
     p.add_argument("--rename-share", type=float, default=1.0,
                    help="share of 'a X named Y' chat stories whose hero is renamed")
+    p.add_argument("--invented-share", type=float, default=0.0,
+                   help="share of renamed heroes given a made-up name instead of a listed one")
     p.add_argument("--chat-share", type=float, default=0.4)
     p.add_argument("--holdout", type=float, default=0.05, help="share of docs kept for val")
     p.add_argument("--dim", type=int, default=192)
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         "grad_clip", "eval_every", "eval_batches", "seed")}, seq_len=a.max_seq_len)
     train_bin, val_bin = prepare_data(a.out, tok, a.docs, a.epochs, a.chat_share, a.holdout,
                                       a.seed, a.extra_docs, a.extra_epochs, a.extra_chat_share,
-                                      a.rename_share)
+                                      a.rename_share, a.invented_share)
     print(f"model: {margs.attention_kind} {margs.n_params(tied=True) / 1e6:.2f}M params; "
           f"{json.dumps(margs.to_params_json())}", flush=True)
     meta = run(margs, cfg, a.out, train_bin, val_bin, a.tokenizer, a.export,

@@ -110,6 +110,11 @@ def test_instruction_renames_the_hero_consistently():
     assert all(make_instruction(story, random.Random(s), rename_share=0.0)[1] == story
                for s in range(10))
     assert rename("Tom met Tommy.", "Tom", "Zed") == "Zed met Tommy."
+    invented = [make_instruction(story, random.Random(s), invented_share=1.0) for s in range(10)]
+    for instruction, renamed in invented:  # made-up names, used in both places
+        name = instruction.split("named ")[-1].rstrip(".?") if "named" in instruction else None
+        if name and "," not in name and " " not in name:
+            assert name not in NAMES and renamed.count(name) == 3
 
 
 def test_chat_example_is_the_apps_template(trained_tokenizer):
