@@ -141,6 +141,7 @@ class Ours(Runtime):
         super().__init__()
         self.name = "ours, compiled" if compiled else "ours"
         from llama.checkpoints import load
+        from llama.checkpoints.common import release_pages
         from llama.runtime_opts import compile_decode
         from llama.tokenizer import Tokenizer
 
@@ -156,7 +157,9 @@ class Ours(Runtime):
             progress=False,
         )
         self.model, self.device = loaded.model, device
-        fused = 0 if a.no_fuse else self.model.fuse_projections()
+        # What load() should do (llama/checkpoints/common.finish): fuse, dropping the pages
+        # of the file-mapped originals so they do not stay resident.
+        fused = 0 if a.no_fuse else self.model.fuse_projections(release=release_pages)
         self.variant = "" if fused else " (unfused)"
         self.tokenizer = NoEos(Tokenizer(preset.tokenizer))
         self.model.setup_caches(1)

@@ -14,17 +14,24 @@ swapped for an 8-bit `Linear8bitLt` (llama/quant.py) stays as it is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+Release = Callable[[Tensor], None]
 
-def fuse_linears(module: nn.Module, parts: tuple[str, ...], fused_name: str) -> bool:
+
+def fuse_linears(
+    module: nn.Module, parts: tuple[str, ...], fused_name: str, release: Release | None = None
+) -> bool:
     """Replace `module.<parts>` (plain bias-free nn.Linear, same input) by one `fused_name`.
 
     Returns False (and changes nothing) when any part is missing, biased, not exactly an
     nn.Linear (e.g. 8-bit), or the parts disagree on dtype/device/input size.
+    release(weight) is called on each old weight once copied: a loader whose weights are
+    file-mapped passes its page dropper, so the copied pages do not stay resident.
     """
     linears = [getattr(module, name, None) for name in parts]
     if not all(type(lin) is nn.Linear and lin.bias is None for lin in linears):
@@ -39,6 +46,8 @@ def fuse_linears(module: nn.Module, parts: tuple[str, ...], fused_name: str) -> 
         fused.weight = nn.Parameter(torch.cat(weights, 0), requires_grad=w0.requires_grad)
     for name in parts:
         delattr(module, name)
+    for w in weights if release is not None else ():
+        release(w.detach())
     setattr(module, fused_name, fused)  # replaces the None placeholder
     module.register_state_dict_post_hook(_SplitOnSave(parts, fused_name, sizes))
     module.register_load_state_dict_pre_hook(_FuseOnLoad(parts, fused_name, sizes))

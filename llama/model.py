@@ -35,7 +35,7 @@ from llama.functional import (
     rms_norm,
     rotate,
 )
-from llama.fusion import fuse_linears
+from llama.fusion import Release, fuse_linears
 from llama.rope import rope_tables
 
 
@@ -113,9 +113,9 @@ class Attention(nn.Module):
         self._observer = fn
         _structure_changed()
 
-    def fuse(self) -> bool:
+    def fuse(self, release: Release | None = None) -> bool:
         """wq|wk|wv -> wqkv (see llama/fusion.py). False when not plain nn.Linear (8-bit)."""
-        return self.wqkv is not None or fuse_linears(self, ("wq", "wk", "wv"), "wqkv")
+        return self.wqkv is not None or fuse_linears(self, ("wq", "wk", "wv"), "wqkv", release)
 
     def _project(self, x: Tensor, rot: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """q_raw (B,T,H,D), k_raw (B,T,H_kv,D) before RoPE; q, k after; v (B,T,H_kv,D)."""
@@ -160,9 +160,9 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
         self.w13: nn.Linear | None = None  # set by fuse(); then w1, w3 are gone
 
-    def fuse(self) -> bool:
+    def fuse(self, release: Release | None = None) -> bool:
         """w1|w3 -> w13 (see llama/fusion.py). False when not plain nn.Linear (8-bit)."""
-        return self.w13 is not None or fuse_linears(self, ("w1", "w3"), "w13")
+        return self.w13 is not None or fuse_linears(self, ("w1", "w3"), "w13", release)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w13 is None:
@@ -245,13 +245,18 @@ class Transformer(nn.Module):
         """sin(m theta_i), (max_seq_len, D/2) fp32 on CPU."""
         return self._rope_table(torch.device("cpu"), complex_=True).imag
 
-    def fuse_projections(self) -> int:
+    def fuse_projections(self, release: Release | None = None) -> int:
         """Fuse wq|wk|wv and w1|w3 in every layer (call after loading weights).
 
         Idempotent; skips modules that are not plain nn.Linear (8-bit). state_dict() keeps
-        Meta names and load_state_dict still takes them. Returns how many modules fused.
+        Meta names and load_state_dict still takes them. Returns how many modules are fused.
+        release: called on every replaced weight (e.g. the loader's release_pages, so the
+        file-mapped originals stop counting in RSS); leave None for heap tensors.
         """
-        return sum(int(b.attention.fuse()) + int(b.feed_forward.fuse()) for b in self.layers)
+        fused = 0
+        for block in self.layers:
+            fused += block.attention.fuse(release) + block.feed_forward.fuse(release)
+        return fused
 
     def setup_caches(
         self, batch_size: int = 1, dtype: torch.dtype | None = None, max_seq_len: int | None = None

@@ -85,6 +85,19 @@ def test_fused_state_dict_keeps_meta_names(tiny_args: ModelArgs, tmp_path: Path)
         torch.testing.assert_close(again(tokens), plain(tokens), atol=ATOL, rtol=0)
 
 
+def test_fusion_hands_each_replaced_weight_to_release(tiny_args: ModelArgs) -> None:
+    model = random_transformer(tiny_args)
+    names = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
+    old = {
+        (i, n): model.get_parameter(f"layers.{i}.{n}.weight").data_ptr()
+        for i in range(tiny_args.n_layers)
+        for n in names
+    }
+    released: list[int] = []
+    model.fuse_projections(release=lambda t: released.append(t.data_ptr()))
+    assert sorted(released) == sorted(old.values())
+
+
 def test_fusing_twice_changes_nothing(tiny_args: ModelArgs) -> None:
     _, fused = pair(tiny_args)
     before = {k: v.clone() for k, v in fused.named_parameters()}
