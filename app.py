@@ -131,7 +131,13 @@ def load(args: argparse.Namespace):  # -> ui.runtime.Runtime
 
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise UsageError(f"--max-seq-len: expected at least 2, found {args.max_seq_len}")
-    path = args.model if args.model is not None else shipped_model_dir()
+    template = args.template
+    if args.model is None:
+        path = shipped_model_dir()
+        # The shipped model is trained on Llama-2-chat dialogs (assets/tinychat/MODEL_CARD.md).
+        template = "chat" if template == "auto" else template
+    else:
+        path = args.model
     return load_runtime(
         path,
         device=args.device,
@@ -139,7 +145,7 @@ def load(args: argparse.Namespace):  # -> ui.runtime.Runtime
         load_in_8bit=args.load_in_8bit,
         max_seq_len=args.max_seq_len,
         tokenizer_path=args.tokenizer,
-        template=args.template,
+        template=template,
         progress=True,
     )
 

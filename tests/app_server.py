@@ -30,6 +30,20 @@ def model_path() -> Path:
         return shared_file("stories260K", "stories260K.bin")
 
 
+def model_flags() -> list[str]:
+    """app.py flags for that model: none for the shipped one (the app's default)."""
+    try:
+        shipped_model_dir()
+        return []
+    except FileNotFoundError:
+        return ["--model", str(shared_file("stories260K", "stories260K.bin"))]
+
+
+def model_template() -> str:
+    """The template the app picks for that model by default."""
+    return "chat" if not model_flags() else "completion"
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -66,8 +80,7 @@ def start_app(log_dir: Path, *extra: str) -> AppServer:
     args = [
         sys.executable,
         str(REPO / "app.py"),
-        "--model",
-        str(model_path()),
+        *model_flags(),
         "--host",
         "127.0.0.1",
         "--port",

@@ -18,7 +18,7 @@ import pytest
 import torch
 from gradio_client import Client
 
-from tests.app_server import AppServer, model_path, start_app
+from tests.app_server import AppServer, model_path, model_template, start_app
 from ui.runtime import load_runtime
 from ui.settings import SAMPLING_FIELDS, SLIDERS, Settings
 from ui.turn import SessionControl, Views, run_turn
@@ -46,9 +46,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
 
 @pytest.fixture(scope="module")
 def template(server: AppServer) -> str:
-    """The template the app chose for its model (the same rule as ui.runtime)."""
-    rt = load_runtime(model_path(), progress=False)
-    return rt.default_template
+    """The template the app chose for its model."""
+    return model_template()
 
 
 def respond_args(template: str, seed: int | None, **over: Any) -> list[Any]:

@@ -17,8 +17,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from llama.assets import shipped_model_dir
-from tests.conftest import shared_file
+from tests.app_server import model_path, model_template
 from ui import chat_io
 from ui.handlers import ALL_HEADS, VIEW_LABELS, Handlers, display
 from ui.runtime import Runtime, load_runtime
@@ -29,18 +28,11 @@ ALL_VIEWS = list(VIEW_LABELS)
 N_OUT = 12  # respond's outputs: chatbot, history, 4 plots, status, text, ids, seed, last, box
 
 
-def model_path() -> Path:
-    try:
-        return shipped_model_dir()
-    except FileNotFoundError:
-        return shared_file("stories260K", "stories260K.bin")
-
-
 @pytest.fixture(scope="module")
 def rt() -> Iterator[Runtime]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as app.py does for a tiny model: faster than 2 on 2 cores
-    yield load_runtime(model_path(), progress=False)
+    yield load_runtime(model_path(), template=model_template(), progress=False)
     torch.set_num_threads(threads)
 
 
@@ -142,7 +134,7 @@ def test_streamed_updates_are_coalesced(rt: Runtime) -> None:
 def test_figures_every_n_tokens_and_paced_by_their_cost(rt: Runtime) -> None:
     history = [{"role": "user", "content": "Once upon a time"}]
     settings = defaults().__class__(max_new_tokens=7, seed=1)
-    views = Views(shown=frozenset({"kv"}), every=3, pace=0.0)
+    views = Views(shown=frozenset({"kv"}), every=3, pace=0.0, min_interval_s=0.0)
     updates = list(run_turn(rt, history, settings, views, rt.default_template, ""))
     assert [i for i, u in enumerate(updates) if u.figures is not None] == [0, 2, 5, 6]
     paced = Views(shown=frozenset({"kv"}), every=1, pace=1e6)  # drawing "costs" forever
@@ -214,6 +206,12 @@ def test_views_off_attach_no_probe(h: Handlers, rt: Runtime) -> None:
         on.append(any(layer.attention.observer is not None for layer in rt.model.layers))
     assert any(on)
     assert all(layer.attention.observer is None for layer in rt.model.layers)  # detached
+
+
+def test_unrendered_widgets_sending_none_are_defaults(h: Handlers) -> None:
+    """A closed accordion's components send None until they are first shown."""
+    outs, _ = send(h, "Hello", [], SessionControl(), system=None, template=None, stop=None)
+    assert "finished:" in outs[-1][6] and "⚠" not in outs[-1][6]
 
 
 @pytest.mark.parametrize("text", ["", "   \n\t"])

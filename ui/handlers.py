@@ -130,6 +130,8 @@ class Handlers:
         if not history or history[-1]["role"] != "user":
             gr.Warning("There is no message waiting for a reply.")
             return
+        # A component never rendered yet (a closed accordion) can send None.
+        system, template = system or "", template or self.rt.default_template
         sampling = (
             temperature,
             top_p,

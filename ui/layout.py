@@ -59,9 +59,9 @@ def _playground(rt: Runtime) -> dict[str, Any]:
         "last": gr.State(None),
     }
     with gr.Row(equal_height=False):
-        with gr.Column(scale=5, min_width=380, elem_id="chat-column"):
+        with gr.Column(scale=4, min_width=360, elem_id="chat-column"):
             _chat_column(rt, ui)
-        with gr.Column(scale=6, min_width=420, elem_id="figure-column"):
+        with gr.Column(scale=7, min_width=480, elem_id="figure-column"):
             _figure_column(rt, ui)
     return ui
 
@@ -129,12 +129,10 @@ def _chat_column(rt: Runtime, ui: dict[str, Any]) -> None:
 
 
 def _sampling_controls(ui: dict[str, Any]) -> None:
-    with gr.Row():
-        for name in SAMPLING_FIELDS[:4]:
-            ui[name] = _slider(name)
-    with gr.Row():
-        for name in SAMPLING_FIELDS[4:]:
-            ui[name] = _slider(name)
+    for pair in range(0, len(SAMPLING_FIELDS), 2):
+        with gr.Row():
+            for name in SAMPLING_FIELDS[pair : pair + 2]:
+                ui[name] = _slider(name)
     with gr.Row(equal_height=True):
         ui["seed"] = gr.Textbox(
             label="Seed", info="blank = random", placeholder="random", elem_id="seed", max_lines=1
