@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import decode_report as report
 from bench import decode_runs as runs
+from bench import ops as bench_ops
 from bench.common import (
     BenchPreset,
     bench_presets,
@@ -44,7 +45,7 @@ from bench.common import (
     mem_available_bytes,
     today,
 )
-from bench.membw import bandwidth, measure
+from bench.membw import measure
 from llama.runtime_opts import physical_cores, recommended_threads
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -80,10 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--threads",
         default="auto",
-        help="'auto' (1 for models under 20M parameters on CPU, else physical "
-        "cores), or a number; the same for both runtimes",
+        help="'auto' (llama.runtime_opts.recommended_threads: 1 for models under 100M "
+        "parameters on CPU, else physical cores), or a number; the same for both runtimes",
     )
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up")
+    p.add_argument(
+        "--heavy-rounds",
+        type=int,
+        default=2,
+        help="rounds for presets over 500M parameters (minutes per round on a CPU)",
+    )
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--ttft-prompt", type=int, default=100)
@@ -151,7 +158,8 @@ def run_preset(
     prompt = runs.prompt_ids(preset.args.vocab_size, a.prompt_len)
     short = prompt[: a.ttft_prompt]
     bw_before = measure(threads, device=str(device))
-    for r in range(1, a.rounds + 1):  # each runtime warmed up (and compiled) when loaded
+    rounds = a.heavy_rounds if preset.args.n_params() > 5e8 else a.rounds
+    for r in range(1, rounds + 1):  # each runtime warmed up (and compiled) when loaded
         for runner in everyone if r % 2 else reversed(everyone):
             runner.round(prompt, short, a.new_tokens, record=True)
         print(f"  round {r}: " + " | ".join(x.summary() for x in everyone), flush=True)
@@ -188,20 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     table = report.table(rows)
     print("\n" + table)
     if a.write_results:
-        text = report.results_markdown(
-            table,
-            rows,
-            skipped,
-            a,
-            argv if argv is not None else sys.argv[1:],
-            started,
-            machine_line(device),
-            load_before,
-            load_average(),
-            bw,
-            bandwidth(bw),
+        ops = bench_ops.markdown(bench_ops.run(20, verbose=False)) if device.type == "cpu" else ""
+        ctx = dict(
+            a=a,
+            argv=argv if argv is not None else sys.argv[1:],
+            started=started,
+            machine=machine_line(device),
+            load_before=load_before,
+            load_after=load_average(),
+            bw=bw,
+            skipped=skipped,
+            ops=ops,
         )
-        RESULTS.write_text(text)
+        RESULTS.write_text(report.results_markdown(table, rows, ctx))
         print(f"wrote {RESULTS}")
     return 0
 

@@ -6,7 +6,8 @@ One decode step (T = 1) of the shipped model's shape and of TinyLlama-1.1B's, on
 - RoPE: llama.rope.apply_rope on q and k, against ours (one in-place complex multiply over
   the fused q|k heads);
 - RMSNorm: Meta's formula in torch ops against F.rms_norm;
-- one transformer block: the module route against the fused fast route (Python overhead).
+- a whole decode step of the shipped model: unfused modules against fused projections on
+  the fast route (Python overhead and projection fusion together).
 
 Alternatives run interleaved, round after round; per call: min and median microseconds.
 
@@ -77,7 +78,7 @@ def rope_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
             apply_rope(qkv[:, :, :H], cos, sin),
             apply_rope(qkv[:, :, H : H + H_kv], cos, sin),
         ),
-        "in-place complex q|k (ours)": lambda: rotate_heads_(qkv, rot, H + H_kv),
+        "in-place complex, q and k at once (ours)": lambda: rotate_heads_(qkv, rot, H + H_kv),
     }
 
 
@@ -91,8 +92,9 @@ def norm_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
     return {"Meta's formula": meta, "F.rms_norm (ours)": lambda: F.rms_norm(x, (a.dim,), w, eps)}
 
 
-def block_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
-    plain, fused = Transformer(a.replace(n_layers=1)), Transformer(a.replace(n_layers=1))
+def step_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
+    """A whole decode step at position 128: plain modules against fused + fast route."""
+    plain, fused = Transformer(a), Transformer(a)
     fused.load_state_dict(plain.state_dict())
     fused.fuse_projections()
     out = {}
@@ -105,32 +107,47 @@ def block_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
     return out
 
 
+def run(rounds: int, verbose: bool = True) -> list[tuple[str, str, str, float, float]]:
+    """(shape, what, variant, min us, median us) for every comparison, on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    shapes = {"shipped": bench_presets()["shipped"].args, "tinyllama": PRESETS["tinyllama-1.1b"]}
+    rows = []
+    try:
+        with torch.inference_mode():
+            for shape, args in shapes.items():
+                for what, cases in _groups(shape, args).items():
+                    for name, (lo, med) in compare(cases, rounds).items():
+                        rows.append((shape, what, name, lo, med))
+                        if verbose:
+                            print(f"{shape:9} {what:24} {name:30} min {lo:8.1f}  med {med:8.1f}")
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
+def _groups(shape: str, args: ModelArgs) -> dict[str, dict[str, Callable[[], object]]]:
+    groups = {f"attention, {n} cached": attention_cases(args, n) for n in (128, 1024)}
+    groups |= {"RoPE": rope_cases(args), "RMSNorm": norm_cases(args)}
+    if shape == "shipped":
+        groups["whole decode step"] = step_cases(args)
+    return groups
+
+
+def markdown(rows: list[tuple[str, str, str, float, float]]) -> str:
+    lines = ["| shape | what | variant | min us | median us |", "|---|---|---|---|---|"]
+    lines += [f"| {s} | {w} | {n} | {lo:.1f} | {med:.1f} |" for s, w, n, lo, med in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
     a = p.parse_args()
-    torch.set_num_threads(1)
-    shapes = {"shipped": bench_presets()["shipped"].args, "tinyllama": PRESETS["tinyllama-1.1b"]}
-    rows = []
-    with torch.inference_mode():
-        for shape, args in shapes.items():
-            groups = {f"attention, {n} cached": attention_cases(args, n) for n in (128, 1024)}
-            groups |= {"RoPE": rope_cases(args), "RMSNorm": norm_cases(args)}
-            if shape == "shipped":
-                groups["1-layer decode step"] = block_cases(args)
-            for what, cases in groups.items():
-                for name, (lo, med) in compare(cases, a.rounds).items():
-                    rows.append((shape, what, name, lo, med))
-                    if not a.markdown:
-                        print(
-                            f"{shape:9} {what:24} {name:30} min {lo:8.1f}  med {med:8.1f} us",
-                            flush=True,
-                        )
+    rows = run(a.rounds, verbose=not a.markdown)
     if a.markdown:
-        print("| shape | what | variant | min us | median us |\n|---|---|---|---|---|")
-        for shape, what, name, lo, med in rows:
-            print(f"| {shape} | {what} | {name} | {lo:.1f} | {med:.1f} |")
+        print(markdown(rows))
 
 
 if __name__ == "__main__":

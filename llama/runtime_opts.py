@@ -22,9 +22,12 @@ from torch import Tensor
 
 from llama.model import Transformer
 
-# Below this many parameters a CPU decode step is launch-bound (measured in bench/decode.py:
-# the shipped model and stories260K decode faster on one thread than on two).
-SMALL_MODEL_PARAMS = 20_000_000
+# Below this many parameters one thread decodes as fast as two or faster (bench/decode.py:
+# the shipped model's step is a chain of small kernels; stories15M reads ~60 MB per token,
+# which one core streams nearly as fast as two), and a second thread that has to wait for a
+# busy core makes every kernel wait: on a shared 2-core machine that cost 10x. Same limit
+# as the app's (ui/runtime.py).
+SMALL_MODEL_PARAMS = 100_000_000
 
 
 def physical_cores(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
