@@ -126,3 +126,27 @@ def test_the_process_exit_status_and_stderr(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert "error:" in proc.stderr and str(missing) in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def pip_steps(text: str) -> list[str]:
+    """The `python -m pip install ...` commands of a shell script or Dockerfile, in order."""
+    steps = []
+    for line in text.replace("\\\n", " ").replace("&&", "\n").splitlines():
+        line = " ".join(line.split()).removeprefix("RUN ")
+        if line.startswith("python -m pip install"):
+            steps.append(line)
+    return steps
+
+
+def test_dockerfile_mirrors_the_ci_install_steps() -> None:
+    """The Dockerfile cannot be built here: it must repeat .ci/run's installs exactly (the
+    runtime requirements in place of the test ones) and serve on 0.0.0.0."""
+    ci = pip_steps((REPO / ".ci" / "run").read_text(encoding="utf-8"))
+    docker_text = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    docker = pip_steps(docker_text)
+    expected = [s.replace("requirements-test.txt", "requirements.txt") for s in ci]
+    assert docker == expected and len(docker) == 3
+    assert "-r requirements.txt" in (REPO / "requirements-test.txt").read_text()
+    assert '"app.py", "--host", "0.0.0.0"' in docker_text
+    for path in ("llama/", "ui/", "assets/", "app.py"):
+        assert f"COPY {path}" in docker_text or f" {path} " in docker_text

@@ -77,9 +77,11 @@ def open_app(pg: Any, url: str) -> None:
     pg.evaluate(RECORDER)
 
 
-def shot(pg: Any, name: str, full_page: bool = False) -> Path:
+def shot(pg: Any, name: str, full_page: bool = False, top: bool = True) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"app_{name}.png"
+    if top:
+        pg.evaluate("window.scrollTo(0, 0)")
     pg.screenshot(path=str(path), full_page=full_page)
     return path
 
@@ -277,7 +279,7 @@ def test_chat_stream_figures_stop_regenerate_pickers_export_import(page: Any) ->
     pick(pg, "head", "head 1 (group 0)")
     wait_until(lambda: figure_state(pg, "attention") != at_layer, "head 1 drawn")
     pg.locator("#plot-attention").scroll_into_view_if_needed()
-    shot(pg, "attention")
+    shot(pg, "attention", top=False)
 
     # 5. Export the chat, clear it, import it back.
     open_accordion(pg, "Export / import chat")

@@ -55,7 +55,7 @@ def respond_args(template: str, seed: int | None, **over: Any) -> list[Any]:
     values = {name: SLIDERS[name].default for name in SAMPLING_FIELDS}
     values.update(temperature=0.9, max_new_tokens=MAX_NEW)
     values.update({k: v for k, v in over.items() if k in values})
-    views = over.get("views", ["kv", "probs"])
+    views = over.get("views", ["kv"])
     return [
         "",
         template,
@@ -151,7 +151,6 @@ OUT_OF_RANGE = [
     ("top_p", 1.5, "Top-p"),
     ("top_k", -1, "Top-k"),
     ("max_new_tokens", 100_000, "Max new tokens"),
-    ("seed", -5, "Seed"),
 ]
 
 

@@ -114,6 +114,7 @@ def test_respond_yields_chat_figures_status_in_order(h: Handlers) -> None:
     # status: tokens, speed, TTFT, context, KV bytes, why it finished
     assert "6 tokens" in last[6] and "TTFT" in last[6] and "finished: length" in last[6]
     assert f"/ {h.rt.max_seq_len}" in last[6] and "KV cache" in last[6]
+    assert h.rt.describe() in last[6]  # model name, shape, device, dtype, 8-bit
     assert last[7].startswith("<s>") and last[8].split()[0] == str(h.rt.tokenizer.bos_id)
     assert first[9] == "7"  # the seed used is shown
     assert history[-1]["role"] == "assistant" and history[-1]["content"] == replies[-1]
@@ -332,6 +333,13 @@ def test_redraw_switches_layer_and_head(h: Handlers, rt: Runtime) -> None:
     off = h.redraw(last, ["probs"], 0, ALL_HEADS, "heads")
     assert is_skip(off[0]) and isinstance(off[1], go.Figure)
     assert [u["visible"] for u in h.set_views(["attention", "kv"])] == [True, False, False, True]
+
+
+def test_examples_follow_the_template(h: Handlers) -> None:
+    chat = h.examples("chat").constructor_args["samples"]
+    completion = h.examples("completion").constructor_args["samples"]
+    assert chat and completion and chat != completion
+    assert [s[0] for s in chat] == h.rt.examples("chat")
 
 
 def test_reset_to_meta_defaults(h: Handlers) -> None:

@@ -184,48 +184,50 @@ def _slider(name: str) -> gr.Slider:
 
 def _figure_column(rt: Runtime, ui: dict[str, Any]) -> None:
     a = rt.args
-    with gr.Row(elem_id="view-controls"):
-        ui["shown"] = gr.CheckboxGroup(
-            [(v, k) for k, v in VIEW_LABELS.items()],
-            value=list(VIEW_LABELS),
-            label="Live views",
-            elem_id="views",
-            scale=3,
-        )
-        ui["every"] = named_errors(
-            gr.Slider(
-                1,
-                64,
-                value=8,
-                step=1,
-                label="Redraw every N tokens",
-                elem_id="every",
-                scale=1,
+    with gr.Group(elem_id="view-controls"):
+        with gr.Row(equal_height=True):
+            ui["shown"] = gr.CheckboxGroup(
+                [(v, k) for k, v in VIEW_LABELS.items()],
+                value=list(VIEW_LABELS),
+                label="Live views (off = no probe, no cost)",
+                elem_id="views",
+                scale=3,
+            )
+            ui["every"] = named_errors(
+                gr.Slider(
+                    1,
+                    64,
+                    value=8,
+                    step=1,
+                    label="Redraw every N tokens",
+                    elem_id="every",
+                    scale=1,
+                    min_width=170,
+                )
+            )
+        with gr.Row(equal_height=True, elem_id="picker-row"):
+            ui["layer"] = gr.Dropdown(
+                [(f"layer {i}", i) for i in range(a.n_layers)],
+                value=0,
+                label="Layer",
+                elem_id="layer",
+                min_width=110,
+            )
+            heads = [(f"head {i} (group {i // a.n_rep})", i) for i in range(a.n_heads)]
+            ui["head"] = gr.Dropdown(
+                [("all heads", ALL_HEADS), *heads],
+                value=ALL_HEADS,
+                label="Head",
+                elem_id="head",
                 min_width=140,
             )
-        )
-    with gr.Row(elem_id="picker-row"):
-        ui["layer"] = gr.Dropdown(
-            [(f"layer {i}", i) for i in range(a.n_layers)],
-            value=0,
-            label="Layer",
-            elem_id="layer",
-            min_width=100,
-        )
-        ui["head"] = gr.Dropdown(
-            [("all heads", ALL_HEADS)]
-            + [(f"head {i} (group {i // a.n_rep})", i) for i in range(a.n_heads)],
-            value=ALL_HEADS,
-            label="Head",
-            elem_id="head",
-            min_width=120,
-        )
-        ui["mode"] = gr.Radio(
-            [("heads", "heads"), ("group mean", "mean"), ("group spread", "spread")],
-            value="heads",
-            label="Attention panels",
-            elem_id="mode",
-        )
+            ui["mode"] = gr.Dropdown(
+                [("each head", "heads"), ("group mean", "mean"), ("group spread", "spread")],
+                value="heads",
+                label="Attention panels",
+                elem_id="mode",
+                min_width=140,
+            )
     start = placeholder_figures()
     for key in FIGURE_KEYS:
         ui[f"plot_{key}"] = gr.Plot(

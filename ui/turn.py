@@ -221,7 +221,8 @@ class _Pacer:
 def status_text(
     rt: Runtime, prompt: Prompt, step: Step, n_tokens: int, seed: int, notices: list[str]
 ) -> str:
-    """The status line: speed, time to first token, context and KV cache use, model."""
+    """The status line: speed, time to first token, context and KV cache use, seed, why the
+    reply ended and any notice; then the model (name, shape, device, dtype, 8-bit)."""
     parts = [f"{n_tokens} tokens"]
     if step.ttft_s is not None:
         decode_s = step.elapsed_s - step.ttft_s
@@ -239,7 +240,7 @@ def status_text(
     line = " · ".join(parts)
     if notices:
         line += "  \n⚠ " + "; ".join(notices)
-    return line
+    return f"{line}  \n{rt.describe()}"
 
 
 def format_bytes(n: int) -> str:
