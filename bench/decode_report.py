@@ -111,7 +111,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                     _pair(o.ttft_short, t.ttft_short, 1e3, ".1f", higher_better=False),
                     rss,
                     f"{_gbs(r, o)} / {_gbs(r, t)}",
-                    f"{r['same_greedy']}/{r['n_tokens']} |",
+                    (f"{r['same_greedy']}/{r['n_tokens']}" if t.tokens else "n/a") + " |",
                 ]
             )
         )

@@ -227,7 +227,8 @@ class Theirs(Runtime):
         kw: dict[str, Any] = {"dtype": dtype}
         if a.load_in_8bit:
             kw["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True)
-            kw["device_map"] = {"": device}
+            if device.type == "cuda":  # on CPU transformers needs accelerate for this
+                kw["device_map"] = {"": device}
         try:
             model = transformers.LlamaForCausalLM.from_pretrained(ckpt, **kw)
         except Exception as exc:  # report it in the table, keep benchmarking ours
