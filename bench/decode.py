@@ -148,7 +148,7 @@ def run_preset(
         f"{threads} thread(s))",
         flush=True,
     )
-    ckpt = runs.write_hf_checkpoint(preset.args, a.workdir / f"{preset.name}-{a.dtype_name}")
+    ckpt = runs.write_hf_checkpoint(preset.args, a.workdir / f"{preset.name}-{a.dtype_name}", dtype)
     ours = [
         runs.Ours(ckpt, preset, device, dtype, a, compiled)
         for compiled in ours_variants(a, preset, device)

@@ -42,8 +42,10 @@ def hf_config(args: ModelArgs) -> Any:
     )
 
 
-def write_hf_checkpoint(args: ModelArgs, out: Path) -> Path:
-    """Random weights saved by transformers' save_pretrained (reused when the shape matches)."""
+def write_hf_checkpoint(args: ModelArgs, out: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Random weights saved by transformers' save_pretrained (reused when the shape matches).
+
+    Initialised and saved in `dtype` (a 7B model in bf16 is 13.5 GB, not 27)."""
     from transformers import LlamaForCausalLM
 
     config = hf_config(args)
@@ -54,7 +56,8 @@ def write_hf_checkpoint(args: ModelArgs, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = LlamaForCausalLM(config)  # transformers' own initialisation (normal, std 0.02)
+    # transformers' own initialisation (normal, std 0.02)
+    model = LlamaForCausalLM._from_config(config, dtype=dtype)
     model.save_pretrained(out, safe_serialization=True)
     del model
     stamp.write_text(shape)
