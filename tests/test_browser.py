@@ -159,11 +159,18 @@ RECORDER = """() => {
 }""".replace("KEYS", json.dumps(FIGURES))
 
 
-def act_and_wait_reply(pg: Any, action: Callable[[], None]) -> list[dict[str, Any]]:
+def act_and_wait_reply(
+    pg: Any, action: Callable[[], None], screenshot: str | None = None
+) -> list[dict[str, Any]]:
     """Do `action` (which starts a reply) and wait until the status line, changed since,
-    says the reply finished. Returns what RECORDER noted meanwhile."""
+    says the reply finished; with `screenshot`, take one while the reply streams. Returns what
+    RECORDER noted meanwhile."""
     pg.evaluate("window.__log = []")
     action()
+    if screenshot:
+        running = "window.__log.some(e => e.kind === 'status' && !e.finished)"
+        wait_until(lambda: pg.evaluate(running), "the reply to start")
+        shot(pg, screenshot)
     wait_until(
         lambda: pg.evaluate("window.__log.some(e => e.kind === 'status' && e.finished)"),
         "the reply to finish",
@@ -172,10 +179,12 @@ def act_and_wait_reply(pg: Any, action: Callable[[], None]) -> list[dict[str, An
     return pg.evaluate("window.__log")
 
 
-def watch_reply(pg: Any, text: str) -> tuple[set[int], dict[str, list[str]], dict[str, str]]:
+def watch_reply(
+    pg: Any, text: str, screenshot: str | None = None
+) -> tuple[set[int], dict[str, list[str]], dict[str, str]]:
     """Send `text` and wait for the reply. Returns the reply's text lengths and each figure's
     states seen while it was still running, and each figure's final state."""
-    log = act_and_wait_reply(pg, lambda: send(pg, text))
+    log = act_and_wait_reply(pg, lambda: send(pg, text), screenshot)
     lengths = {e["len"] for e in log if e["kind"] == "text" and not e["finished"] and e["len"]}
     during = {k: [e["state"] for e in log if e["kind"] == k and not e["finished"]] for k in FIGURES}
     return lengths, during, {k: figure_state(pg, k) for k in FIGURES}
@@ -226,7 +235,9 @@ def test_chat_stream_figures_stop_regenerate_pickers_export_import(page: Any) ->
     #    the end. (A reply can be short; then we ask again.)
     seen = []
     for _ in range(4):
-        lengths, during, final = watch_reply(pg, "Write a story about a dog named Max.")
+        lengths, during, final = watch_reply(
+            pg, "Write a story about a dog named Max.", screenshot="streaming"
+        )
         drawn = {k: [s for s in during[k] if s != placeholders[k]] for k in FIGURES}
         seen.append((len(lengths), {k: len(v) for k, v in drawn.items()}))
         changed = all(any(state != final[k] for state in drawn[k]) for k in FIGURES)
@@ -234,7 +245,7 @@ def test_chat_stream_figures_stop_regenerate_pickers_export_import(page: Any) ->
             break
     else:
         pytest.fail(f"no streaming seen: (text lengths, figure states) per try: {seen}")
-    shot(pg, "streaming")
+    shot(pg, "reply")
 
     # 2. Stop mid-reply (twice: harmless); the partial reply stays. The views are off here:
     #    drawing four plots can keep a busy machine's browser from clicking for seconds. (A
@@ -306,6 +317,12 @@ def test_chat_stream_figures_stop_regenerate_pickers_export_import(page: Any) ->
         "the imported temperature",
     )
     shot(pg, "imported", full_page=True)
+
+    # 6. The RoPE lab tab draws its static figures.
+    pg.get_by_role("tab", name="RoPE lab").click()
+    pg.locator(".rope-lab-figure .js-plotly-plot").first.wait_for()
+    assert pg.locator(".rope-lab-figure .js-plotly-plot").count() >= 3
+    shot(pg, "rope_lab", full_page=True)
 
 
 def test_closing_a_tab_mid_reply_frees_the_model(browser: Any, server: AppServer) -> None:
