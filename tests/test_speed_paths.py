@@ -44,9 +44,9 @@ def pair(args: ModelArgs) -> tuple[Transformer, Transformer]:
 
 
 def cached_logits(
-    model: Transformer, tokens: torch.Tensor, chunks: tuple[int, ...]
+    model: Transformer, tokens: torch.Tensor, chunks: tuple[int, ...], cache_batch: int = 0
 ) -> torch.Tensor:
-    model.setup_caches(tokens.shape[0])
+    model.setup_caches(cache_batch or tokens.shape[0])
     parts, start = [], 0
     with torch.no_grad():
         for n in chunks:
@@ -167,6 +167,26 @@ def test_fused_training_gradients_match(tiny_args: ModelArgs) -> None:
     torch.testing.assert_close(
         f.feed_forward.w13.weight.grad, torch.cat(grads), atol=1e-5, rtol=1e-4
     )
+
+
+def test_fast_route_follows_replaced_weights_and_caches(tiny_args: ModelArgs) -> None:
+    """The fast route caches each block's tensors: every way of swapping them must show."""
+    plain, fused = pair(tiny_args)
+    other = random_transformer(tiny_args)
+    tokens = torch.randint(0, tiny_args.vocab_size, (2, 6))
+    with torch.no_grad():
+        fused(tokens)  # the cached tensor list now exists
+        fused.load_state_dict(other.state_dict(), strict=True, assign=True)  # new objects
+        torch.testing.assert_close(fused(tokens), other(tokens), atol=ATOL, rtol=0)
+        fused.load_state_dict(plain.state_dict(), strict=True)  # in place
+        torch.testing.assert_close(fused(tokens), plain(tokens), atol=ATOL, rtol=0)
+        fused.layers[0].attention.wo.weight = nn.Parameter(other.layers[0].attention.wo.weight)
+        plain.layers[0].attention.wo.weight = nn.Parameter(other.layers[0].attention.wo.weight)
+        torch.testing.assert_close(fused(tokens), plain(tokens), atol=ATOL, rtol=0)
+        got = cached_logits(fused, tokens, (4, 1, 1), cache_batch=3)  # batch 2 in a 3-cache
+        torch.testing.assert_close(got, plain(tokens), atol=ATOL, rtol=0)
+        fused.double()
+        torch.testing.assert_close(fused(tokens), plain.double()(tokens), atol=ATOL, rtol=0)
 
 
 # The observer sees the same thing on every route -----------------------------------------
