@@ -96,6 +96,18 @@ def bot_texts(pg: Any) -> list[str]:
     return pg.locator('#chatbot [data-testid="bot"]').all_inner_texts()
 
 
+def last_reply(pg: Any) -> str:
+    """The last reply's text once the page has stopped changing it (markdown renders late)."""
+    previous = None
+    for _ in range(50):
+        current = (bot_texts(pg) or [""])[-1]
+        if current == previous:
+            return current
+        previous = current
+        time.sleep(0.3)
+    return previous or ""
+
+
 def figure_state(pg: Any, key: str) -> str | None:
     """What a plot currently shows (title + data), or None before plotly drew it."""
     return pg.evaluate(
@@ -262,7 +274,7 @@ def test_chat_stream_figures_stop_regenerate_pickers_export_import(page: Any) ->
             break
     else:
         pytest.fail(f"every reply ended before Stop: {status(pg)}")
-    stopped = bot_texts(pg)[-1]
+    stopped = last_reply(pg)
     assert stopped and pg.input_value("#message textarea") == ""
     time.sleep(1)
     assert bot_texts(pg)[-1] == stopped  # nothing more arrives after Stop
@@ -275,11 +287,11 @@ def test_chat_stream_figures_stop_regenerate_pickers_export_import(page: Any) ->
     pg.fill("#seed textarea, #seed input", "42")
     act_and_wait_reply(pg, lambda: pg.click("#regenerate"))
     assert "seed 42" in status(pg)
-    first = bot_texts(pg)[-1]
+    first = last_reply(pg)
     n_turns = len(bot_texts(pg))
     assert first
     act_and_wait_reply(pg, lambda: pg.click("#regenerate"))
-    assert bot_texts(pg)[-1] == first and len(bot_texts(pg)) == n_turns
+    assert last_reply(pg) == first and len(bot_texts(pg)) == n_turns
     assert "42" in pg.input_value("#seed-used textarea, #seed-used input")
 
     # 4. Switching layer and head redraws attention from the recorded trace.
