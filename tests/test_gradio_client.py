@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from gradio_client import Client
+from gradio_client.utils import Status
 
 from tests.app_server import AppServer, model_path, model_template, start_app
 from ui.runtime import load_runtime
@@ -178,25 +179,61 @@ def test_out_of_range_values_through_the_api_get_a_clear_error(
     client.close()
 
 
-def test_busy_session_stop_twice_and_cancelled_job_free_the_slot(
+def long_reply(client: Client, template: str, seed: int) -> Any:
+    """Send a message and return its reply job once it streams (1024 tokens at most; it may
+    still end early on EOS, which callers check)."""
+    client.predict("Once upon a time", api_name="/add_message")
+    job = client.submit(
+        *respond_args(template, seed, max_new_tokens=1024, views=[]), api_name="/respond"
+    )
+    wait_for_output(job)
+    return job
+
+
+def queue_rank(job: Any, while_running: Any, timeout: float = 30) -> int | None:
+    """The queue rank gradio reports for `job` while `while_running` is still going."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not while_running.done():
+        update = job.status()
+        if update.code == Status.IN_QUEUE and update.rank is not None:
+            return update.rank
+        time.sleep(0.02)
+    return None
+
+
+def test_busy_session_queue_position_stop_twice_and_dropped_job(
     server: AppServer, template: str
 ) -> None:
     a, b, c = (Client(server.url, verbose=False) for _ in range(3))
-    a.predict("Once upon a time", api_name="/add_message")
-    long = a.submit(*respond_args(template, 3, max_new_tokens=1024, views=[]), api_name="/respond")
-    wait_for_output(long)
-    with pytest.raises(Exception, match="still being written"):
-        a.predict("Another message", api_name="/add_message")  # sent while generating
-    a.predict(api_name="/stop")
-    a.predict(api_name="/stop")  # pressed twice: harmless
-    final = long.result(timeout=120)
-    assert "finished: cancelled" in final[5]
+    for seed_ in range(3, 9):  # a reply that ends on its own (EOS) too soon is tried again
+        long = long_reply(a, template, seed_)
+        try:
+            a.predict("Another message", api_name="/add_message")  # sent while generating
+        except Exception as exc:
+            assert "still being written" in str(exc)
+        else:
+            assert long.done()  # accepted only because the reply had just ended: answer it
+            a.predict(*respond_args(template, 1, max_new_tokens=2, views=[]), api_name="/respond")
+            continue
+        b.predict("The little dog", api_name="/add_message")
+        waiting = b.submit(
+            *respond_args(template, 2, max_new_tokens=4, views=[]), api_name="/respond"
+        )
+        rank = queue_rank(waiting, long)  # what b's page shows: its place in the queue
+        a.predict(api_name="/stop")
+        a.predict(api_name="/stop")  # pressed twice: harmless
+        final = long.result(timeout=120)
+        assert "finished:" in waiting.result(timeout=120)[5]
+        if "finished: cancelled" in final[5]:
+            assert rank == 0, rank
+            break
+    else:
+        pytest.fail("every long reply ended on its own before Stop")
     # A job dropped by its client (what a closed tab does) frees the model for the next one.
-    b.predict("Once upon a time", api_name="/add_message")
-    dropped = b.submit(
-        *respond_args(template, 4, max_new_tokens=1024, views=[]), api_name="/respond"
-    )
-    wait_for_output(dropped)
+    for seed_ in range(10, 16):
+        dropped = long_reply(b, template, seed_)
+        if not dropped.done():
+            break
     dropped.cancel()
     c.predict("Once upon a time", api_name="/add_message")
     start = time.monotonic()
