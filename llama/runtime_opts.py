@@ -22,12 +22,11 @@ from torch import Tensor
 
 from llama.model import Transformer
 
-# Below this many parameters one thread decodes as fast as two or faster (bench/decode.py:
-# the shipped model's step is a chain of small kernels; stories15M reads ~60 MB per token,
-# which one core streams nearly as fast as two), and a second thread that has to wait for a
-# busy core makes every kernel wait: on a shared 2-core machine that cost 10x. Same limit
-# as the app's (ui/runtime.py).
-SMALL_MODEL_PARAMS = 100_000_000
+# Below this many parameters a CPU decode step is a chain of small kernels that one thread
+# runs faster than two (bench/decode.py, quiet 2-core machine: the shipped 3.9M model 327 vs
+# 254 tokens/s). Above it decode streams weights and wants every core's bandwidth
+# (stories15M, 24M: 159 tokens/s on two threads vs 104 on one).
+SMALL_MODEL_PARAMS = 10_000_000
 
 
 def physical_cores(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
