@@ -208,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             skipped=skipped,
             ops=ops,
         )
-        RESULTS.write_text(report.results_markdown(table, rows, ctx))
+        old = RESULTS.read_text() if RESULTS.is_file() else ""
+        decode_md = report.results_markdown(table, rows, ctx)
+        RESULTS.write_text(report.replace_decode_section(old, decode_md))
         print(f"wrote {RESULTS}")
     return 0
 

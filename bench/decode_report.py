@@ -225,3 +225,12 @@ Regenerate with `{cmd}` ({ctx["started"]}).
 
 {spreads(rows)}
 {ops}"""
+
+
+def replace_decode_section(old: str, decode: str) -> str:
+    """RESULTS.md with its decode part (everything before the second top-level "# " heading)
+    replaced by `decode`; the other benchmarks' sections after it are kept as they are."""
+    cut = old.find("\n# ", 1)
+    tail = old[cut + 1 :] if cut >= 0 else ""
+    return decode.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
+
