@@ -118,16 +118,28 @@ def rename(story: str, old: str, new: str) -> str:
     return re.sub(rf"\b{re.escape(old)}\b", new, story)
 
 
-ONSETS = ("b", "br", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z")
-VOWELS = ("a", "e", "i", "o", "u", "ia", "ei")
-CODAS = ("", "", "", "n", "r", "l", "s", "m")
+ONSETS = ("b", "br", "c", "ch", "cl", "d", "f", "fl", "g", "gr", "h", "j", "k", "l", "m", "n",
+          "p", "pr", "r", "s", "sh", "st", "t", "th", "tr", "v", "w", "z")
+VOWELS = ("a", "e", "i", "o", "u", "y", "ia", "ei", "ee", "oo", "ay")
+CODAS = ("", "", "", "", "n", "r", "l", "s", "m", "t", "ck", "x", "nd", "tt")
+# The names bench/name_rate.py asks for: never substituted into training text, so a model that
+# writes them copied them from the instruction.
+_HELD_OUT_TEXT = "Oscar Penny Rocky Ginger Marco Hattie Felipe Nadia Tobias Greta"
+HELD_OUT_NAMES = frozenset(_HELD_OUT_TEXT.split())
 
 
 def invent_name(rng: random.Random) -> str:
-    """A pronounceable made-up name of 2-3 syllables ("Tobin", "Marela"): not in any list, so
-    the model can only write it by copying it from the instruction."""
-    syllables = [rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(rng.randint(2, 3))]
-    return ("".join(syllables) + rng.choice(CODAS)).capitalize()
+    """A pronounceable made-up name of 1-3 syllables ("Tobin", "Marela", "Ostrick"): not in
+    NAMES nor HELD_OUT_NAMES, so the model can only write it by copying it from the
+    instruction. A name may start with a vowel, as real ones do."""
+    while True:
+        n = rng.choice((1, 2, 2, 3))
+        syllables = [rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(n)]
+        if rng.random() < 0.2:  # vowel-initial: drop the first onset
+            syllables[0] = syllables[0].lstrip("bcdfghjklmnprstvwxz") or syllables[0]
+        name = ("".join(syllables) + rng.choice(CODAS)).capitalize()
+        if 3 <= len(name) <= 8 and name not in NAMES and name not in HELD_OUT_NAMES:
+            return name
 
 
 def make_instruction(

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from llama.config import ModelArgs
 from llama.data import (
+    NAMED,
     Batches,
     Source,
     build_stream,
@@ -168,20 +169,25 @@ def prepare_data(out: Path, tok: Tokenizer, docs_files: list[Path], epochs: floa
                  chat_share: float, holdout: float, seed: int,
                  extra_files: list[Path] | None = None, extra_epochs: float = 0.0,
                  extra_chat_share: float = 0.0, rename_share: float = 1.0,
-                 invented_share: float = 0.0) -> tuple[Path, Path]:
+                 invented_share: float = 0.0, copy_epochs: float = 0.0) -> tuple[Path, Path]:
     """Build OUT/data/{train,val}.bin once (reused on resume). Val: held-out docs of
     `docs_files`, plain. `extra_files` (long texts, cut into ~1.5 kB chunks of paragraphs) add
     `extra_epochs` passes to the train stream (`extra_chat_share` of them as chat examples)
-    and nothing to val."""
+    and nothing to val. `copy_epochs` adds that many more passes over the train docs and extra
+    chunks that name their hero ("a dog named Max"), all as chat examples whose hero is renamed:
+    each pass draws fresh names, so the model learns to copy the name from the instruction."""
     train_bin, val_bin = out / "data" / "train.bin", out / "data" / "val.bin"
     if train_bin.is_file() and val_bin.is_file():
         return train_bin, val_bin
     docs = [d for f in docs_files for d in read_documents(f)]
     train_docs, val_docs = split_holdout(docs, holdout, seed)
     sources = [Source(train_docs, epochs, chat_share)]
-    if extra_files and extra_epochs > 0:
-        extra = chunk_documents([d for f in extra_files for d in read_documents(f)], 1500)
+    extra = chunk_documents([d for f in extra_files or [] for d in read_documents(f)], 1500)
+    if extra and extra_epochs > 0:
         sources.append(Source(extra, extra_epochs, extra_chat_share))
+    if copy_epochs > 0:
+        named = [d for d in train_docs + extra if NAMED.search(d)]
+        sources.append(Source(named, copy_epochs, 1.0))
     train = build_stream(tok, sources, seed, rename_share, invented_share)
     val = build_stream(tok, [Source(val_docs, 1.0, 0.0)], seed + 1)
     save_stream(train, train_bin)
@@ -192,17 +198,20 @@ def prepare_data(out: Path, tok: Tokenizer, docs_files: list[Path], epochs: floa
             "epochs": epochs, "chat_share": chat_share,
             "extra_files": [str(f) for f in extra_files or []], "extra_epochs": extra_epochs,
             "extra_chat_share": extra_chat_share, "rename_share": rename_share,
-            "invented_share": invented_share}
+            "invented_share": invented_share, "copy_epochs": copy_epochs}
     (out / "data" / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     return train_bin, val_bin
 
 
 def run(args: ModelArgs, cfg: TrainConfig, out: Path, train_bin: Path, val_bin: Path,
         tokenizer: Path, export: Path | None, device: torch.device, progress: bool = True,
-        until: int | None = None, init_from: Path | None = None) -> dict[str, Any]:
+        until: int | None = None, init_from: Path | None = None,
+        export_latest: bool = False) -> dict[str, Any]:
     """Train (resuming from OUT/ckpt if present) up to cfg.max_steps, or stop after step
     `until` (checkpointed, as if interrupted there). `init_from`: a checkpoint directory whose
     model weights (not optimizer, not step) start a fresh run (a second training phase).
+    `export_latest`: export at every evaluation, not only when validation improved (for a phase
+    that trades a little validation loss for a skill, such as copying names).
     Returns the last checkpoint's meta."""
     from tqdm import tqdm
 
@@ -239,13 +248,14 @@ def run(args: ModelArgs, cfg: TrainConfig, out: Path, train_bin: Path, val_bin: 
             improved = meta["best_val"] is None or val_loss < meta["best_val"]
             if improved:
                 meta["best_val"] = val_loss
-                if export is not None:
-                    _export(model, export, tokenizer, done, val_loss)
+            exported = export is not None and (improved or export_latest)
+            if exported:
+                _export(model, export, tokenizer, done, val_loss)
             meta.update(step=done, elapsed_s=elapsed0 + time.time() - t0,
                         config=asdict(cfg), model=args.to_params_json())
             save_state(out / "ckpt", model, opt, meta)
             bar.write(f"step {done}: train {loss:.4f} val {val_loss:.4f}"
-                      f"{' (best, exported)' if improved and export else ''}")
+                      f"{' (best)' if improved else ''}{' (exported)' if exported else ''}")
             log.row(**row)
             log.plot()
         elif done % 10 == 0:
@@ -269,6 +279,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", type=Path, required=True)
     p.add_argument("--docs", type=Path, nargs="+", required=True, help="corpus text files")
     p.add_argument("--export", type=Path, default=None, help="write the best model here")
+    p.add_argument("--export-latest", action="store_true",
+                   help="export at every evaluation, not only at the best validation loss")
     p.add_argument("--epochs", type=float, default=8.0, help="passes over the docs in the stream")
     p.add_argument("--extra-docs", type=Path, nargs="*", default=[],
                    help="extra corpus files (books): plain text, train only, no holdout")
@@ -278,6 +290,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of 'a X named Y' chat stories whose hero is renamed")
     p.add_argument("--invented-share", type=float, default=0.0,
                    help="share of renamed heroes given a made-up name instead of a listed one")
+    p.add_argument("--copy-epochs", type=float, default=0.0,
+                   help="extra passes over the stories that name their hero, as chat examples "
+                        "with the hero renamed (teaches copying the name from the prompt)")
     p.add_argument("--chat-share", type=float, default=0.4)
     p.add_argument("--holdout", type=float, default=0.05, help="share of docs kept for val")
     p.add_argument("--dim", type=int, default=192)
@@ -311,11 +326,12 @@ def main(argv: list[str] | None = None) -> None:
         "grad_clip", "eval_every", "eval_batches", "seed")}, seq_len=a.max_seq_len)
     train_bin, val_bin = prepare_data(a.out, tok, a.docs, a.epochs, a.chat_share, a.holdout,
                                       a.seed, a.extra_docs, a.extra_epochs, a.extra_chat_share,
-                                      a.rename_share, a.invented_share)
+                                      a.rename_share, a.invented_share, a.copy_epochs)
     print(f"model: {margs.attention_kind} {margs.n_params(tied=True) / 1e6:.2f}M params; "
           f"{json.dumps(margs.to_params_json())}", flush=True)
     meta = run(margs, cfg, a.out, train_bin, val_bin, a.tokenizer, a.export,
-               torch.device(a.device), until=a.until, init_from=a.init_from)
+               torch.device(a.device), until=a.until, init_from=a.init_from,
+               export_latest=a.export_latest)
     LossLog(a.out).plot(png=True)
     print(f"done: step {meta['step']}, best val {meta['best_val']:.4f}", flush=True)
 

@@ -4,6 +4,7 @@ the LR schedule, and the chat/plain training documents and batches of llama/data
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import re
 
@@ -14,8 +15,16 @@ from safetensors.torch import load_file
 
 from llama.chat import encode_dialog
 from llama.config import ModelArgs
-from llama.data import NAMES, Batches, chat_ids, make_instruction, rename
-from llama.train import TrainConfig, lr_at, run
+from llama.data import (
+    HELD_OUT_NAMES,
+    NAMES,
+    Batches,
+    chat_ids,
+    invent_name,
+    make_instruction,
+    rename,
+)
+from llama.train import TrainConfig, lr_at, prepare_data, run
 from llama.train_state import WEIGHTS
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=64,
@@ -180,3 +189,57 @@ def test_export_writes_a_loadable_fp16_tied_model(tmp_path, trained_tokenizer):
     assert {t.dtype for t in tensors.values()} == {torch.float16}
     loaded = load(tmp_path / "export", device="cpu", progress=False)
     assert loaded.model.args == args and loaded.tokenizer_path.is_file()
+
+
+def test_invented_names_are_new_varied_and_never_the_benchmark_names():
+    rng = random.Random(5)
+    names = [invent_name(rng) for _ in range(3000)]
+    assert not set(names) & (set(NAMES) | HELD_OUT_NAMES)
+    assert all(3 <= len(n) <= 8 and n[0].isupper() and n[1:].islower() for n in names)
+    assert len(set(names)) > 2000  # a model cannot memorise them: it has to copy
+    assert any(n[0] in "AEIOUY" for n in names)  # some start with a vowel, as "Oscar" does
+
+
+def test_copy_passes_add_renamed_named_stories_as_chat(tmp_path, trained_tokenizer):
+    named = "Once upon a time there was a big dog named Max. Max ran to the park."
+    plain = "The cat sat on the mat. It was a happy cat."
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n<|endoftext|>\n".join([named, plain] * 20) + "\n")
+
+    def stream(copy_epochs: float) -> list[int]:
+        out = tmp_path / f"run{copy_epochs}"
+        train_bin, _ = prepare_data(out, trained_tokenizer, [corpus], epochs=1.0, chat_share=0.0,
+                                    holdout=0.1, seed=0, invented_share=1.0,
+                                    copy_epochs=copy_epochs)
+        return np.fromfile(train_bin, dtype=np.uint16).tolist()
+
+    base, more = stream(0.0), stream(2.0)
+    bos, eos = trained_tokenizer.bos_id, trained_tokenizer.eos_id
+    docs = [trained_tokenizer.decode(d) for d in _split(more, bos, eos)]
+    chats = [d for d in docs if "[INST]" in d]
+    assert len(base) < len(more) and len(chats) == len(docs) - len(_split(base, bos, eos))
+    assert len(chats) >= 30 and all("named" in c or "called" in c or "," in c for c in chats)
+    assert not any("Max" in c for c in chats)  # every copy example renames the hero
+
+
+def _split(ids: list[int], bos: int, eos: int) -> list[list[int]]:
+    docs, cur = [], []
+    for t in ids:
+        cur.append(t)
+        if t == eos:
+            docs.append(cur)
+            cur = []
+    return docs
+
+
+def test_export_latest_exports_even_when_validation_gets_worse(tmp_path, trained_tokenizer):
+    args = ARGS.replace(vocab_size=trained_tokenizer.vocab_size)
+    train, val = _streams(tmp_path)
+    steps = []
+    for latest in (False, True):
+        out = tmp_path / f"export{latest}"
+        run(args, _cfg(max_steps=4, eval_every=2, lr=5.0, min_lr=5.0, warmup=0), tmp_path /
+            f"run{latest}", train, val, tokenizer=trained_tokenizer.path, export=out,
+            device=torch.device("cpu"), progress=False, export_latest=latest)
+        steps.append(json.loads((out / "training_state.json").read_text())["step"])
+    assert steps == [2, 4]  # best (step 2: lr 5 then wrecks the model) vs the latest
