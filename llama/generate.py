@@ -26,7 +26,13 @@ from torch import Tensor
 
 from llama.chat import Prompt
 from llama.model import Transformer
-from llama.sampling import SamplingParams, make_generator, process_logits, sample
+from llama.sampling import (
+    SamplingParams,
+    apply_penalties,
+    make_generator,
+    process_logits,
+    sample,
+)
 from llama.tokenizer import StreamDecoder, Tokenizer
 
 NO_TOKEN = -1  # token_id of the final step of a cancelled generation (it carries no token)
@@ -298,24 +304,32 @@ class _Decoder:
         return self._pick()
 
     def _pick(self) -> _Pick:
-        """Sample from self.logits; one host transfer for the id, its prob and the top-k."""
+        """Sample from self.logits; one host transfer for the id, its prob and the top-k.
+
+        Greedy takes the argmax of the penalised logits without a softmax (the distribution
+        sampled is one-hot: prob_after is 1 for the token, 0 for the others)."""
         logits = self.logits
         assert logits is not None
-        processed = process_logits(logits, self.params, self.seen, self.counts)
-        probs = torch.softmax(processed, dim=-1)
-        token = sample(probs, self.generator, greedy=self.params.greedy)  # (1,)
+        if self.params.greedy:
+            token = apply_penalties(logits, self.seen, self.counts, self.params).argmax(-1, True)
+            probs = None
+        else:
+            probs = torch.softmax(process_logits(logits, self.params, self.seen, self.counts), -1)
+            token = sample(probs, self.generator)  # (1,)
         self.token = token
         if self.seen is not None and self.counts is not None:
             self.seen[token] = True
             self.counts.index_add_(0, token, self.one)
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        chosen = logits[token] - lse
+        if self.n_top == 0:  # the benchmark's and the terminal's path: fewest ops
+            return _Pick(int(token), float(chosen.exp()))
         top_logits, top_ids = torch.topk(logits, self.n_top)
         # One device->host sync for the ids (the second copy finds the device idle).
         ids = torch.cat([token, top_ids]).tolist()  # [id, k ids]
-        chosen = logits[token] - lse
-        floats = torch.cat([chosen, top_logits - lse]).exp()
-        floats = torch.cat([floats, probs[top_ids]]).tolist()  # [prob, k before, k after]
-        k = self.n_top
+        after = (top_ids == token).float() if probs is None else probs[top_ids]
+        floats = torch.cat([torch.cat([chosen, top_logits - lse]).exp(), after]).tolist()
+        k = self.n_top  # floats: [prob, k before, k after]
         top = list(zip(ids[1:], floats[1 : 1 + k], floats[1 + k :], strict=True))
         return _Pick(ids[0], floats[0], top)
 
