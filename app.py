@@ -3,8 +3,14 @@
     python app.py                                        # the shipped model (assets/tinychat)
     python app.py --model ~/llama-2-7b-chat              # any format llama.checkpoints reads
     python app.py --model ~/Llama-2-7b-chat-hf --load-in-8bit --share --auth me:secret
+    torchrun --nproc-per-node 8 app.py --model ~/llama-2-70b-chat   # tensor-parallel
 
 A bad path or a broken checkpoint ends with the loader's message and exit status 2.
+
+Under torchrun (WORLD_SIZE > 1) the model is split over the processes (llama/distributed.py):
+rank 0 serves the page and samples, the other ranks replay its forward passes. A rank that
+dies or hangs ends the run: rank 0 names it on stderr and exits with status 1 (its page
+stops answering); the others exit by themselves.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from llama.cli import WorkerDone, join_torchrun, model_flags, rank_failure
+
 EXIT_BAD_INPUT = 2
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+EXIT_RANK_FAILED = 1
 
 
 class UsageError(ValueError):
@@ -23,37 +31,12 @@ class UsageError(ValueError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="LLaMA-2 playground (Gradio)")
-    p.add_argument(
-        "--model",
-        type=Path,
-        default=None,
-        help="checkpoint directory or llama2.c .bin (default: the shipped model)",
-    )
-    p.add_argument(
-        "--tokenizer",
-        type=Path,
-        default=None,
-        help="tokenizer.model (default: the one beside the weights)",
-    )
+    model_flags(p)
     p.add_argument(
         "--template",
         choices=("auto", "chat", "completion"),
         default="auto",
         help="prompt format; auto reads it from the checkpoint's files",
-    )
-    p.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes LLM.int8 weights")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if any)")
-    p.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="auto",
-        help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)",
-    )
-    p.add_argument(
-        "--max-seq-len",
-        type=int,
-        default=None,
-        help="context length (sizes the KV cache; default: the model's)",
     )
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 to serve the network)"
@@ -62,13 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--share", action="store_true", help="create a public gradio.live link")
     p.add_argument(
         "--auth", default=None, help="USER:PASSWORD, or a file with one USER:PASSWORD per line"
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads for torch (default: 1 for small models on CPU, where "
-        "more threads only add synchronisation, else torch's default)",
     )
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most")
     return p.parse_args(argv)
@@ -125,12 +101,17 @@ def resolve_dtype(name: str):  # -> torch.dtype | None
 
 
 def load(args: argparse.Namespace):  # -> ui.runtime.Runtime
-    """The Runtime for the flags; the shipped model when --model is not given."""
+    """The Runtime for the flags; the shipped model when --model is not given.
+
+    Under torchrun (args.tp set) this rank loads its slice; ranks > 0 then serve rank 0's
+    forward passes here and raise WorkerDone when rank 0 releases them."""
     from llama.assets import shipped_model_dir
     from ui.runtime import load_runtime
 
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise UsageError(f"--max-seq-len: expected at least 2, found {args.max_seq_len}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads: expected a positive int, found {args.threads}")
     template = args.template
     if args.model is None:
         path = shipped_model_dir()
@@ -138,7 +119,9 @@ def load(args: argparse.Namespace):  # -> ui.runtime.Runtime
         template = "chat" if template == "auto" else template
     else:
         path = args.model
-    return load_runtime(
+    if getattr(args, "tp", None) is not None:
+        return _load_parallel(args, path, template)
+    runtime = load_runtime(
         path,
         device=args.device,
         dtype=resolve_dtype(args.dtype),
@@ -148,31 +131,80 @@ def load(args: argparse.Namespace):  # -> ui.runtime.Runtime
         template=template,
         progress=True,
     )
+    set_threads(args.threads, runtime.device, runtime.args.n_params())
+    return runtime
 
 
-def set_threads(requested: int | None, runtime) -> None:  # runtime: ui.runtime.Runtime
+def _load_parallel(args: argparse.Namespace, path: Path, template: str):  # -> Runtime
+    """This rank's slice as a Runtime (rank 0); the worker loop on the other ranks."""
+    from llama.distributed import load_parallel, run_worker_loop
+    from ui.runtime import from_loaded
+
+    tp = args.tp
+    if args.device is not None and args.device.split(":")[0] != tp.device.type:
+        raise UsageError(
+            f"--device {args.device}: under torchrun each rank uses {tp.device.type}"
+            f"{':LOCAL_RANK' if tp.device.type == 'cuda' else ''}; leave --device out"
+        )
+    loaded = load_parallel(
+        path,
+        tp,
+        dtype=resolve_dtype(args.dtype),
+        max_seq_len=args.max_seq_len,
+        tokenizer=args.tokenizer,
+        load_in_8bit=args.load_in_8bit,
+        progress=tp.is_leader,
+    )
+    args.tp_model = loaded.model
+    set_threads(args.threads, loaded.device, loaded.model.args.n_params())
+    if not tp.is_leader:
+        run_worker_loop(loaded.model)
+        raise WorkerDone
+    return from_loaded(loaded, template)
+
+
+def set_threads(requested: int | None, device, n_params: int) -> None:  # device: torch.device
     """torch's intra-op threads for this process (a tiny model decodes fastest on one)."""
     import torch
 
     from ui.runtime import SMALL_MODEL_PARAMS
 
     if requested is not None:
-        torch.set_num_threads(max(1, requested))
-    elif runtime.device.type == "cpu" and runtime.args.n_params() < SMALL_MODEL_PARAMS:
+        torch.set_num_threads(requested)
+    elif device.type == "cpu" and n_params < SMALL_MODEL_PARAMS:
         torch.set_num_threads(1)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve the playground; returns the exit status (2: bad flags or files, 1: a
+    tensor-parallel rank failed)."""
     args = parse_args(argv)
+    args.tp = args.tp_model = None
+    try:
+        return _serve(args)
+    except WorkerDone:
+        return 0
+    except rank_failure() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_RANK_FAILED
+    finally:
+        if args.tp is not None:
+            from llama.distributed import shutdown
+
+            shutdown(args.tp, args.tp_model)
+
+
+def _serve(args: argparse.Namespace) -> int:
     try:
         auth = parse_auth(args.auth)
+        args.tp = join_torchrun()
         runtime = load(args)
     except Exception as exc:
         if not _is_input_error(exc):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if args.tp is None or args.tp.is_leader:
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    set_threads(args.threads, runtime)
     warning = sharing_warning(args.share, auth, args.host)
     if warning:
         print(warning, file=sys.stderr)

@@ -36,7 +36,7 @@ class UsageError(Exception):
     """A flag or file the CLI cannot use (printed as one line, exit status 2)."""
 
 
-class _WorkerDone(Exception):
+class WorkerDone(Exception):
     """A tensor-parallel worker rank finished serving rank 0."""
 
 
@@ -53,12 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     complete = sub.add_parser("complete", help="continue a raw prompt (base models)")
     complete.add_argument("--prompt", required=True, help='text to continue ("-": read stdin)')
     for p in (chat, complete):
-        _model_flags(p)
+        model_flags(p)
+        p.add_argument("--stats", action="store_true", help="tokens, speed, finish on stderr")
         _sampling_flags(p)
     return parser
 
 
-def _model_flags(p: argparse.ArgumentParser) -> None:
+def model_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that choose and place the model, shared by this CLI and app.py."""
     p.add_argument(
         "--model",
         type=Path,
@@ -71,12 +73,27 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="tokenizer.model (default: the one beside the weights)",
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
-    p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes LLM.int8 weights")
-    p.add_argument("--max-seq-len", type=int, default=None, help="context length override")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--stats", action="store_true", help="tokens, speed, finish reason on stderr")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+    )
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="context length (sizes the KV cache; default: the model's)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's; the app uses 1 for small models on "
+        "CPU, where more threads only add synchronisation)",
+    )
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -172,7 +189,7 @@ def _load_parallel(ns: argparse.Namespace, path, dtype):  # -> LoadedModel
     ns.tp_model = loaded.model
     if not ns.tp.is_leader:
         run_worker_loop(loaded.model)
-        raise _WorkerDone
+        raise WorkerDone
     return loaded
 
 
@@ -303,15 +320,15 @@ def main(
     try:
         build_parser().parse_args(argv, namespace=ns)
         run = run_chat if ns.command == "chat" else run_complete
-        ns.tp = _join_torchrun()
+        ns.tp = join_torchrun()
         return run(ns, out, err)
     except UsageError as exc:
         if ns.tp is None or ns.tp.is_leader:
             print(f"error: {exc}", file=err)
         return EXIT_BAD_INPUT
-    except _WorkerDone:
+    except WorkerDone:
         return 0
-    except _rank_failure() as exc:
+    except rank_failure() as exc:
         print(f"error: {exc}", file=err)
         return 1
     finally:
@@ -321,8 +338,9 @@ def main(
             shutdown(ns.tp, ns.tp_model)
 
 
-def _join_torchrun():  # -> TPContext | None
-    """The tensor-parallel context when launched by torchrun with several processes."""
+def join_torchrun():  # -> TPContext | None
+    """The tensor-parallel context when launched by torchrun with several processes (None
+    otherwise). Rank 0 exits by itself soon after a rank fails, even while idle."""
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -332,7 +350,8 @@ def _join_torchrun():  # -> TPContext | None
     return init_from_env(exit_on_failure=True)
 
 
-def _rank_failure() -> type[Exception]:
-    """RankFailure when tensor parallelism is loaded (importing it costs nothing then)."""
+def rank_failure() -> type[Exception]:
+    """RankFailure when tensor parallelism is loaded (importing it costs nothing then), else
+    an exception type nothing raises."""
     module = sys.modules.get("llama.distributed")
-    return module.RankFailure if module is not None else _WorkerDone
+    return module.RankFailure if module is not None else WorkerDone

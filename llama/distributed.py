@@ -28,13 +28,16 @@ CPU; commands always go over gloo.
 Failures: a rank that dies, hangs or raises makes rank 0 raise `RankFailure` naming it and
 why, within the collective timeout or the heartbeat timeout (llama/parallel/health.py); the
 workers then exit by themselves. Ctrl-C under torchrun stops every rank (torchrun signals each
-worker; workers keep the default SIGINT/SIGTERM action, so they die at once).
+worker; workers keep the default SIGINT/SIGTERM action, so they die at once). torchrun also
+sends SIGTERM to every rank as soon as one fails: rank 0 then names the failed rank (when it
+can tell one already failed) before it exits with status 1.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -114,7 +117,36 @@ def init_from_env(*, timeout_s: float | None = None, heartbeat_timeout_s: float 
                     or _env_float("LLAMA_TP_HEARTBEAT", DEFAULT_HEARTBEAT_TIMEOUT_S),
                     exit_on_failure=exit_on_failure)
     health.start()
+    if rank == 0:
+        _leader_signals(health)
     return TPContext(rank, world, device, dist.group.WORLD, control, health)
+
+
+def _leader_signals(health: Health) -> None:
+    """Rank 0: Ctrl-C means the workers are expected to go (no failure report); SIGTERM (how
+    torchrun stops the run once a rank failed) names a failed rank, then exits (status 1;
+    128 + 15 when no rank failed) without waiting for threads stuck in collectives."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    on_interrupt = signal.getsignal(signal.SIGINT)
+
+    def interrupted(signum: int, frame: object) -> None:
+        health.leaving = True
+        if callable(on_interrupt):
+            on_interrupt(signum, frame)
+        if on_interrupt != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    def terminated(signum: int, frame: object) -> None:
+        failure = health.verdict_now()
+        if failure is None:
+            print("[llama.distributed] rank 0: stopping on SIGTERM", file=sys.stderr, flush=True)
+            health.abort("rank 0 was stopped (SIGTERM)")
+        health.linger()
+        os._exit(1 if failure is not None else 128 + signum)
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, terminated)
 
 
 def _device(local_rank: int) -> torch.device:
@@ -237,7 +269,11 @@ def shutdown(ctx: TPContext, model: ParallelTransformer | None = None) -> None:
         return
     health = ctx.health
     try:
-        if health.failure is None and not health.errored:
+        if ctx.is_leader and health.failure is None and health.gone_peers():
+            # Ctrl-C under torchrun reached the workers too: nobody is left to release.
+            health.leaving = True
+            health.abort("rank 0 is leaving")
+        elif health.failure is None and not health.errored:
             if model is not None and ctx.is_leader:
                 stop_workers(model)
             health.stop()  # peers stop beating now: no watchdog may fire from here on

@@ -171,10 +171,13 @@ def _score_traces(trace: Trace, rope: Any) -> list[go.Scatter]:
 
 
 # KV cache -----------------------------------------------------------------------------------
-def kv_cache_growth(trace: Trace) -> go.Figure:
+def kv_cache_growth(trace: Trace, ranks: int = 1) -> go.Figure:
     """Left: bytes held after each step of this generation, stacked by layer. Right: the same
     model's cache up to max_seq_len as MHA / GQA / MQA, the preallocated capacity, the current
-    context and max_seq_len. Hover gives exact bytes."""
+    context and max_seq_len. Hover gives exact bytes.
+
+    ranks > 1 (tensor parallelism): the trace's bytes are one rank's (every rank holds the
+    same amount); the figure adds the total over the ranks and says both."""
     kv = trace.kv
     if kv is None:
         return empty_figure("No KV-cache data yet: generate a few tokens with the probe on.")
@@ -189,7 +192,7 @@ def kv_cache_growth(trace: Trace) -> go.Figure:
         ],
     )
     fig.update_annotations(font_size=12)
-    for tr in _kv_layer_traces(kv):
+    for tr in _kv_layer_traces(kv, ranks):
         fig.add_trace(tr, row=1, col=1)
     near = sorted(set(kv.positions))
     full = sorted({0, max_len, current, *range(0, max_len, max(1, max_len // 64))})
@@ -197,12 +200,15 @@ def kv_cache_growth(trace: Trace) -> go.Figure:
         for tr in _kv_counterfactual_traces(kv, xs, show_legend=col == 2):
             fig.add_trace(tr, row=1, col=col)
     capacity = sum(kv.capacity_bytes_per_layer)
+    if ranks > 1:
+        fig.add_trace(_kv_total_trace(kv, ranks), row=1, col=1)
     fig.add_hline(
-        y=capacity,
+        y=capacity * ranks,
         line={"color": TEXT, "dash": "dot"},
         row=1,
         col=2,
-        annotation_text=f"preallocated {fmt_bytes(capacity)}",
+        annotation_text=f"preallocated {fmt_bytes(capacity * ranks)}"
+        + (f" ({ranks} ranks × {fmt_bytes(capacity)})" if ranks > 1 else ""),
         annotation_position="top left",
     )
     fig.add_vline(
@@ -218,24 +224,51 @@ def kv_cache_growth(trace: Trace) -> go.Figure:
     fig.update_xaxes(range=[0, max_len * 1.02], row=1, col=2)
     fig.update_yaxes(title_text="bytes (K + V, all layers)", tickformat="~s", row=1, col=1)
     fig.update_yaxes(tickformat="~s", row=1, col=2)
-    used, per_position = sum(kv.bytes_per_layer[-1]), kv.bytes_for(kv.args.kv_heads, 1)
-    title = (
-        f"KV cache ({kv.args.attention_kind}): {current} of {max_len} positions, "
-        f"{fmt_bytes(used)} of {fmt_bytes(capacity)} preallocated<br><sup>{kv.batch} × "
-        f"{kv.args.n_layers} layers × 2 (K, V) × {kv.args.kv_heads} KV heads × "
-        f"{kv.args.head_dim} dims × {kv.itemsize} bytes = {fmt_bytes(per_position)} per "
-        "position</sup>"
+    return style(fig, _kv_title(kv, ranks), height=440)
+
+
+def _kv_title(kv: Any, ranks: int) -> str:
+    a, current = kv.args, kv.positions[-1]
+    used, capacity = sum(kv.bytes_per_layer[-1]), sum(kv.capacity_bytes_per_layer)
+    per_position = capacity // max(1, kv.capacity_positions)  # one rank's
+    heads = per_position // (kv.batch * a.n_layers * 2 * a.head_dim * kv.itemsize)
+    formula = (
+        f"{kv.batch} × {a.n_layers} layers × 2 (K, V) × {heads} KV heads × {a.head_dim} dims × "
+        f"{kv.itemsize} bytes = {fmt_bytes(per_position)} per position"
     )
-    return style(fig, title, height=440)
+    if ranks == 1:
+        return (
+            f"KV cache ({a.attention_kind}): {current} of {a.max_seq_len} positions, "
+            f"{fmt_bytes(used)} of {fmt_bytes(capacity)} preallocated<br><sup>{formula}</sup>"
+        )
+    return (
+        f"KV cache ({a.attention_kind}) over {ranks} ranks: {current} of {a.max_seq_len} "
+        f"positions, {fmt_bytes(used * ranks)} of {fmt_bytes(capacity * ranks)} in total, "
+        f"{fmt_bytes(used)} of {fmt_bytes(capacity)} per rank<br><sup>each rank: {formula}"
+        "</sup>"
+    )
 
 
-def _kv_layer_traces(kv: Any) -> list[go.Scatter]:
+def _kv_total_trace(kv: Any, ranks: int) -> go.Scatter:
+    """The bytes over every rank (tensor parallelism), beside one rank's stacked layers."""
+    return go.Scatter(
+        x=kv.positions,
+        y=[sum(b) * ranks for b in kv.bytes_per_layer],
+        mode="lines",
+        name=f"all {ranks} ranks",
+        line={"color": TEXT, "dash": "dash"},
+        hovertemplate=f"all {ranks} ranks<br>%{{x}} positions<br>%{{y:,}} bytes<extra></extra>",
+    )
+
+
+def _kv_layer_traces(kv: Any, ranks: int) -> list[go.Scatter]:
+    label = "used, stacked by layer" + (" (one rank)" if ranks > 1 else "")
     return [
         go.Scatter(
             x=kv.positions,
             y=[b[layer] for b in kv.bytes_per_layer],
             stackgroup="used",
-            name="used, stacked by layer" if layer == 0 else f"layer {layer}",
+            name=(label if layer == 0 else f"layer {layer}"),
             legendgroup="used",
             showlegend=layer == 0,
             line={"width": 0.5, "color": COLOURS[layer % 2]},

@@ -309,7 +309,7 @@ class Handlers:
         """Figures again from the last trace (layer, head or mode changed; no model run)."""
         views = views_from(shown, layer, head, mode, 1)
         trace, step = last if last else (None, None)
-        figs = draw(trace, step, views)
+        figs = draw(trace, step, views, self.rt.ranks)
         return tuple(figs.get(k, gr.skip()) for k in FIGURE_KEYS)
 
     def set_views(self, shown: list[str]) -> tuple[Any, ...]:

@@ -83,6 +83,12 @@ class Runtime:
     def max_seq_len(self) -> int:
         return self.args.max_seq_len
 
+    @property
+    def ranks(self) -> int:
+        """Processes the model is split over (tensor parallelism under torchrun; else 1)."""
+        tp = getattr(self.model, "tp", None)
+        return tp.world_size if tp is not None else 1
+
     def examples(self, template: str) -> list[str]:
         """Example prompts suited to this model and template."""
         small = self.args.n_params() < SMALL_MODEL_PARAMS
@@ -95,15 +101,20 @@ class Runtime:
         heads = f"{a.n_heads} heads" if kind == "MHA" else f"{a.n_heads} heads / {a.kv_heads} KV"
         dtype = str(self.dtype).removeprefix("torch.")
         eight = "8-bit on" if self.load_in_8bit else "8-bit off"
+        device = str(self.device) if self.ranks == 1 else f"{self.device} × {self.ranks} ranks"
         return (
             f"{self.name} · {format_count(a.n_params())} params · dim {a.dim} · "
             f"{a.n_layers} layers · {heads} ({kind}) · vocab {a.vocab_size} · "
-            f"ctx {a.max_seq_len} · {self.device} · {dtype} · {eight}"
+            f"ctx {a.max_seq_len} · {device} · {dtype} · {eight}"
         )
 
-    def kv_bytes(self, positions: int) -> int:
-        """Bytes of the KV cache holding `positions` positions, over all layers."""
-        return sum(cache.nbytes(positions) for cache in self.model.caches())
+    def kv_bytes(self, positions: int, per_rank: bool = False) -> int:
+        """Bytes of the KV cache holding `positions` positions, over all layers: over all
+        ranks (the memory really used, replicated KV heads counted), or on each rank."""
+        from llama.distributed import kv_cache_bytes
+
+        kv = kv_cache_bytes(self.model, positions)
+        return kv.per_rank if per_rank else kv.total
 
 
 def format_count(n: int) -> str:

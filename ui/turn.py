@@ -113,8 +113,9 @@ def make_probe(rt: Runtime, views: Views) -> Probe | None:
     )
 
 
-def draw(trace: Trace | None, step: Step | None, views: Views) -> dict[str, Any]:
-    """The figures that are on, from a probe snapshot and the latest step."""
+def draw(trace: Trace | None, step: Step | None, views: Views, ranks: int = 1) -> dict[str, Any]:
+    """The figures that are on, from a probe snapshot and the latest step. ranks: processes
+    the model is split over (the probe's KV-cache bytes are one rank's)."""
     out: dict[str, Any] = {}
     if "attention" in views.shown:
         out["attention"] = _attention(trace, views)
@@ -133,7 +134,7 @@ def draw(trace: Trace | None, step: Step | None, views: Views) -> dict[str, Any]
         )
     if "kv" in views.shown:
         out["kv"] = (
-            figures.kv_cache_growth(trace)
+            figures.kv_cache_growth(trace, ranks)
             if trace is not None and trace.kv is not None
             else figures.empty_figure("KV-cache growth appears once the model runs")
         )
@@ -173,7 +174,7 @@ def run_turn(
     reply: Message = {"role": "assistant", "content": ""}
     last_real: Step | None = None
     notices: list[str] = []
-    pacer = _Pacer(views)
+    pacer = _Pacer(views, rt.ranks)
     with rt.slot:
         steps = generate(rt.model, rt.tokenizer, prompt, params, probe=probe, cancel=cancel)
         for i, step in enumerate(steps):
@@ -200,8 +201,8 @@ def run_turn(
 class _Pacer:
     """When to redraw: first token, every N tokens (paced by the cost of drawing), last."""
 
-    def __init__(self, views: Views) -> None:
-        self.views = views
+    def __init__(self, views: Views, ranks: int = 1) -> None:
+        self.views, self.ranks = views, ranks
         self.next_at = 0.0
 
     def due(self, i: int, done: bool) -> bool:
@@ -212,7 +213,7 @@ class _Pacer:
 
     def draw(self, trace: Trace | None, step: Step | None) -> dict[str, Any]:
         start = time.perf_counter()
-        figs = draw(trace, step, self.views)
+        figs = draw(trace, step, self.views, self.ranks)
         end = time.perf_counter()
         self.next_at = end + max(self.views.pace * (end - start), self.views.min_interval_s)
         return figs
@@ -234,6 +235,9 @@ def status_text(
     parts.append(
         f"KV cache {format_bytes(rt.kv_bytes(used))} of {format_bytes(rt.kv_bytes(rt.max_seq_len))}"
     )
+    if rt.ranks > 1:  # tensor-parallel: each rank holds its KV heads' share
+        each = rt.kv_bytes(used, per_rank=True), rt.kv_bytes(rt.max_seq_len, per_rank=True)
+        parts[-1] += f" ({rt.ranks} ranks × {format_bytes(each[0])} of {format_bytes(each[1])})"
     parts.append(f"seed {seed}")
     if step.finish_reason:
         parts.append(f"finished: {step.finish_reason}")

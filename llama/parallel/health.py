@@ -116,6 +116,7 @@ class Health:
         self.collectives = 0  # data-group collectives entered (compared across ranks)
         self.failure: RankFailure | None = None
         self.errored = False  # this rank published an error of its own
+        self.leaving = False  # rank 0 is stopping on purpose: workers that go are no failure
         self._failed_at: float | None = None
         self._busy_since: float | None = None
         self._beats = 0
@@ -179,6 +180,24 @@ class Health:
                 return
             time.sleep(self.interval_s / 4)
 
+    def gone_peers(self) -> list[int]:
+        """Rank 0: the workers whose process is known to have exited (same host only)."""
+        with suppress(Exception):
+            self._refresh(range(1, self.world_size))
+        return [r for r, p in sorted(self._peers.items()) if self._gone(p)]
+
+    def verdict_now(self) -> RankFailure | None:
+        """Rank 0, told to stop from outside (torchrun sends SIGTERM to every rank once one
+        has failed): the failure already known, else a worker seen dead, hung or faulty right
+        now (recorded and reported); None when none is."""
+        if self.failure is None:
+            with suppress(Exception):
+                self._refresh(range(1, self.world_size))
+                found = self._blame(None, fresh_since=None)
+                if found is not None:
+                    self._fail(found)
+        return self.failure
+
     def diagnose(self, exc: BaseException) -> RankFailure:
         """Rank 0, after a collective raised `exc`: wait (bounded) until the culprit is known."""
         since = time.monotonic()
@@ -227,7 +246,8 @@ class Health:
             self._watch_leader()
             return
         self._refresh(range(1, self.world_size))
-        if self.failure is None and not self.errored:  # rank 0's own error is reported as is
+        # Rank 0's own error is reported as is; workers that go while it leaves are expected.
+        if self.failure is None and not self.errored and not self.leaving:
             found = self._blame(None, fresh_since=None)
             if found is not None:
                 self._fail(found)
