@@ -28,9 +28,9 @@ CPU; commands always go over gloo.
 Failures: a rank that dies, hangs or raises makes rank 0 raise `RankFailure` naming it and
 why, within the collective timeout or the heartbeat timeout (llama/parallel/health.py); the
 workers then exit by themselves. Ctrl-C under torchrun stops every rank (torchrun signals each
-worker; workers keep the default SIGINT/SIGTERM action, so they die at once). torchrun also
-sends SIGTERM to every rank as soon as one fails: rank 0 then names the failed rank (when it
-can tell one already failed) before it exits with status 1.
+worker; workers exit at once, first noting that a signal stopped them). torchrun also sends
+SIGTERM to every rank as soon as one fails: rank 0 then names the rank that failed on its own
+(not one stopped by that signal) before it exits with status 1.
 """
 
 from __future__ import annotations
@@ -218,15 +218,15 @@ def run_worker_loop(model: ParallelTransformer) -> None:
     """Ranks > 0: replay rank 0's calls on `model` until it sends STOP (then return).
 
     Raises RankFailure when rank 0 went away; any other exception is published for rank 0's
-    report first. SIGINT/SIGTERM keep their default action (the process dies at once).
+    report first. SIGINT/SIGTERM end the process at once, saying so first (rank 0 then does
+    not blame this rank when torchrun stops every rank).
     """
     ctx = model.tp
     if ctx.is_leader or not ctx.distributed:
         raise DistributedError("run_worker_loop is for ranks > 0 of a multi-process run")
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     health = ctx.health
+    if threading.current_thread() is threading.main_thread():
+        health.exit_on_signals()
     with torch.inference_mode():
         while True:
             health.phase = "idle"

@@ -1,9 +1,10 @@
 """The app under torchrun: `torchrun --nproc-per-node 2 app.py` on CPU (gloo), driven with
 gradio_client.
 
-One run serves every test here, in order: a greedy reply equals the single-process reply on the
-same random checkpoint, the status line and the KV-cache figure report 2 ranks, and (last)
-killing rank 1 mid-reply makes rank 0 name it and the whole run exit, leaving no process.
+One run serves the first tests, in order: a greedy reply equals the single-process reply on the
+same random checkpoint, the status line and the KV-cache figure report 2 ranks, then killing
+rank 1 mid-reply makes rank 0 name it and the whole run exit, leaving no process. A second run
+checks that Ctrl-C mid-reply stops every rank without blaming one.
 """
 
 from __future__ import annotations
@@ -44,8 +45,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny GQA model (native format) with the shipped tokenizer. The EOS row of
     the output projection is zero, so greedy replies never end early (other logits win)."""
     tokenizer = shipped_model_dir() / "tokenizer.model"
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=4096,
-                     max_seq_len=1200)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=4096, max_seq_len=1200)
     torch.manual_seed(0)
     model = Transformer(args).eval()
     for p in model.parameters():
@@ -89,30 +89,64 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-@pytest.fixture(scope="module")
-def run(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    log = tmp_path_factory.mktemp("tp-app-log") / "torchrun.log"
+def _launch(checkpoint: Path, log: Path) -> Run:
+    """`torchrun --nproc-per-node 2 app.py` on free ports; returns once the page answers."""
     port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           str(REPO / "app.py"), "--model", str(checkpoint), "--template", "completion",
-           "--threads", "1", "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
-           "LLAMA_TP_HEARTBEAT": "5", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(REPO / "app.py"),
+        "--model",
+        str(checkpoint),
+        "--template",
+        "completion",
+        "--threads",
+        "1",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    env = {
+        **os.environ,
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "PYTHONUNBUFFERED": "1",
+        "LLAMA_TP_HEARTBEAT": "5",
+        "OMP_NUM_THREADS": "1",
+    }
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
     served = Run(proc, f"http://127.0.0.1:{port}/", log)
     try:
         _wait_until_served(served)
-        yield served
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+    except BaseException:
+        _stop(served)
+        raise
+    return served
+
+
+def _stop(served: Run) -> None:
+    if served.proc.poll() is None:
+        served.proc.send_signal(signal.SIGTERM)
+        try:
+            served.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            served.proc.kill()
+            served.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def run(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    served = _launch(checkpoint, tmp_path_factory.mktemp("tp-app-log") / "torchrun.log")
+    yield served
+    _stop(served)
 
 
 def _wait_until_served(served: Run) -> None:
@@ -130,8 +164,9 @@ def _wait_until_served(served: Run) -> None:
 
 
 def _greedy_args(max_new_tokens: int, views: list[str]) -> list:
-    return respond_args("completion", 1, temperature=0.0, max_new_tokens=max_new_tokens,
-                        views=views, every=1)
+    return respond_args(
+        "completion", 1, temperature=0.0, max_new_tokens=max_new_tokens, views=views, every=1
+    )
 
 
 def test_greedy_reply_equals_one_process_and_status_shows_two_ranks(
@@ -149,8 +184,9 @@ def test_greedy_reply_equals_one_process_and_status_shows_two_ranks(
         rt = load_runtime(checkpoint, template="completion", progress=False)
         settings = Settings(temperature=0.0, max_new_tokens=GREEDY_TOKENS, seed=1)
         history = [{"role": "user", "content": PROMPT}]
-        *_, last = run_turn(rt, history, settings, Views(shown=frozenset()), "completion", "",
-                            SessionControl())
+        *_, last = run_turn(
+            rt, history, settings, Views(shown=frozenset()), "completion", "", SessionControl()
+        )
     finally:
         torch.set_num_threads(threads)
     assert reply and reply == last.chat[-1]["content"]
@@ -166,24 +202,48 @@ def test_greedy_reply_equals_one_process_and_status_shows_two_ranks(
     assert "over 2 ranks" in figure and "per rank" in figure and "all 2 ranks" in figure
 
 
-def test_killed_rank_is_named_and_every_process_exits(run: Run) -> None:
+def _mid_reply(run: Run) -> tuple[Client, dict[int, int]]:
+    """A long greedy reply streaming; -> (its client, RANK -> pid)."""
     ranks = run.ranks()
     assert sorted(ranks) == [0, 1], ranks
     client = Client(run.url, verbose=False)
     client.predict(PROMPT, api_name="/add_message")
     job = client.submit(*_greedy_args(1024, []), api_name="/respond")
     wait_for_output(job)
-    assert not job.done(), "the reply ended before rank 1 could be killed mid-generation"
-    os.kill(ranks[1], signal.SIGKILL)
+    assert not job.done(), "the reply ended before the test could interrupt it"
+    return client, ranks
+
+
+def _wait_exit(run: Run, what: str) -> int:
     t0 = time.monotonic()
     try:
         code = run.proc.wait(EXIT_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"still running {EXIT_TIMEOUT_S} s after rank 1 was killed:\n{run.text()}")
-    elapsed = time.monotonic() - t0
+        pytest.fail(f"still running {EXIT_TIMEOUT_S} s after {what}:\n{run.text()}")
+    print(f"torchrun exited {time.monotonic() - t0:.1f} s after {what}")
+    return code
+
+
+def test_killed_rank_is_named_and_every_process_exits(run: Run) -> None:
+    client, ranks = _mid_reply(run)
+    os.kill(ranks[1], signal.SIGKILL)  # as the OOM killer would
+    code = _wait_exit(run, "rank 1 was killed")
     log = run.text()
     assert code != 0 and "tensor-parallel rank 1 of 2 failed" in log, log
     assert "pid" in log.split("rank 1 of 2 failed", 1)[1].splitlines()[0], log
     assert not [pid for pid in ranks.values() if _alive(pid)], log
-    print(f"torchrun exited {elapsed:.1f} s after rank 1 was killed")
     client.close()
+
+
+def test_ctrl_c_stops_every_rank_without_blaming_one(checkpoint: Path, tmp_path: Path) -> None:
+    run = _launch(checkpoint, tmp_path / "torchrun.log")
+    try:
+        client, ranks = _mid_reply(run)
+        run.proc.send_signal(signal.SIGINT)  # Ctrl-C reaches torchrun, which forwards it
+        _wait_exit(run, "Ctrl-C")
+        log = run.text()
+        assert not [pid for pid in ranks.values() if _alive(pid)], log
+        assert "tensor-parallel rank" not in log, log  # nobody failed
+        client.close()
+    finally:
+        _stop(run)

@@ -20,6 +20,7 @@ at once after `grace_s` when `exit_on_failure` is set (an app whose model cannot
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 import threading
@@ -40,9 +41,12 @@ class DistributedError(RuntimeError):
 class RankFailure(DistributedError):
     """A rank died, hung or failed; `rank` is the culprit (None when it could not be told)."""
 
-    def __init__(self, rank: int | None, world_size: int, reason: str) -> None:
+    def __init__(self, rank: int | None, world_size: int, reason: str, *,
+                 stopped: bool = False) -> None:
         who = f"rank {rank} of {world_size}" if rank is not None else f"a rank of {world_size}"
-        super().__init__(f"tensor-parallel {who} failed: {reason}")
+        text = (f"tensor-parallel run of {world_size} ranks stopped: {reason}" if stopped
+                else f"tensor-parallel {who} failed: {reason}")
+        super().__init__(text)
         self.rank, self.reason = rank, reason
 
 
@@ -121,6 +125,7 @@ class Health:
         self._busy_since: float | None = None
         self._beats = 0
         self._stop = threading.Event()
+        self._signals_watched = False
         self._peers: dict[int, _Peer] = {}
         self._set(f"info/{rank}", f"{socket.gethostname()} {os.getpid()}")
         self._thread = threading.Thread(target=self._run, name="tp-health", daemon=True)
@@ -149,6 +154,34 @@ class Health:
         # The store may be gone with rank 0; the exit code still tells.
         with suppress(Exception):
             self._set(f"err/{self.rank}", f"{kind}|{_summary(exc)} (during {self.phase})")
+
+    def exit_on_signals(self) -> None:
+        """A worker (main thread): SIGINT/SIGTERM end this process at once (128 + signum),
+        even while the main thread waits inside a collective, where a Python handler would
+        not run: the signal number reaches a thread through the wakeup fd. The exit is
+        published first, so rank 0 tells a rank stopped from outside (torchrun stopping every
+        rank) from one that failed."""
+        if self._signals_watched:
+            return
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: self._exit_signalled(signum))
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch_signals, args=(read,), name="tp-signals",
+                         daemon=True).start()
+        self._signals_watched = True
+
+    def _watch_signals(self, fd: int) -> None:
+        while True:
+            signum = os.read(fd, 1)[0]
+            if signum in (signal.SIGINT, signal.SIGTERM):
+                self._exit_signalled(signum)
+
+    def _exit_signalled(self, signum: int) -> None:
+        with suppress(Exception):
+            self._set(f"err/{self.rank}", f"signal|stopped by {signal.Signals(signum).name}")
+        os._exit(128 + signum)
 
     def abort(self, reason: str) -> None:
         """Tell every worker to exit now (rank 0)."""
@@ -193,13 +226,17 @@ class Health:
         if self.failure is None:
             with suppress(Exception):
                 self._refresh(range(1, self.world_size))
-                found = self._blame(None, fresh_since=None)
+                found = self._blame(None, fresh_since=None, signalled=False)
                 if found is not None:
                     self._fail(found)
         return self.failure
 
     def diagnose(self, exc: BaseException) -> RankFailure:
-        """Rank 0, after a collective raised `exc`: wait (bounded) until the culprit is known."""
+        """Rank 0, after a collective raised `exc`: wait (bounded) until the culprit is known.
+        While rank 0 is leaving (Ctrl-C) the workers are stopping too: nobody is blamed."""
+        if self.leaving and self.failure is None:
+            self.failure = RankFailure(None, self.world_size, "interrupted", stopped=True)
+            self.abort(str(self.failure))
         since = time.monotonic()
         deadline = since + self.timeout_s + 2 * self.interval_s
         mine = self.collectives
@@ -248,7 +285,9 @@ class Health:
         self._refresh(range(1, self.world_size))
         # Rank 0's own error is reported as is; workers that go while it leaves are expected.
         if self.failure is None and not self.errored and not self.leaving:
-            found = self._blame(None, fresh_since=None)
+            # A rank stopped by a signal is left to diagnose(): the same signal may be on its
+            # way here (torchrun stopping every rank), which is no failure.
+            found = self._blame(None, fresh_since=None, signalled=False)
             if found is not None:
                 self._fail(found)
         self._maybe_exit()
@@ -281,15 +320,19 @@ class Health:
     def _gone(self, peer: _Peer) -> bool:
         return bool(peer.pid) and peer.host == socket.gethostname() and _process_gone(peer.pid)
 
-    def _blame(self, mine: int | None, fresh_since: float | None) -> RankFailure | None:
+    def _blame(self, mine: int | None, fresh_since: float | None,
+               signalled: bool = True) -> RankFailure | None:
         """The culprit among the workers, from what `_refresh` last read; None if unknown yet.
 
         mine: rank 0's collective count when its collective failed (None: do not look for
         hangs). fresh_since: only trust a peer's count published after this time (None: the
-        final verdict, which also accepts communication errors).
+        final verdict, which also accepts communication errors). signalled: blame a rank that
+        was stopped by a signal when no other rank failed (False when rank 0 got one too).
         """
         n, peers = self.world_size, sorted(self._peers.items())
         for r, p in peers:
+            if self._gone(p) and p.error and p.error.startswith("signal|"):
+                continue  # stopped from outside: blamed last, if no rank failed on its own
             if self._gone(p):
                 if p.error and p.error.startswith("fault|"):
                     return RankFailure(r, n, f"{p.error.split('|', 1)[1]}; then it exited")
@@ -309,6 +352,9 @@ class Health:
             for r, p in peers:
                 if p.error:
                     return RankFailure(r, n, p.error.split("|", 1)[1])
+        for r, p in peers:
+            if signalled and p.error and p.error.startswith("signal|"):
+                return RankFailure(r, n, f"{p.error.split('|', 1)[1]} (from outside the run)")
         return None
 
     def fail(self, failure: RankFailure) -> None:
