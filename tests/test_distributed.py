@@ -15,6 +15,8 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from multiprocessing import forkserver
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -44,6 +46,7 @@ from llama.quant import weight_bytes
 KINDS = ("mha", "gqa", "mqa")
 PROMPT = [1, 5, 9, 13, 2]
 NEW_TOKENS = 6
+DECODE_STEPS = 600  # a failure scenario's rank 0 decodes ~0.1 s per step until then
 # Children fork from a server that imported all this once (torch._dynamo is imported lazily
 # by the first meta-device model build: ~2 s of CPU per process otherwise).
 MP = mp.get_context("forkserver")
@@ -103,6 +106,7 @@ def _hf_files(model: Transformer, directory: Path) -> None:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tp")
+    forkserver.ensure_running()  # its imports run while this process writes the files
     torch.manual_seed(0)
     for kind in KINDS:
         model = Transformer(TINY_CONFIGS[kind]).eval()
@@ -234,8 +238,11 @@ def _suite(ckpt: Path, root: Path) -> None:
             run_worker_loop(model)
     model = load_parallel(ckpt / "gqa" / "native", ctx, load_in_8bit=True).model
     if ctx.is_leader:
+        single = load(ckpt / "gqa" / "native", device="cpu", dtype=torch.float32,
+                      load_in_8bit=True, progress=False).model
         with torch.inference_mode():
-            out["int8"] = {"logits": model(_tokens(model.args))}
+            out["int8"] = {"logits": model(_tokens(model.args)),
+                           "single_logits": single(_tokens(single.args))}
         stop_workers(model)
     else:
         run_worker_loop(model)
@@ -287,9 +294,10 @@ def _decode_until_failure(ckpt: Path, root: Path) -> None:
             return
         with torch.inference_mode():
             model.setup_caches(1)
-            for pos in range(model.args.max_seq_len):
+            for step in range(DECODE_STEPS):  # until the test strikes (the cache wraps around)
+                pos = step % model.args.max_seq_len
                 model(torch.tensor([[pos % 50 + 1]]), input_pos=torch.tensor([pos]))
-                if pos == 3:
+                if step == 3:
                     (root / "progress").write_text("3")
                     t0 = time.monotonic()
                 time.sleep(0.1)
@@ -358,11 +366,8 @@ def reference(checkpoints: Path) -> dict:
         out[kind]["bytes"] = _param_bytes(model)
     merged = load(checkpoints / "gqa" / "meta2", device="cpu", dtype=torch.float32,
                   progress=False).model  # llama.checkpoints merges the shards
-    int8 = load(checkpoints / "gqa" / "native", device="cpu", dtype=torch.float32,
-                 load_in_8bit=True, progress=False).model
     with torch.inference_mode():
         out["meta2"] = {"logits": merged(_tokens(merged.args))}
-        out["int8"] = {"logits": int8(_tokens(int8.args))}
     return out
 
 
@@ -371,7 +376,9 @@ def run(request: pytest.FixtureRequest, checkpoints: Path) -> tuple[int, list[di
     """One process group of N ranks running `_suite`; -> (N, each rank's results)."""
     world = request.param
     root = checkpoints / f"suite{world}"
-    codes = _join(_start(world, "suite", checkpoints, root), 120, root)
+    procs = _start(world, "suite", checkpoints, root)
+    request.getfixturevalue("reference")  # computed here while the ranks work
+    codes = _join(procs, 120, root)
     assert codes == [0] * world, f"exit codes {codes}\n{_logs(root)}"
     return world, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
@@ -445,7 +452,7 @@ def test_post_load_fusion_and_8bit_run_on_every_rank(run: tuple, reference: dict
     _, ranks = run
     if "fused_logits" in ranks[0]["gqa"]:  # llama.model may offer fuse_projections()
         assert _max_diff(ranks[0]["gqa"]["fused_logits"], reference["gqa"]["logits"]) <= 1e-5
-    fp32, single = reference["gqa"]["logits"], reference["int8"]["logits"]
+    fp32, single = reference["gqa"]["logits"], ranks[0]["int8"]["single_logits"]
     got = ranks[0]["int8"]["logits"]
     # Column-parallel slices keep their row scales; row-parallel ones (wo, w2) get per-slice
     # scales, so the error differs from one process's 8-bit but stays of its size.
@@ -499,6 +506,30 @@ def test_single_process_parallel_model_refuses_compiled_decode(checkpoints: Path
 
 
 # Failures -----------------------------------------------------------------------------------
+FAULTS = {  # scenario -> (ranks, environment)
+    "kill": (4, {"LLAMA_TP_HEARTBEAT": "3"}),
+    "hang": (2, {"LLAMA_TP_HEARTBEAT": "2", "LLAMA_TP_TIMEOUT": "60"}),
+    "stall": (2, {"TP_FAULT": "stall", "LLAMA_TP_TIMEOUT": "3", "LLAMA_TP_HEARTBEAT": "20"}),
+    "badload": (2, {"TP_FAULT": "bad_load"}),
+    "interrupt": (2, {"LLAMA_TP_HEARTBEAT": "3"}),
+}
+
+
+@pytest.fixture(scope="module")
+def faults(checkpoints: Path) -> Iterator[dict[str, tuple[list, Path]]]:
+    """Every failure scenario's process group, started at once: each test below acts on its
+    own group while the others decode slowly, so their waits overlap instead of adding up."""
+    groups = {}
+    for name, (world, env) in FAULTS.items():
+        groups[name] = (_start(world, "decode", checkpoints, checkpoints / name, **env),
+                        checkpoints / name)
+    yield groups
+    for procs, _ in groups.values():
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+
+
 def _wait_for(path: Path, timeout: float, root: Path) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -507,9 +538,8 @@ def _wait_for(path: Path, timeout: float, root: Path) -> None:
         time.sleep(0.05)
 
 
-def test_killed_rank_is_named_and_every_rank_exits(checkpoints: Path) -> None:
-    root = checkpoints / "kill"
-    procs = _start(4, "decode", checkpoints, root, LLAMA_TP_HEARTBEAT="3")
+def test_killed_rank_is_named_and_every_rank_exits(faults: dict) -> None:
+    procs, root = faults["kill"]
     _wait_for(root / "progress", 60, root)
     procs[2].kill()  # SIGKILL mid-generation, as the OOM killer would
     codes = _join(procs, 20, root)
@@ -521,14 +551,13 @@ def test_killed_rank_is_named_and_every_rank_exits(checkpoints: Path) -> None:
     assert "stopping: tensor-parallel rank 2 of 4 failed" in (root / "rank1.err").read_text()
 
 
-def test_hung_rank_is_named_within_the_heartbeat_timeout(checkpoints: Path) -> None:
-    root = checkpoints / "hang"
-    procs = _start(2, "decode", checkpoints, root, LLAMA_TP_HEARTBEAT="2", LLAMA_TP_TIMEOUT="60")
+def test_hung_rank_is_named_within_the_heartbeat_timeout(faults: dict) -> None:
+    procs, root = faults["hang"]
     _wait_for(root / "progress", 60, root)
     os.kill(procs[1].pid, signal.SIGSTOP)  # alive but frozen: sockets stay open
     t0 = time.monotonic()
     try:
-        procs[0].join(40)  # ~6 s: 2 s of silence, then 3 s of grace if stuck in a collective
+        procs[0].join(40)  # ~5 s: 2 s of silence, then 3 s of grace if stuck in a collective
         waited = time.monotonic() - t0
     finally:
         procs[1].kill()
@@ -539,29 +568,26 @@ def test_hung_rank_is_named_within_the_heartbeat_timeout(checkpoints: Path) -> N
     assert waited < 30 and codes[0] is not None, (waited, codes)
 
 
-def test_rank_that_hangs_mid_step_is_named(checkpoints: Path) -> None:
+def test_rank_that_hangs_mid_step_is_named(faults: dict) -> None:
     """Its heartbeat goes on (the hang releases the GIL): the collective times out and the
     rank that never entered it is blamed."""
-    root = checkpoints / "stall"
-    procs = _start(2, "decode", checkpoints, root, TP_FAULT="stall", LLAMA_TP_TIMEOUT="3",
-                   LLAMA_TP_HEARTBEAT="20")
+    procs, root = faults["stall"]
     codes = _join(procs, 60, root)
     _, message = (root / "result.txt").read_text().split("|", 1)
     assert "rank 1 of 2 failed: it hangs during forward" in message, _logs(root)
     assert codes == [0, 1], codes
 
 
-def test_rank_that_fails_to_load_is_named(checkpoints: Path) -> None:
-    root = checkpoints / "badload"
-    codes = _join(_start(2, "decode", checkpoints, root, TP_FAULT="bad_load"), 60, root)
+def test_rank_that_fails_to_load_is_named(faults: dict) -> None:
+    procs, root = faults["badload"]
+    codes = _join(procs, 60, root)
     _, message = (root / "result.txt").read_text().split("|", 1)
     assert "rank 1 of 2 failed: CheckpointError" in message and "missing" in message, message
     assert codes == [0, 1], codes
 
 
-def test_ctrl_c_on_rank0_stops_every_rank(checkpoints: Path) -> None:
-    root = checkpoints / "interrupt"
-    procs = _start(2, "decode", checkpoints, root, LLAMA_TP_HEARTBEAT="3")
+def test_ctrl_c_on_rank0_stops_every_rank(faults: dict) -> None:
+    procs, root = faults["interrupt"]
     _wait_for(root / "progress", 60, root)
     os.kill(procs[0].pid, signal.SIGINT)
     codes = _join(procs, 15, root)
