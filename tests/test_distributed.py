@@ -323,7 +323,21 @@ def _stall_on(model: torch.nn.Module, n: int) -> None:
     model.execute = stalling
 
 
-SCENARIOS = {"suite": _suite, "decode": _decode_until_failure}
+def _idle(ckpt: Path, root: Path) -> None:
+    """Loaded, then idle (no collective running) until a test signals the ranks."""
+    ctx = init_from_env()
+    model = load_parallel(ckpt / "gqa" / "native", ctx).model
+    try:
+        if not ctx.is_leader:
+            run_worker_loop(model)
+            return
+        (root / "progress").write_text("idle")
+        time.sleep(60)
+    finally:
+        shutdown(ctx, model if ctx.is_leader else None)
+
+
+SCENARIOS = {"suite": _suite, "decode": _decode_until_failure, "idle": _idle}
 
 
 def _start(world: int, scenario: str, ckpt: Path, root: Path, **env: str) -> list:
@@ -512,6 +526,8 @@ FAULTS = {  # scenario -> (ranks, environment)
     "stall": (2, {"TP_FAULT": "stall", "LLAMA_TP_TIMEOUT": "3", "LLAMA_TP_HEARTBEAT": "20"}),
     "badload": (2, {"TP_FAULT": "bad_load"}),
     "interrupt": (2, {"LLAMA_TP_HEARTBEAT": "3"}),
+    "term": (2, {}),
+    "kill_then_term": (2, {}),
 }
 
 
@@ -521,7 +537,8 @@ def faults(checkpoints: Path) -> Iterator[dict[str, tuple[list, Path]]]:
     own group while the others decode slowly, so their waits overlap instead of adding up."""
     groups = {}
     for name, (world, env) in FAULTS.items():
-        groups[name] = (_start(world, "decode", checkpoints, checkpoints / name, **env),
+        scenario = "idle" if name.endswith("term") else "decode"
+        groups[name] = (_start(world, scenario, checkpoints, checkpoints / name, **env),
                         checkpoints / name)
     yield groups
     for procs, _ in groups.values():
@@ -593,3 +610,30 @@ def test_ctrl_c_on_rank0_stops_every_rank(faults: dict) -> None:
     codes = _join(procs, 15, root)
     assert (root / "result.txt").read_text() == "interrupted"
     assert codes[0] == 0 and codes[1] in (0, 1), (codes, _logs(root))
+
+
+def test_sigterm_to_every_rank_blames_none(faults: dict) -> None:
+    """torchrun stopped from outside sends SIGTERM to every rank: the workers say so before
+    they exit, so rank 0 does not mistake them for failed ranks."""
+    procs, root = faults["term"]
+    _wait_for(root / "progress", 60, root)
+    for p in procs:
+        os.kill(p.pid, signal.SIGTERM)
+    codes = _join(procs, 15, root)
+    log = (root / "rank0.err").read_text()
+    assert "rank 0: stopping on SIGTERM" in log and "failed" not in log, _logs(root)
+    assert codes == [128 + signal.SIGTERM] * 2, codes
+
+
+def test_sigterm_after_a_rank_died_names_it(faults: dict) -> None:
+    """torchrun sends SIGTERM to the others once a rank died: rank 0, idle, names the dead
+    rank before it exits (status 1)."""
+    procs, root = faults["kill_then_term"]
+    _wait_for(root / "progress", 60, root)
+    procs[1].kill()
+    time.sleep(0.2)  # torchrun notices a dead worker within 0.1 s
+    os.kill(procs[0].pid, signal.SIGTERM)
+    codes = _join(procs, 15, root)
+    log = (root / "rank0.err").read_text()
+    assert "rank 1 of 2 failed: its process" in log and "exited" in log, _logs(root)
+    assert codes == [1, -signal.SIGKILL], codes

@@ -179,8 +179,12 @@ class Health:
                 self._exit_signalled(signum)
 
     def _exit_signalled(self, signum: int) -> None:
-        with suppress(Exception):
-            self._set(f"err/{self.rank}", f"signal|stopped by {signal.Signals(signum).name}")
+        # The handler may run on the main thread while it holds the lock: never wait long.
+        if self._lock.acquire(timeout=1.0):
+            with suppress(Exception):
+                self._store.set(f"err/{self.rank}",
+                                f"signal|stopped by {signal.Signals(signum).name}")
+            self._lock.release()
         os._exit(128 + signum)
 
     def abort(self, reason: str) -> None:
