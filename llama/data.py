@@ -142,15 +142,41 @@ def invent_name(rng: random.Random) -> str:
             return name
 
 
+_CONSONANT_TEXT = (
+    "b c d f g h j k l m n p r s t v w z bl br ch ck cl cr dr fl fr gl gr ld ll mm nd ng nk nn "
+    "ph pl pp pr rl rr sc sh sk sl sm sn sp ss st sw th tr tt"
+)
+_VOWEL_TEXT = "a e i o u y ai au ea ee ei ia ie io oa oo ou ue"
+CONSONANT_UNITS, VOWEL_UNITS = tuple(_CONSONANT_TEXT.split()), tuple(_VOWEL_TEXT.split())
+
+
+def letter_name(rng: random.Random) -> str:
+    """A made-up name of 2-5 letter groups, consonant and vowel groups alternating, any group
+    anywhere ("Scoupp", "Ingeld", "Attie"): no fixed syllable shape for a model to learn, so
+    writing it takes copying its pieces from the instruction, whatever they are. Never in
+    NAMES nor HELD_OUT_NAMES."""
+    while True:
+        vowel = rng.random() < 0.3
+        units = []
+        for _ in range(rng.randint(2, 5)):
+            units.append(rng.choice(VOWEL_UNITS if vowel else CONSONANT_UNITS))
+            vowel = not vowel
+        name = "".join(units).capitalize()
+        if 3 <= len(name) <= 8 and name not in NAMES and name not in HELD_OUT_NAMES:
+            return name
+
+
 def make_instruction(
-    story: str, rng: random.Random, rename_share: float = 1.0, invented_share: float = 0.0
+    story: str, rng: random.Random, rename_share: float = 1.0, invented_share: float = 0.0,
+    letter_share: float = 0.0,
 ) -> tuple[str, str]:
     """(instruction, story) for a chat example; the story may have its hero renamed.
 
     "a dog named Max" in the story -> (for `rename_share` of such stories) a random name from
     NAMES replaces Max throughout and the instruction asks for "a dog named <new name>";
-    otherwise the instruction lists three words
-    of the story, or just asks for a story.
+    otherwise the instruction lists three words of the story, or just asks for a story.
+    `invented_share` of the new names are made up instead (`invent_name`), and `letter_share`
+    of those in the looser `letter_name` style.
     """
     m = NAMED.search(story)
     # No draw at rename_share 1: the random stream stays the one the shipped model used.
@@ -158,7 +184,12 @@ def make_instruction(
         noun_phrase, noun, old = m.group(1), m.group(2), m.group(3)
         # No draw at invented_share 0, as for rename_share 1 (reproducible older streams).
         invented = invented_share > 0 and rng.random() < invented_share
-        new = invent_name(rng) if invented else rng.choice(NAMES)
+        if not invented:
+            new = rng.choice(NAMES)
+        elif letter_share > 0 and rng.random() < letter_share:  # no draw at 0: older streams
+            new = letter_name(rng)
+        else:
+            new = invent_name(rng)
         story = rename(story, old, new)
         what = noun if rng.random() < 0.7 else noun_phrase
         article = "an" if what[0] in "aeiou" else "a"
@@ -202,12 +233,12 @@ def chat_ids(tok: Tokenizer, instruction: str, answer: str, system: str | None =
 
 def document_ids(
     tok: Tokenizer, doc: str, chat: bool, rng: random.Random, rename_share: float = 1.0,
-    invented_share: float = 0.0,
+    invented_share: float = 0.0, letter_share: float = 0.0,
 ) -> list[int]:
     """One training document: plain BOS + text + EOS, or a chat example made from it."""
     if not chat:
         return tok.encode(doc, bos=True, eos=True)
-    instruction, story = make_instruction(doc, rng, rename_share, invented_share)
+    instruction, story = make_instruction(doc, rng, rename_share, invented_share, letter_share)
     system = rng.choice(SYSTEM_PROMPTS) if rng.random() < 0.2 else None
     return chat_ids(tok, instruction, story, system)
 
@@ -224,7 +255,7 @@ class Source:
 
 def build_stream(
     tok: Tokenizer, sources: Sequence[Source], seed: int, rename_share: float = 1.0,
-    invented_share: float = 0.0,
+    invented_share: float = 0.0, letter_share: float = 0.0,
 ) -> np.ndarray:
     """Token ids of every source's documents, shuffled together, as one uint16 array.
 
@@ -238,8 +269,8 @@ def build_stream(
         picks += rng.sample(list(src.docs), round(part * len(src.docs)))
         items += [(d, rng.random() < src.chat_share) for d in picks]
     rng.shuffle(items)
-    ids = [t for doc, chat in items for t in document_ids(tok, doc, chat, rng, rename_share,
-                                                                  invented_share)]
+    ids = [t for doc, chat in items
+           for t in document_ids(tok, doc, chat, rng, rename_share, invented_share, letter_share)]
     if tok.vocab_size > 65535:
         raise ValueError(f"vocab_size {tok.vocab_size} does not fit the uint16 stream")
     return np.asarray(ids, dtype=np.uint16)

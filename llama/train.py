@@ -169,7 +169,8 @@ def prepare_data(out: Path, tok: Tokenizer, docs_files: list[Path], epochs: floa
                  chat_share: float, holdout: float, seed: int,
                  extra_files: list[Path] | None = None, extra_epochs: float = 0.0,
                  extra_chat_share: float = 0.0, rename_share: float = 1.0,
-                 invented_share: float = 0.0, copy_epochs: float = 0.0) -> tuple[Path, Path]:
+                 invented_share: float = 0.0, copy_epochs: float = 0.0,
+                 letter_share: float = 0.0) -> tuple[Path, Path]:
     """Build OUT/data/{train,val}.bin once (reused on resume). Val: held-out docs of
     `docs_files`, plain. `extra_files` (long texts, cut into ~1.5 kB chunks of paragraphs) add
     `extra_epochs` passes to the train stream (`extra_chat_share` of them as chat examples)
@@ -188,7 +189,7 @@ def prepare_data(out: Path, tok: Tokenizer, docs_files: list[Path], epochs: floa
     if copy_epochs > 0:
         named = [d for d in train_docs + extra if NAMED.search(d)]
         sources.append(Source(named, copy_epochs, 1.0))
-    train = build_stream(tok, sources, seed, rename_share, invented_share)
+    train = build_stream(tok, sources, seed, rename_share, invented_share, letter_share)
     val = build_stream(tok, [Source(val_docs, 1.0, 0.0)], seed + 1)
     save_stream(train, train_bin)
     save_stream(val, val_bin)
@@ -198,7 +199,8 @@ def prepare_data(out: Path, tok: Tokenizer, docs_files: list[Path], epochs: floa
             "epochs": epochs, "chat_share": chat_share,
             "extra_files": [str(f) for f in extra_files or []], "extra_epochs": extra_epochs,
             "extra_chat_share": extra_chat_share, "rename_share": rename_share,
-            "invented_share": invented_share, "copy_epochs": copy_epochs}
+            "invented_share": invented_share, "copy_epochs": copy_epochs,
+            "letter_share": letter_share}
     (out / "data" / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     return train_bin, val_bin
 
@@ -290,6 +292,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of 'a X named Y' chat stories whose hero is renamed")
     p.add_argument("--invented-share", type=float, default=0.0,
                    help="share of renamed heroes given a made-up name instead of a listed one")
+    p.add_argument("--letter-share", type=float, default=0.0,
+                   help="share of made-up names in the looser letter-group style")
     p.add_argument("--copy-epochs", type=float, default=0.0,
                    help="extra passes over the stories that name their hero, as chat examples "
                         "with the hero renamed (teaches copying the name from the prompt)")
@@ -326,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
         "grad_clip", "eval_every", "eval_batches", "seed")}, seq_len=a.max_seq_len)
     train_bin, val_bin = prepare_data(a.out, tok, a.docs, a.epochs, a.chat_share, a.holdout,
                                       a.seed, a.extra_docs, a.extra_epochs, a.extra_chat_share,
-                                      a.rename_share, a.invented_share, a.copy_epochs)
+                                      a.rename_share, a.invented_share, a.copy_epochs,
+                                      a.letter_share)
     print(f"model: {margs.attention_kind} {margs.n_params(tied=True) / 1e6:.2f}M params; "
           f"{json.dumps(margs.to_params_json())}", flush=True)
     meta = run(margs, cfg, a.out, train_bin, val_bin, a.tokenizer, a.export,

@@ -21,6 +21,7 @@ from llama.data import (
     Batches,
     chat_ids,
     invent_name,
+    letter_name,
     make_instruction,
     rename,
 )
@@ -198,6 +199,19 @@ def test_invented_names_are_new_varied_and_never_the_benchmark_names():
     assert all(3 <= len(n) <= 8 and n[0].isupper() and n[1:].islower() for n in names)
     assert len(set(names)) > 2000  # a model cannot memorise them: it has to copy
     assert any(n[0] in "AEIOUY" for n in names)  # some start with a vowel, as "Oscar" does
+
+
+def test_letter_names_have_no_fixed_shape_and_are_never_listed_names():
+    rng = random.Random(6)
+    names = [letter_name(rng) for _ in range(3000)]
+    assert not set(names) & (set(NAMES) | HELD_OUT_NAMES)
+    assert len(set(names)) > 2500 and all(3 <= len(n) <= 8 for n in names)
+    # clusters at the start, middle and end alike (the syllable style ends "tt" names only)
+    assert any(n.endswith("tt") for n in names) and any("tt" in n[1:-2] for n in names)
+    story = "Once upon a time there was a big dog named Max. Max ran."
+    seen = {make_instruction(story, random.Random(s), invented_share=1.0, letter_share=1.0)[1]
+            for s in range(20)}
+    assert len(seen) == 20 and not any("Max" in t for t in seen)
 
 
 def test_copy_passes_add_renamed_named_stories_as_chat(tmp_path, trained_tokenizer):
