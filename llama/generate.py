@@ -26,13 +26,7 @@ from torch import Tensor
 
 from llama.chat import Prompt
 from llama.model import Transformer
-from llama.sampling import (
-    SamplingParams,
-    apply_penalties,
-    make_generator,
-    process_logits,
-    sample,
-)
+from llama.sampling import SamplingParams, choose, make_generator
 from llama.tokenizer import StreamDecoder, Tokenizer
 
 NO_TOKEN = -1  # token_id of the final step of a cancelled generation (it carries no token)
@@ -305,17 +299,10 @@ class _Decoder:
 
     def _pick(self) -> _Pick:
         """Sample from self.logits; one host transfer for the id, its prob and the top-k.
-
-        Greedy takes the argmax of the penalised logits without a softmax (the distribution
-        sampled is one-hot: prob_after is 1 for the token, 0 for the others)."""
+        (Greedy's distribution is one-hot: prob_after is 1 for the token, 0 for the others.)"""
         logits = self.logits
         assert logits is not None
-        if self.params.greedy:
-            token = apply_penalties(logits, self.seen, self.counts, self.params).argmax(-1, True)
-            probs = None
-        else:
-            probs = torch.softmax(process_logits(logits, self.params, self.seen, self.counts), -1)
-            token = sample(probs, self.generator)  # (1,)
+        token, probs = choose(logits, self.params, self.generator, self.seen, self.counts)
         self.token = token
         if self.seen is not None and self.counts is not None:
             self.seen[token] = True

@@ -200,6 +200,22 @@ def sample(probs: Tensor, generator: torch.Generator | None, greedy: bool = Fals
     return torch.multinomial(probs, 1, generator=generator)
 
 
+def choose(
+    logits: Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    seen: Tensor | None = None,
+    counts: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The next token id (shape (1,)) for raw logits (V,), and the distribution it was drawn
+    from: softmax(process_logits(...)), or None for greedy, whose distribution is one-hot at
+    the argmax of the penalised logits (taken directly: no mask, no softmax, no draw)."""
+    if params.greedy:
+        return apply_penalties(logits, seen, counts, params).argmax(-1, keepdim=True), None
+    probs = torch.softmax(process_logits(logits, params, seen, counts), dim=-1)
+    return sample(probs, generator), probs
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     """A torch.Generator on `device`, seeded with `seed` or from fresh entropy."""
     gen = torch.Generator(device=device)

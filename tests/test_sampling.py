@@ -172,3 +172,23 @@ def test_valid_edges_and_normalisation() -> None:
         p.replace(top_k=-3)
     with pytest.raises(AttributeError):
         p.temperature = 1.0  # type: ignore[misc]
+
+
+def test_choose_is_the_reference_pipeline_greedy_without_softmax():
+    from llama.sampling import choose
+
+    torch.manual_seed(0)
+    logits = torch.randn(50)
+    seen = torch.zeros(50, dtype=torch.bool)
+    seen[logits.argmax()] = True  # the penalty moves the argmax elsewhere
+    counts = seen.float()
+    for params in (SamplingParams(temperature=0.0, repetition_penalty=3.0, presence_penalty=2.0),
+                   SamplingParams(temperature=0.0)):
+        token, probs = choose(logits, params, None, seen, counts)
+        reference = torch.softmax(process_logits(logits, params, seen, counts), -1)
+        assert probs is None and int(token) == int(reference.argmax())
+        assert (int(token) != int(logits.argmax())) == (params.repetition_penalty > 1)
+    params = SamplingParams(temperature=0.7, top_p=0.8, seed=1)
+    token, probs = choose(logits, params, make_generator(1, torch.device("cpu")))
+    assert torch.allclose(probs, torch.softmax(process_logits(logits, params), -1))
+    assert probs[int(token)] > 0
