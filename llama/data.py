@@ -166,27 +166,41 @@ def letter_name(rng: random.Random) -> str:
             return name
 
 
+@dataclass(frozen=True)
+class Naming:
+    """How chat examples rename a story's hero ("a dog named Max").
+
+    rename: share of such stories renamed; invented: share of new names made up
+    (`invent_name`) rather than taken from NAMES; letters: share of made-up names in the
+    `letter_name` style. A share of 0 (or a rename of 1) draws no random number, so streams
+    built before an option existed are rebuilt byte for byte.
+    """
+
+    rename: float = 1.0
+    invented: float = 0.0
+    letters: float = 0.0
+
+
 def make_instruction(
-    story: str, rng: random.Random, rename_share: float = 1.0, invented_share: float = 0.0,
-    letter_share: float = 0.0,
+    story: str, rng: random.Random, naming: Naming = Naming()
 ) -> tuple[str, str]:
     """(instruction, story) for a chat example; the story may have its hero renamed.
 
-    "a dog named Max" in the story -> (for `rename_share` of such stories) a random name from
+    "a dog named Max" in the story -> (for `naming.rename` of such stories) a random name from
     NAMES replaces Max throughout and the instruction asks for "a dog named <new name>";
     otherwise the instruction lists three words of the story, or just asks for a story.
-    `invented_share` of the new names are made up instead (`invent_name`), and `letter_share`
+    `naming.invented` of the new names are made up instead (`invent_name`), `naming.letters`
     of those in the looser `letter_name` style.
     """
     m = NAMED.search(story)
     # No draw at rename_share 1: the random stream stays the one the shipped model used.
-    if m is not None and (rename_share >= 1.0 or rng.random() < rename_share):
+    if m is not None and (naming.rename >= 1.0 or rng.random() < naming.rename):
         noun_phrase, noun, old = m.group(1), m.group(2), m.group(3)
         # No draw at invented_share 0, as for rename_share 1 (reproducible older streams).
-        invented = invented_share > 0 and rng.random() < invented_share
+        invented = naming.invented > 0 and rng.random() < naming.invented
         if not invented:
             new = rng.choice(NAMES)
-        elif letter_share > 0 and rng.random() < letter_share:  # no draw at 0: older streams
+        elif naming.letters > 0 and rng.random() < naming.letters:
             new = letter_name(rng)
         else:
             new = invent_name(rng)
@@ -232,13 +246,12 @@ def chat_ids(tok: Tokenizer, instruction: str, answer: str, system: str | None =
 
 
 def document_ids(
-    tok: Tokenizer, doc: str, chat: bool, rng: random.Random, rename_share: float = 1.0,
-    invented_share: float = 0.0, letter_share: float = 0.0,
+    tok: Tokenizer, doc: str, chat: bool, rng: random.Random, naming: Naming = Naming()
 ) -> list[int]:
     """One training document: plain BOS + text + EOS, or a chat example made from it."""
     if not chat:
         return tok.encode(doc, bos=True, eos=True)
-    instruction, story = make_instruction(doc, rng, rename_share, invented_share, letter_share)
+    instruction, story = make_instruction(doc, rng, naming)
     system = rng.choice(SYSTEM_PROMPTS) if rng.random() < 0.2 else None
     return chat_ids(tok, instruction, story, system)
 
@@ -254,8 +267,7 @@ class Source:
 
 
 def build_stream(
-    tok: Tokenizer, sources: Sequence[Source], seed: int, rename_share: float = 1.0,
-    invented_share: float = 0.0, letter_share: float = 0.0,
+    tok: Tokenizer, sources: Sequence[Source], seed: int, naming: Naming = Naming()
 ) -> np.ndarray:
     """Token ids of every source's documents, shuffled together, as one uint16 array.
 
@@ -269,8 +281,7 @@ def build_stream(
         picks += rng.sample(list(src.docs), round(part * len(src.docs)))
         items += [(d, rng.random() < src.chat_share) for d in picks]
     rng.shuffle(items)
-    ids = [t for doc, chat in items
-           for t in document_ids(tok, doc, chat, rng, rename_share, invented_share, letter_share)]
+    ids = [t for doc, chat in items for t in document_ids(tok, doc, chat, rng, naming)]
     if tok.vocab_size > 65535:
         raise ValueError(f"vocab_size {tok.vocab_size} does not fit the uint16 stream")
     return np.asarray(ids, dtype=np.uint16)

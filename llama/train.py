@@ -31,6 +31,7 @@ from llama.config import ModelArgs
 from llama.data import (
     NAMED,
     Batches,
+    Naming,
     Source,
     build_stream,
     chunk_documents,
@@ -168,9 +169,8 @@ def _tensorboard(path: Path) -> Any:
 def prepare_data(out: Path, tok: Tokenizer, docs_files: list[Path], epochs: float,
                  chat_share: float, holdout: float, seed: int,
                  extra_files: list[Path] | None = None, extra_epochs: float = 0.0,
-                 extra_chat_share: float = 0.0, rename_share: float = 1.0,
-                 invented_share: float = 0.0, copy_epochs: float = 0.0,
-                 letter_share: float = 0.0) -> tuple[Path, Path]:
+                 extra_chat_share: float = 0.0, naming: Naming | None = None,
+                 copy_epochs: float = 0.0) -> tuple[Path, Path]:
     """Build OUT/data/{train,val}.bin once (reused on resume). Val: held-out docs of
     `docs_files`, plain. `extra_files` (long texts, cut into ~1.5 kB chunks of paragraphs) add
     `extra_epochs` passes to the train stream (`extra_chat_share` of them as chat examples)
@@ -189,7 +189,8 @@ def prepare_data(out: Path, tok: Tokenizer, docs_files: list[Path], epochs: floa
     if copy_epochs > 0:
         named = [d for d in train_docs + extra if NAMED.search(d)]
         sources.append(Source(named, copy_epochs, 1.0))
-    train = build_stream(tok, sources, seed, rename_share, invented_share, letter_share)
+    naming = naming or Naming()
+    train = build_stream(tok, sources, seed, naming)
     val = build_stream(tok, [Source(val_docs, 1.0, 0.0)], seed + 1)
     save_stream(train, train_bin)
     save_stream(val, val_bin)
@@ -198,9 +199,9 @@ def prepare_data(out: Path, tok: Tokenizer, docs_files: list[Path], epochs: floa
             "val_tokens": len(val), "val_bytes": val_bytes, "files": [str(f) for f in docs_files],
             "epochs": epochs, "chat_share": chat_share,
             "extra_files": [str(f) for f in extra_files or []], "extra_epochs": extra_epochs,
-            "extra_chat_share": extra_chat_share, "rename_share": rename_share,
-            "invented_share": invented_share, "copy_epochs": copy_epochs,
-            "letter_share": letter_share}
+            "extra_chat_share": extra_chat_share, "rename_share": naming.rename,
+            "invented_share": naming.invented, "letter_share": naming.letters,
+            "copy_epochs": copy_epochs}
     (out / "data" / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     return train_bin, val_bin
 
@@ -330,8 +331,8 @@ def main(argv: list[str] | None = None) -> None:
         "grad_clip", "eval_every", "eval_batches", "seed")}, seq_len=a.max_seq_len)
     train_bin, val_bin = prepare_data(a.out, tok, a.docs, a.epochs, a.chat_share, a.holdout,
                                       a.seed, a.extra_docs, a.extra_epochs, a.extra_chat_share,
-                                      a.rename_share, a.invented_share, a.copy_epochs,
-                                      a.letter_share)
+                                      Naming(a.rename_share, a.invented_share, a.letter_share),
+                                      a.copy_epochs)
     print(f"model: {margs.attention_kind} {margs.n_params(tied=True) / 1e6:.2f}M params; "
           f"{json.dumps(margs.to_params_json())}", flush=True)
     meta = run(margs, cfg, a.out, train_bin, val_bin, a.tokenizer, a.export,

@@ -76,7 +76,7 @@ def train_tokenizer(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from llama.data import make_instruction, read_documents
+    from llama.data import Naming, make_instruction, read_documents
 
     p = argparse.ArgumentParser(description="Train a SentencePiece BPE tokenizer (byte fallback)")
     p.add_argument("files", nargs="+", type=Path, help="corpus text files")
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     docs = [d for f in a.files for d in read_documents(f, max_bytes=a.max_bytes or None)]
     # The chat instructions the training data will hold, so their words get pieces too.
     rng = random.Random(0)
-    lines = docs + [make_instruction(d, rng, a.rename_share)[0] for d in docs]
+    lines = docs + [make_instruction(d, rng, Naming(rename=a.rename_share))[0] for d in docs]
     path = train_tokenizer(lines, a.out, a.vocab_size)
     print(f"wrote {path} ({a.vocab_size} pieces, trained on {len(docs)} documents)")
 

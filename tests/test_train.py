@@ -19,6 +19,7 @@ from llama.data import (
     HELD_OUT_NAMES,
     NAMES,
     Batches,
+    Naming,
     chat_ids,
     invent_name,
     letter_name,
@@ -117,10 +118,10 @@ def test_instruction_renames_the_hero_consistently():
         else:
             assert renamed == story
     assert renamed_count >= 15  # most stories with "a dog named Max" get a named instruction
-    assert all(make_instruction(story, random.Random(s), rename_share=0.0)[1] == story
+    assert all(make_instruction(story, random.Random(s), Naming(rename=0.0))[1] == story
                for s in range(10))
     assert rename("Tom met Tommy.", "Tom", "Zed") == "Zed met Tommy."
-    invented = [make_instruction(story, random.Random(s), invented_share=1.0) for s in range(10)]
+    invented = [make_instruction(story, random.Random(s), Naming(invented=1.0)) for s in range(10)]
     for instruction, renamed in invented:  # made-up names, used in both places
         name = instruction.split("named ")[-1].rstrip(".?") if "named" in instruction else None
         if name and "," not in name and " " not in name:
@@ -209,7 +210,7 @@ def test_letter_names_have_no_fixed_shape_and_are_never_listed_names():
     # clusters at the start, middle and end alike (the syllable style ends "tt" names only)
     assert any(n.endswith("tt") for n in names) and any("tt" in n[1:-2] for n in names)
     story = "Once upon a time there was a big dog named Max. Max ran."
-    seen = {make_instruction(story, random.Random(s), invented_share=1.0, letter_share=1.0)[1]
+    seen = {make_instruction(story, random.Random(s), Naming(invented=1.0, letters=1.0))[1]
             for s in range(20)}
     assert len(seen) == 20 and not any("Max" in t for t in seen)
 
@@ -223,7 +224,7 @@ def test_copy_passes_add_renamed_named_stories_as_chat(tmp_path, trained_tokeniz
     def stream(copy_epochs: float) -> list[int]:
         out = tmp_path / f"run{copy_epochs}"
         train_bin, _ = prepare_data(out, trained_tokenizer, [corpus], epochs=1.0, chat_share=0.0,
-                                    holdout=0.1, seed=0, invented_share=1.0,
+                                    holdout=0.1, seed=0, naming=Naming(invented=1.0),
                                     copy_epochs=copy_epochs)
         return np.fromfile(train_bin, dtype=np.uint16).tolist()
 
