@@ -131,13 +131,16 @@ def load(args: argparse.Namespace):  # -> ui.runtime.Runtime
         template=template,
         progress=True,
     )
-    set_threads(args.threads, runtime.device, runtime.args.n_params())
+    from llama.runtime_opts import apply_threads
+
+    apply_threads(args.threads, runtime.args.n_params(), runtime.device)
     return runtime
 
 
 def _load_parallel(args: argparse.Namespace, path: Path, template: str):  # -> Runtime
     """This rank's slice as a Runtime (rank 0); the worker loop on the other ranks."""
     from llama.distributed import load_parallel, run_worker_loop
+    from llama.runtime_opts import apply_threads
     from ui.runtime import from_loaded
 
     tp = args.tp
@@ -156,23 +159,11 @@ def _load_parallel(args: argparse.Namespace, path: Path, template: str):  # -> R
         progress=tp.is_leader,
     )
     args.tp_model = loaded.model
-    set_threads(args.threads, loaded.device, loaded.model.args.n_params())
+    apply_threads(args.threads, loaded.model.args.n_params(), loaded.device)
     if not tp.is_leader:
         run_worker_loop(loaded.model)
         raise WorkerDone
     return from_loaded(loaded, template)
-
-
-def set_threads(requested: int | None, device, n_params: int) -> None:  # device: torch.device
-    """torch's intra-op threads for this process (a tiny model decodes fastest on one)."""
-    import torch
-
-    from ui.runtime import SMALL_MODEL_PARAMS
-
-    if requested is not None:
-        torch.set_num_threads(requested)
-    elif device.type == "cpu" and n_params < SMALL_MODEL_PARAMS:
-        torch.set_num_threads(1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,8 +91,8 @@ def model_flags(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for torch (default: torch's; the app uses 1 for small models on "
-        "CPU, where more threads only add synchronisation)",
+        help="CPU threads for torch (default: 1 for models under 10M parameters on CPU, where "
+        "more threads only add synchronisation, else one per physical core)",
     )
 
 
@@ -141,12 +141,11 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
     from llama.assets import shipped_model_dir
     from llama.checkpoints import CheckpointError, load
     from llama.config import ConfigError
+    from llama.runtime_opts import apply_threads
     from llama.tokenizer import Tokenizer, TokenizerError
 
-    if ns.threads is not None:
-        if ns.threads < 1:
-            raise UsageError(f"--threads: expected a positive int, found {ns.threads}")
-        torch.set_num_threads(ns.threads)
+    if ns.threads is not None and ns.threads < 1:
+        raise UsageError(f"--threads: expected a positive int, found {ns.threads}")
     dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
     device = _device(ns.device)
     try:
@@ -163,6 +162,7 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
                 tokenizer_path=ns.tokenizer,
                 progress=sys.stderr.isatty(),
             )
+            apply_threads(ns.threads, loaded.model.args.n_params(), loaded.device)
         if loaded.tokenizer_path is None:
             raise UsageError(f"{path}: no tokenizer.model found; pass --tokenizer")
         return loaded.model, Tokenizer(loaded.tokenizer_path)
@@ -173,6 +173,7 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
 def _load_parallel(ns: argparse.Namespace, path, dtype):  # -> LoadedModel
     """This rank's slice; worker ranks serve rank 0 here and never return."""
     from llama.distributed import ShardingError, load_parallel, run_worker_loop
+    from llama.runtime_opts import apply_threads
 
     try:
         loaded = load_parallel(
@@ -187,6 +188,7 @@ def _load_parallel(ns: argparse.Namespace, path, dtype):  # -> LoadedModel
     except ShardingError as exc:
         raise UsageError(str(exc)) from None
     ns.tp_model = loaded.model
+    apply_threads(ns.threads, loaded.model.args.n_params(), loaded.device)
     if not ns.tp.is_leader:
         run_worker_loop(loaded.model)
         raise WorkerDone

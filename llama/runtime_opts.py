@@ -1,6 +1,7 @@
 """Runtime speed settings: CPU threads and the compiled decode step.
 
-- `physical_cores()` / `recommended_threads(...)` / `configure_threads(...)`: torch's intra-op
+- `physical_cores()` / `recommended_threads(...)` / `configure_threads(...)` /
+  `apply_threads(...)`: torch's intra-op
   threads. One thread per physical core for models whose decode reads enough weights to
   need the memory bandwidth of every core; a single thread for tiny models, whose decode is
   a chain of small kernels where waking and joining a second thread costs more than it
@@ -70,6 +71,13 @@ def configure_threads(n: int | None = None) -> int:
         raise ValueError(f"threads: expected a positive integer, found {n}")
     torch.set_num_threads(n)
     return n
+
+
+def apply_threads(requested: int | None, n_params: int, device: torch.device | str) -> int:
+    """Set torch's threads for serving a model of n_params on `device`: `requested` (a
+    --threads flag) when given, else `recommended_threads`. Returns the value set."""
+    return configure_threads(requested if requested is not None else
+                             recommended_threads(n_params, device))
 
 
 def compile_decode(

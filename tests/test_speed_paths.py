@@ -16,6 +16,7 @@ from llama.functional import rotate
 from llama.model import AttentionCapture, Transformer
 from llama.rope import apply_rope, rope_tables
 from llama.runtime_opts import (
+    apply_threads,
     compile_decode,
     configure_threads,
     physical_cores,
@@ -325,3 +326,10 @@ def test_thread_recommendation_and_setting() -> None:
     assert configure_threads(1) == 1 and torch.get_num_threads() == 1
     with pytest.raises(ValueError, match="threads: expected a positive integer"):
         configure_threads(0)
+    before = torch.get_num_threads()
+    try:  # what app.py and the CLI call: a --threads flag wins, else the recommendation
+        assert apply_threads(None, 2_000_000, "cpu") == 1 == torch.get_num_threads()
+        assert apply_threads(None, 24_000_000, "cpu") == physical_cores()
+        assert apply_threads(2, 2_000_000, "cpu") == 2 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
