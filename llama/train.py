@@ -315,7 +315,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
               "weight_decay", "grad_clip", "eval_every", "eval_batches", "seed"):
         default = getattr(TrainConfig, f)
         p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    for flag in ("chat_share", "extra_chat_share", "rename_share", "invented_share",
+                 "letter_share", "holdout"):
+        if not 0.0 <= getattr(a, flag) <= 1.0:
+            p.error(f"--{flag.replace('_', '-')}: expected a share in [0, 1], "
+                    f"found {getattr(a, flag)}")
+    for flag in ("epochs", "extra_epochs", "copy_epochs"):
+        if getattr(a, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')}: expected >= 0 passes, found {getattr(a, flag)}")
+    return a
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -258,3 +258,16 @@ def test_export_latest_exports_even_when_validation_gets_worse(tmp_path, trained
             device=torch.device("cpu"), progress=False, export_latest=latest)
         steps.append(json.loads((out / "training_state.json").read_text())["step"])
     assert steps == [2, 4]  # best (step 2: lr 5 then wrecks the model) vs the latest
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--letter-share", "1.5"], "--letter-share: expected a share in [0, 1], found 1.5"),
+    (["--invented-share", "-0.1"], "--invented-share: expected a share in [0, 1], found -0.1"),
+    (["--copy-epochs", "-2"], "--copy-epochs: expected >= 0 passes, found -2.0"),
+])
+def test_bad_training_flags_are_named(flags, message, capsys):
+    from llama.train import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--out", "o", "--tokenizer", "t", "--docs", "d", *flags])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
