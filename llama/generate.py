@@ -309,8 +309,9 @@ class _Decoder:
             self.counts.index_add_(0, token, self.one)
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
         chosen = logits[token] - lse
-        if self.n_top == 0:  # the benchmark's and the terminal's path: fewest ops
-            return _Pick(int(token), float(chosen.exp()))
+        if self.n_top == 0:  # the benchmark's and the terminal's path: fewest ops, one sync
+            token_id, prob = torch.cat([token.double(), chosen.double().exp()]).tolist()
+            return _Pick(int(token_id), prob)
         top_logits, top_ids = torch.topk(logits, self.n_top)
         # One device->host sync for the ids (the second copy finds the device idle).
         ids = torch.cat([token, top_ids]).tolist()  # [id, k ids]

@@ -83,6 +83,10 @@ def test_cached_decode_equals_full_forward(tiny) -> None:
             assert [c.prob_before for c in step.top] == pytest.approx(top.values.tolist(), rel=1e-4)
             assert [c.prob_after for c in step.top] == [1.0, 0.0, 0.0]  # greedy: one-hot
             seq.append(step.token_id)
+    # n_top=0 (the terminal's and the benchmark's path): the same tokens and probabilities
+    bare = run(model, tok, prompt, GREEDY.replace(max_new_tokens=12), n_top=0)
+    assert ids_of(bare) == ids_of(steps) and all(not b.top for b in bare)
+    assert [b.prob for b in bare] == pytest.approx([s.prob for s in steps], rel=1e-6)
 
 
 def test_stream_text_equals_decode_when_sampling(tiny) -> None:
