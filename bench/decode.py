@@ -77,7 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "decodes gain little; compiling them takes minutes)",
     )
     p.add_argument("--load-in-8bit", action="store_true", help="both: bitsandbytes LLM.int8")
-    p.add_argument("--no-fuse", action="store_true", help="ours without fused projections")
+    p.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="ours as the file has it (load(fuse=False): no fused projections, no output layout)",
+    )
     p.add_argument(
         "--threads",
         default="auto",

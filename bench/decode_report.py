@@ -211,9 +211,10 @@ Regenerate with `{cmd}` ({ctx["started"]}).
   on the preset's threads: {per}. The GB/s column is weights + KV cache read per token times
   decode tokens/s; its % divides by the better of the two measurements.
 - Prompt {a.prompt_len} random tokens, {a.new_tokens} new tokens, greedy. Ours: `load()` of
-  the HF-layout checkpoint, `fuse_projections()`, `llama.generate.generate` (temperature 0,
-  n_top=0, EOS ignored). Transformers: `generate(do_sample=False, min_new_tokens=N)`, the
-  better of its dynamic and static caches. Decode tokens/s count the tokens after the first.{skip}
+  the HF-layout checkpoint (it calls `prepare_for_decode()`), `llama.generate.generate`
+  (temperature 0, n_top=0, EOS ignored). Transformers: `generate(do_sample=False,
+  min_new_tokens=N)`, the better of its dynamic and static caches. Decode tokens/s count
+  the tokens after the first.{skip}
 
 {tab}
 

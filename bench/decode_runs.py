@@ -144,7 +144,6 @@ class Ours(Runtime):
         super().__init__()
         self.name = "ours, compiled" if compiled else "ours"
         from llama.checkpoints import load
-        from llama.checkpoints.common import release_pages
         from llama.runtime_opts import compile_decode
         from llama.tokenizer import Tokenizer
 
@@ -158,11 +157,10 @@ class Ours(Runtime):
             max_seq_len=max_len,
             tokenizer_path=preset.tokenizer,
             progress=False,
+            fuse=not a.no_fuse,  # prepare_for_decode: fused projections, output layout
         )
         self.model, self.device = loaded.model, device
-        # What load() should do (llama/checkpoints/common.finish): fuse, dropping the pages
-        # of the file-mapped originals so they do not stay resident.
-        fused = 0 if a.no_fuse else self.model.fuse_projections(release=release_pages)
+        fused = self.model.layers[0].attention.wqkv is not None
         self.variant = "" if fused else " (unfused)"
         self.tokenizer = NoEos(Tokenizer(preset.tokenizer))
         self.model.setup_caches(1)

@@ -5,9 +5,13 @@ One decode step (T = 1) of the shipped model's shape and of TinyLlama-1.1B's, on
   query heads of a group as rows of one query matrix over the group's KV head);
 - RoPE: llama.rope.apply_rope on q and k, against ours (one in-place complex multiply over
   the fused q|k heads);
-- RMSNorm: Meta's formula in torch ops against F.rms_norm;
+- RMSNorm, at decode (1 token) and prefill (128 tokens): Meta's formula in torch ops,
+  F.rms_norm, and ours (llama.functional.rms_norm: the same steps in place);
 - a whole decode step of the shipped model: unfused modules against fused projections on
-  the fast route (Python overhead and projection fusion together).
+  the fast route (Python overhead and projection fusion together);
+- the output projection's decode product, weight row-major (as loaded) against column-major
+  (llama.fusion.store_column_major), for dims 288 to 4096, vocab 32000, on one thread and on
+  every physical core: where llama.model.COLUMN_MAJOR_MAX_DIM comes from.
 
 Alternatives run interleaved, round after round; per call: min and median microseconds.
 
@@ -29,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import bench_presets
 from llama.config import PRESETS, ModelArgs
-from llama.functional import rotate_heads_
+from llama.functional import rms_norm, rotate_heads_
 from llama.model import Transformer
 from llama.rope import apply_rope, rope_tables
+from llama.runtime_opts import physical_cores
 
 
 def compare(fns: dict[str, Callable[[], object]], rounds: int, n: int = 50) -> dict[str, tuple]:
@@ -82,14 +87,28 @@ def rope_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
     }
 
 
-def norm_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
-    x, w, eps = torch.randn(1, 1, a.dim), torch.ones(a.dim), a.norm_eps
+def norm_cases(a: ModelArgs, tokens: int) -> dict[str, Callable[[], object]]:
+    x, w, eps = torch.randn(1, tokens, a.dim), torch.ones(a.dim), a.norm_eps
 
     def meta() -> torch.Tensor:
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
 
-    return {"Meta's formula": meta, "F.rms_norm (ours)": lambda: F.rms_norm(x, (a.dim,), w, eps)}
+    return {
+        "Meta's formula": meta,
+        "F.rms_norm": lambda: F.rms_norm(x, (a.dim,), w, eps),
+        "in place (ours)": lambda: rms_norm(x, w, eps),
+    }
+
+
+def output_layout_cases(dim: int, vocab: int = 32000) -> dict[str, Callable[[], object]]:
+    """The decode product over the output projection, (1, dim) x (dim, vocab)."""
+    x, w = torch.randn(1, 1, dim), torch.randn(vocab, dim)
+    column_major = w.t().contiguous().t()  # what llama.fusion.store_column_major makes
+    return {
+        "row-major (as loaded)": lambda: F.linear(x, w),
+        "column-major": lambda: F.linear(x, column_major),
+    }
 
 
 def step_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
@@ -121,14 +140,29 @@ def run(rounds: int, verbose: bool = True) -> list[tuple[str, str, str, float, f
                         rows.append((shape, what, name, lo, med))
                         if verbose:
                             print(f"{shape:9} {what:24} {name:30} min {lo:8.1f}  med {med:8.1f}")
+            rows += layout_rows(rounds, verbose)
     finally:
         torch.set_num_threads(before)
     return rows
 
 
+def layout_rows(rounds: int, verbose: bool) -> list[tuple[str, str, str, float, float]]:
+    rows = []
+    for threads in sorted({1, physical_cores()}):
+        torch.set_num_threads(threads)
+        for dim in (288, 512, 768, 1024, 2048, 4096):
+            shape = f"dim {dim}, {threads} thread(s)"
+            for name, (lo, med) in compare(output_layout_cases(dim), rounds, n=5).items():
+                rows.append((shape, "output layout, vocab 32000", name, lo, med))
+                if verbose:
+                    print(f"{shape:22} output layout  {name:24} min {lo:8.1f}  med {med:8.1f}")
+    return rows
+
+
 def _groups(shape: str, args: ModelArgs) -> dict[str, dict[str, Callable[[], object]]]:
     groups = {f"attention, {n} cached": attention_cases(args, n) for n in (128, 1024)}
-    groups |= {"RoPE": rope_cases(args), "RMSNorm": norm_cases(args)}
+    groups |= {"RoPE": rope_cases(args), "RMSNorm, decode": norm_cases(args, 1),
+               "RMSNorm, 128-token prefill": norm_cases(args, 128)}
     if shape == "shipped":
         groups["whole decode step"] = step_cases(args)
     return groups

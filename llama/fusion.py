@@ -101,6 +101,26 @@ class _FuseOnLoad:
         state[prefix + self.fused + ".weight"] = _cat_popped(state, keys)
 
 
+def store_column_major(linear: nn.Linear, release: Release | None = None) -> bool:
+    """Keep `linear.weight`'s values but store them column-major: an (in, out) contiguous
+    tensor seen through its transpose, so F.linear runs x @ W^T as a product with a
+    row-major (in, out) matrix. For a matrix-vector product with short rows (small `in`)
+    MKL streams that layout faster (bench/ops.py, "output layout"). state_dict, load_state_dict
+    (which copies in place) and every reader see the same (out, in) values. Returns False
+    when it is already column-major or not a plain bias-free nn.Linear.
+    """
+    if type(linear) is not nn.Linear or linear.bias is not None:
+        return False
+    w = linear.weight
+    if w.dim() != 2 or w.stride() == (1, w.shape[0]):
+        return False
+    with torch.no_grad():
+        linear.weight = nn.Parameter(w.t().contiguous().t(), requires_grad=w.requires_grad)
+    if release is not None:
+        release(w.detach())
+    return True
+
+
 def _shape_errors(state: dict[str, Any], keys: list[str], rows: list[int], cols: int) -> list[str]:
     errors = []
     for key, n in zip(keys, rows, strict=True):

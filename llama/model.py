@@ -9,10 +9,12 @@ that stores only the KV heads; scaled_dot_product_attention does the work.
 - with input_pos (absolute positions, shape (T,)): prefill or decode through the KV cache set
   up by `setup_caches`. Queries attend to every cached position <= their own.
 
-Speed (bench/decode.py, bench/ops.py): `fuse_projections()` after loading makes wq|wk|wv and
-w1|w3 one product each (llama/fusion.py; state dicts keep Meta names); RoPE is one complex
-multiply over q and k; keep input_pos on the CPU (reading the cache length then costs no
-device sync); `llama.runtime_opts.compile_decode` installs a compiled static-shape step.
+Speed (bench/decode.py, bench/ops.py): `prepare_for_decode()`, which `llama.checkpoints.load`
+calls, makes wq|wk|wv and w1|w3 one product each (`fuse_projections`, llama/fusion.py; state
+dicts keep Meta names) and stores a small CPU model's output projection column-major;
+RoPE is one complex multiply over q and k; keep input_pos on the CPU (reading the cache
+length then costs no device sync); `llama.runtime_opts.compile_decode` installs a compiled
+static-shape step.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from llama.functional import (
     rms_norm,
     rotate,
 )
-from llama.fusion import Release, fuse_linears
+from llama.fusion import Release, fuse_linears, store_column_major
 from llama.rope import rope_tables
 
 
@@ -59,6 +61,13 @@ class AttentionCapture:
 
 
 AttentionObserver = Callable[[AttentionCapture], None]
+
+
+# The output projection's decode product (1 x dim by dim x vocab) runs faster on the CPU with
+# the weight stored column-major while rows are short (bench/ops.py "output layout", 2-core
+# AVX-512 machine, fp32, vocab 32000: dim 288 1.67x, 512-768 1.3x, 1024 1.07x, 2048 1.0x on
+# two threads; on one thread 2048 and up lose 4-10%).
+COLUMN_MAJOR_MAX_DIM = 1024
 
 
 # Bumped whenever any module registers a parameter, buffer or submodule (every load with
@@ -257,6 +266,24 @@ class Transformer(nn.Module):
         for block in self.layers:
             fused += block.attention.fuse(release) + block.feed_forward.fuse(release)
         return fused
+
+    def prepare_for_decode(self, release: Release | None = None) -> int:
+        """What `llama.checkpoints.load` does once the weights are in: `fuse_projections`,
+        and on the CPU in fp32 an untied output projection with dim <= COLUMN_MAJOR_MAX_DIM
+        stored column-major (fusion.store_column_major: the same values, a faster
+        matrix-vector product). Idempotent; returns how many modules are fused (as
+        fuse_projections) plus one if the output was re-laid out by this call."""
+        changed = self.fuse_projections(release)
+        w, emb = self.output.weight, self.tok_embeddings.weight
+        if (
+            w.device.type == "cpu"
+            and w.dtype == torch.float32
+            and self.args.dim <= COLUMN_MAJOR_MAX_DIM
+            and w is not emb
+            and w.data_ptr() != emb.data_ptr()
+        ):
+            changed += store_column_major(self.output, release)
+        return changed
 
     def setup_caches(
         self, batch_size: int = 1, dtype: torch.dtype | None = None, max_seq_len: int | None = None

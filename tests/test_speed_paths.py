@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from llama.cache import CacheOverflowError
+from llama.checkpoints import load, save
 from llama.checkpoints.writers import random_transformer
 from llama.config import ModelArgs
 from llama.functional import rotate
-from llama.model import AttentionCapture, Transformer
+from llama.model import COLUMN_MAJOR_MAX_DIM, AttentionCapture, Transformer
 from llama.rope import apply_rope, rope_tables
 from llama.runtime_opts import (
     apply_threads,
@@ -188,6 +189,48 @@ def test_fast_route_follows_replaced_weights_and_caches(tiny_args: ModelArgs) ->
         torch.testing.assert_close(got, plain(tokens), atol=ATOL, rtol=0)
         fused.double()
         torch.testing.assert_close(fused(tokens), plain.double()(tokens), atol=ATOL, rtol=0)
+
+
+# What load() prepares: fused projections, the column-major output ------------------------
+def test_load_prepares_for_decode_and_keeps_the_checkpoint(
+    tiny_args: ModelArgs, tmp_path: Path
+) -> None:
+    model = random_transformer(tiny_args, seed=3)
+    path = save(model, tmp_path / "m")
+    prepared = load(path, device="cpu", progress=False).model
+    as_on_disk = load(path, device="cpu", progress=False, fuse=False).model
+    assert all(b.attention.wqkv is not None and b.feed_forward.w13 is not None
+               for b in prepared.layers)
+    assert as_on_disk.layers[0].attention.wqkv is None
+    w = prepared.output.weight  # same values, stored (dim, vocab) row-major
+    assert w.shape == (tiny_args.vocab_size, tiny_args.dim) and w.stride() == (1, w.shape[0])
+    assert torch.equal(w, as_on_disk.output.weight)
+    tokens = torch.randint(0, tiny_args.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(tokens), as_on_disk(tokens), atol=ATOL, rtol=0)
+    torch.testing.assert_close(cached_logits(prepared, tokens, (5, 1, 1, 1, 1)),
+                               as_on_disk(tokens), atol=ATOL, rtol=0)
+    # The checkpoint round-trips bit for bit from the prepared model.
+    again = load(save(prepared, tmp_path / "again"), device="cpu", progress=False, fuse=False)
+    mine, theirs = again.model.state_dict(), as_on_disk.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert prepared.prepare_for_decode() == 2 * tiny_args.n_layers  # fused already: no-op
+    assert prepared.output.weight is w
+
+
+def test_column_major_output_only_where_it_is_measured_faster(tiny_args: ModelArgs) -> None:
+    tied = random_transformer(tiny_args)
+    tied.output.weight = tied.tok_embeddings.weight
+    assert tied.prepare_for_decode() == 2 * tiny_args.n_layers  # fused, output left tied
+    assert tied.output.weight is tied.tok_embeddings.weight
+    wide = random_transformer(tiny_args.replace(dim=COLUMN_MAJOR_MAX_DIM + 64, n_heads=4,
+                                                n_kv_heads=2))
+    wide.prepare_for_decode()
+    assert wide.output.weight.is_contiguous()
+    half = random_transformer(tiny_args).to(torch.bfloat16)
+    half.prepare_for_decode()
+    assert half.output.weight.is_contiguous()
 
 
 # The observer sees the same thing on every route -----------------------------------------

@@ -28,6 +28,7 @@ from llama.checkpoints.common import (
     check_vocab,
     config_error,
     progress_bar,
+    release_pages,
     require_file,
 )
 from llama.config import ConfigError
@@ -115,6 +116,7 @@ def load(
     max_seq_len: int | None = None,
     tokenizer_path: str | Path | None = None,
     progress: bool = True,
+    fuse: bool = True,
 ) -> LoadedModel:
     """Load the checkpoint at `path` (any format `detect` knows) ready for inference.
 
@@ -123,6 +125,8 @@ def load(
     while loading. max_seq_len: overrides the config's (it sizes RoPE tables and KV caches).
     tokenizer_path: default tokenizer.model beside the weights (llama2.c: also the single
     *.model file there). The model's vocab_size must equal the tokenizer's.
+    fuse: `Transformer.prepare_for_decode` (fused projections, output layout), dropping the
+    mapped pages of the weights it replaces; False leaves the modules as the file has them.
     """
     path = Path(path)
     fmt = detect(path)
@@ -141,6 +145,8 @@ def load(
     stream = progress_bar(source.tensors, source.count, f"loading {path.name}", progress)
     model = assemble(source.args, stream, source.origin or path, device, dtype,
                      tie_allowed=source.tie_allowed, quantise=quantise)
+    if fuse:
+        model.prepare_for_decode(release=release_pages)
     return LoadedModel(model, tokenizer, fmt, path, dtype, device, load_in_8bit)
 
 

@@ -33,9 +33,10 @@ _HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight",
 
 
 def meta_state(model: Transformer) -> dict[str, Tensor]:
-    """Meta-named CPU copies of every parameter (output included even when tied)."""
-    return {n: p.detach().to("cpu").clone() for n, p in model.named_parameters()} | {
-        "output.weight": model.output.weight.detach().to("cpu").clone()}
+    """Meta-named contiguous CPU copies of every parameter (output included even when tied;
+    a fused model's state_dict splits its fused weights back into Meta's names)."""
+    state = model.state_dict() | {"output.weight": model.output.weight}
+    return {n: t.detach().to("cpu").contiguous().clone() for n, t in state.items()}
 
 
 def write_meta(
