@@ -85,8 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--threads",
         default="auto",
-        help="'auto' (llama.runtime_opts.recommended_threads: 1 for models under 10M "
-        "parameters on CPU, else physical cores), or a number; the same for both runtimes",
+        help="'auto' (llama.runtime_opts.recommended_threads: physical cores, at most 2 for "
+        "models under 10M parameters on CPU), or a number; the same for both runtimes",
     )
     p.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up")
     p.add_argument(

@@ -91,16 +91,31 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     Decode (T == 1) needs no mask among queries, so the n_rep query heads that share a KV head
     become the rows of one query matrix over it: no K/V expansion (bench/ops.py: faster than
     enable_gqa, repeat_interleave or expand). Longer T uses SDPA's enable_gqa.
+    The compiled CPU step (T == 1 with a mask over the whole static cache) spells attention
+    out in plain ops, which inductor fuses into its own loops: 5% (stories15M) to 30% (the
+    shipped model) more decode tokens/s than its SDPA call.
     """
     B, T, H, D = q.shape
     H_kv = k.shape[1]
     if T == 1:
-        out = F.scaled_dot_product_attention(q.reshape(B, H_kv, -1, D), k, v, attn_mask=mask)
+        q = q.reshape(B, H_kv, -1, D)  # (B, H_kv, n_rep, D)
+        if mask is not None and q.device.type == "cpu":
+            out = _masked_attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return out.reshape(B, 1, H, D)  # head h = kv_head * n_rep + row, as in q
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H_kv != H
     )  # (B, H, T, D)
     return out.transpose(1, 2)
+
+
+def _masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(D), where mask) v for q (B, H_kv, R, D), k, v (B, H_kv, S, D), mask
+    (1, S) boolean; scores and softmax in fp32, as SDPA does."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B,H_kv,R,S)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.matmul(probs.to(v.dtype), v)  # (B, H_kv, R, D)
 
 
 class FastLayer(NamedTuple):

@@ -3,9 +3,9 @@
 - `physical_cores()` / `recommended_threads(...)` / `configure_threads(...)` /
   `apply_threads(...)`: torch's intra-op
   threads. One thread per physical core for models whose decode reads enough weights to
-  need the memory bandwidth of every core; a single thread for tiny models, whose decode is
-  a chain of small kernels where waking and joining a second thread costs more than it
-  saves (bench/decode.py measures both; see bench/RESULTS.md).
+  need the memory bandwidth of every core; at most two for tiny models, whose decode is a
+  chain of small kernels (bench/decode.py --threads measures any count; see
+  bench/RESULTS.md).
 - `compile_decode(model)`: torch.compile of `Transformer.static_decode` (static shapes: the
   step attends over the whole preallocated cache with a mask, positions stay on the device,
   no host reads), installed as `model.compiled_decode` so that `model(tokens, input_pos)`
@@ -23,11 +23,15 @@ from torch import Tensor
 
 from llama.model import Transformer
 
-# Below this many parameters a CPU decode step is a chain of small kernels that one thread
-# runs faster than two (bench/decode.py, quiet 2-core machine: the shipped 3.9M model 327 vs
-# 254 tokens/s). Above it decode streams weights and wants every core's bandwidth
-# (stories15M, 24M: 159 tokens/s on two threads vs 104 on one).
+# Below this many parameters a CPU decode step is a chain of small kernels: on a quiet 2-core
+# machine two threads still beat one (bench/decode.py, the shipped 3.9M model: 269 vs 238
+# tokens/s eager, 338 vs 282 compiled), but what more threads would buy is unmeasured, and
+# waking and joining each costs time on every small kernel: SMALL_MODEL_MAX_THREADS caps
+# them. (On a machine already busy with another job, one thread did best: --threads 1.)
+# Above it decode streams weights and wants every core's bandwidth (stories15M, 24M:
+# 164 tokens/s on two threads vs 104 on one).
 SMALL_MODEL_PARAMS = 10_000_000
+SMALL_MODEL_MAX_THREADS = 2
 
 
 def physical_cores(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
@@ -58,9 +62,10 @@ def physical_cores(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
 
 
 def recommended_threads(n_params: int, device: torch.device | str = "cpu") -> int:
-    """Intra-op threads for decoding a model of n_params on `device` (1 for tiny CPU models)."""
+    """Intra-op threads for decoding a model of n_params on `device`: physical cores, at most
+    SMALL_MODEL_MAX_THREADS for tiny CPU models."""
     if torch.device(device).type == "cpu" and n_params < SMALL_MODEL_PARAMS:
-        return 1
+        return min(SMALL_MODEL_MAX_THREADS, physical_cores())
     return physical_cores()
 
 

@@ -364,15 +364,16 @@ def test_physical_cores_counts_hyperthreads_once(tmp_path: Path) -> None:
 
 
 def test_thread_recommendation_and_setting() -> None:
-    assert recommended_threads(2_000_000, "cpu") == 1
+    assert recommended_threads(2_000_000, "cpu") == min(2, physical_cores())
     assert recommended_threads(1_100_000_000, "cpu") == physical_cores()
     assert configure_threads(1) == 1 and torch.get_num_threads() == 1
     with pytest.raises(ValueError, match="threads: expected a positive integer"):
         configure_threads(0)
     before = torch.get_num_threads()
     try:  # what app.py and the CLI call: a --threads flag wins, else the recommendation
-        assert apply_threads(None, 2_000_000, "cpu") == 1 == torch.get_num_threads()
+        small = min(2, physical_cores())
+        assert apply_threads(None, 2_000_000, "cpu") == small == torch.get_num_threads()
         assert apply_threads(None, 24_000_000, "cpu") == physical_cores()
-        assert apply_threads(2, 2_000_000, "cpu") == 2 == torch.get_num_threads()
+        assert apply_threads(1, 24_000_000, "cpu") == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
