@@ -19,14 +19,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from llama.cli import WorkerDone, join_torchrun, model_flags, rank_failure
+from llama.cli import (
+    UsageError,
+    WorkerDone,
+    check_compile_flag,
+    compile_if_asked,
+    join_torchrun,
+    model_flags,
+    rank_failure,
+)
 
 EXIT_BAD_INPUT = 2
 EXIT_RANK_FAILED = 1
-
-
-class UsageError(ValueError):
-    """A flag's value cannot be used (the message names the flag)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,6 +116,7 @@ def load(args: argparse.Namespace):  # -> ui.runtime.Runtime
         raise UsageError(f"--max-seq-len: expected at least 2, found {args.max_seq_len}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads: expected a positive int, found {args.threads}")
+    check_compile_flag(args)
     template = args.template
     if args.model is None:
         path = shipped_model_dir()
@@ -134,6 +139,7 @@ def load(args: argparse.Namespace):  # -> ui.runtime.Runtime
     from llama.runtime_opts import apply_threads
 
     apply_threads(args.threads, runtime.args.n_params(), runtime.device)
+    compile_if_asked(args, runtime.model)
     return runtime
 
 

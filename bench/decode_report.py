@@ -194,7 +194,8 @@ def results_markdown(tab: str, rows: list[dict[str, Any]], ctx: dict[str, Any]) 
     )
     compiled = f"; (compiled) rows: ours with `compile_decode`, compiled in {times}" * bool(times)
     skip = "".join(f"\n- **{n}** skipped: {why}." for n, why in ctx["skipped"])
-    ops = f"\n## Per-op choices (bench/ops.py, one thread)\n\n{ctx['ops']}\n" * bool(ctx["ops"])
+    ops_head = "## Per-op choices (bench/ops.py; one thread unless the shape names more)"
+    ops = f"\n{ops_head}\n\n{ctx['ops']}\n" * bool(ctx["ops"])
     return f"""# Decode benchmark: our runtime vs Hugging Face transformers
 
 Regenerate with `{cmd}` ({ctx["started"]}).

@@ -23,6 +23,7 @@ import argparse
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,8 +33,8 @@ EXIT_BAD_INPUT = 2
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-class UsageError(Exception):
-    """A flag or file the CLI cannot use (printed as one line, exit status 2)."""
+class UsageError(ValueError):
+    """A flag or file the CLI or app.py cannot use (printed as one line, exit status 2)."""
 
 
 class WorkerDone(Exception):
@@ -91,9 +92,39 @@ def model_flags(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="CPU threads for torch (default: 1 for models under 10M parameters on CPU, where "
-        "more threads only add synchronisation, else one per physical core)",
+        help="CPU threads for torch (default: one per physical core, at most 2 for models "
+        "under 10M parameters on CPU, where more threads mostly add synchronisation)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (on CUDA also a CUDA graph): faster tokens after "
+        "seconds to minutes of compiling at start; steps that a live probe watches run eagerly",
+    )
+
+
+def check_compile_flag(ns: argparse.Namespace) -> None:
+    """UsageError, before anything loads, for --compile with what decodes only eagerly."""
+    if not ns.compile:
+        return
+    if getattr(ns, "tp", None) is not None:
+        raise UsageError("--compile: not available under torchrun (tensor-parallel ranks "
+                         "decode eagerly); leave it out")
+    if ns.load_in_8bit:
+        raise UsageError("--compile: not available with --load-in-8bit (bitsandbytes' "
+                         "8-bit layers decode eagerly); leave one of them out")
+
+
+def compile_if_asked(ns: argparse.Namespace, model) -> None:
+    """--compile: llama.runtime_opts.compile_decode on the loaded model."""
+    if not ns.compile:
+        return
+    from llama.runtime_opts import compile_decode
+
+    print("compiling the decode step (--compile) ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    compile_decode(model)
+    print(f"compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -146,6 +177,7 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
 
     if ns.threads is not None and ns.threads < 1:
         raise UsageError(f"--threads: expected a positive int, found {ns.threads}")
+    check_compile_flag(ns)
     dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
     device = _device(ns.device)
     try:
@@ -163,6 +195,7 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
                 progress=sys.stderr.isatty(),
             )
             apply_threads(ns.threads, loaded.model.args.n_params(), loaded.device)
+            compile_if_asked(ns, loaded.model)
         if loaded.tokenizer_path is None:
             raise UsageError(f"{path}: no tokenizer.model found; pass --tokenizer")
         return loaded.model, Tokenizer(loaded.tokenizer_path)

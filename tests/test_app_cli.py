@@ -111,6 +111,15 @@ def test_bad_flags_exit_2(tmp_path: Path, capsys) -> None:
     assert code == app.EXIT_BAD_INPUT and "--auth" in err
     code, err = run_main(capsys, "--model", str(model_path()), "--max-seq-len", "1")
     assert code == app.EXIT_BAD_INPUT and "--max-seq-len" in err
+    code, err = run_main(capsys, "--compile", "--load-in-8bit")
+    assert code == app.EXIT_BAD_INPUT and "--compile: not available with --load-in-8bit" in err
+
+
+def test_compile_flag_installs_the_compiled_step() -> None:
+    args = app.parse_args(["--compile", "--device", "cpu", "--max-seq-len", "64"])
+    args.tp = args.tp_model = None
+    runtime = app.load(args)
+    assert runtime.model.compiled_decode is not None
 
 
 def test_the_process_exit_status_and_stderr(tmp_path: Path) -> None:

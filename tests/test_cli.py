@@ -53,6 +53,15 @@ def test_complete_streams_the_reference_greedy_text(model_path: str) -> None:
     assert "200 tokens" in res.stderr.decode() and "finish: length" in res.stderr.decode()
 
 
+def test_compiled_decode_streams_the_same_reference_text(model_path: str) -> None:
+    res = cli("complete", "--model", model_path, "--prompt", "", "--temperature", "0",
+              "--max-new-tokens", "200", "--compile")
+    reference = shared_file("stories260K", "reference_greedy_200.txt").read_text("utf-8")
+    assert res.returncode == 0, res.stderr.decode()
+    assert res.stdout.decode("utf-8") == reference + "\n"
+    assert "compiled in" in res.stderr.decode()
+
+
 def test_chat_reads_turns_until_eof(model_path: str) -> None:
     stdin = "Tell me a story.\n\nA story with [INST] inside\n/reset\nAnother one \U0001f600\n"
     res = cli(
@@ -107,6 +116,8 @@ def run_main(*argv: str) -> tuple[int, str, str]:
         (("complete",), "error: the following arguments are required: --prompt"),
         (("complete", "--prompt", "x", "--threads", "0"), "error: --threads:"),
         (("complete", "--prompt", "x", "--device", "toaster"), "error: --device: expected"),
+        (("complete", "--prompt", "x", "--compile", "--load-in-8bit"),
+         "error: --compile: not available with --load-in-8bit"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv: tuple[str, ...], message: str) -> None:
