@@ -65,8 +65,8 @@ AttentionObserver = Callable[[AttentionCapture], None]
 
 # The output projection's decode product (1 x dim by dim x vocab) runs faster on the CPU with
 # the weight stored column-major while rows are short (bench/ops.py "output layout", 2-core
-# AVX-512 machine, fp32, vocab 32000: dim 288 1.67x, 512-768 1.3x, 1024 1.07x, 2048 1.0x on
-# two threads; on one thread 2048 and up lose 4-10%).
+# AVX-512 machine, fp32, vocab 32000, two threads: dim 288 1.4-1.7x, 512-768 1.3x, 1024
+# 1.07-1.13x; from 2048 up it gained 0-7% on two threads and 0 to -10% on one).
 COLUMN_MAJOR_MAX_DIM = 1024
 
 

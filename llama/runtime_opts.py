@@ -29,7 +29,7 @@ from llama.model import Transformer
 # waking and joining each costs time on every small kernel: SMALL_MODEL_MAX_THREADS caps
 # them. (On a machine already busy with another job, one thread did best: --threads 1.)
 # Above it decode streams weights and wants every core's bandwidth (stories15M, 24M:
-# 164 tokens/s on two threads vs 104 on one).
+# 159 tokens/s on two threads vs 104 on one).
 SMALL_MODEL_PARAMS = 10_000_000
 SMALL_MODEL_MAX_THREADS = 2
 
