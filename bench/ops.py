@@ -11,7 +11,10 @@ One decode step (T = 1) of the shipped model's shape and of TinyLlama-1.1B's, on
   the fast route (Python overhead and projection fusion together);
 - the output projection's decode product, weight row-major (as loaded) against column-major
   (llama.fusion.store_column_major), for dims 288 to 4096, vocab 32000, on one thread and on
-  every physical core: where llama.model.COLUMN_MAJOR_MAX_DIM comes from.
+  every physical core: where llama.model.COLUMN_MAJOR_MAX_DIM comes from;
+- the floor of a decode step, on every physical core: all its matrix products back to back
+  (weights as `load()` prepares them) and nothing else, for the shipped and stories15M
+  shapes. No decode step of either runtime can take less.
 
 Alternatives run interleaved, round after round; per call: min and median microseconds.
 
@@ -111,6 +114,24 @@ def output_layout_cases(dim: int, vocab: int = 32000) -> dict[str, Callable[[], 
     }
 
 
+def floor_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
+    model = Transformer(a)
+    model.prepare_for_decode()
+    weights = [
+        w
+        for b in model.layers
+        for w in (b.attention.wqkv.weight, b.attention.wo.weight,
+                  b.feed_forward.w13.weight, b.feed_forward.w2.weight)
+    ] + [model.output.weight]
+    inputs = [torch.randn(1, 1, w.shape[1]) for w in weights]
+
+    def products() -> None:
+        for x, w in zip(inputs, weights, strict=True):
+            F.linear(x, w)
+
+    return {"all matrix products, nothing else": products}
+
+
 def step_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
     """A whole decode step at position 128: plain modules against fused + fast route."""
     plain, fused = Transformer(a), Transformer(a)
@@ -141,6 +162,7 @@ def run(rounds: int, verbose: bool = True) -> list[tuple[str, str, str, float, f
                         if verbose:
                             print(f"{shape:9} {what:24} {name:30} min {lo:8.1f}  med {med:8.1f}")
             rows += layout_rows(rounds, verbose)
+            rows += floor_rows(rounds, verbose)
     finally:
         torch.set_num_threads(before)
     return rows
@@ -166,6 +188,20 @@ def _groups(shape: str, args: ModelArgs) -> dict[str, dict[str, Callable[[], obj
     if shape == "shipped":
         groups["whole decode step"] = step_cases(args)
     return groups
+
+
+def floor_rows(rounds: int, verbose: bool) -> list[tuple[str, str, str, float, float]]:
+    threads = physical_cores()
+    torch.set_num_threads(threads)
+    shapes = {"shipped": bench_presets()["shipped"].args, "stories15M": PRESETS["stories15M"]}
+    rows = []
+    for shape, args in shapes.items():
+        label = f"{shape}, {threads} thread(s)"
+        for name, (lo, med) in compare(floor_cases(args), rounds, n=20).items():
+            rows.append((label, "decode step floor", name, lo, med))
+            if verbose:
+                print(f"{label:22} step floor  {name:24} min {lo:8.1f}  med {med:8.1f}")
+    return rows
 
 
 def markdown(rows: list[tuple[str, str, str, float, float]]) -> str:
