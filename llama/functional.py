@@ -92,8 +92,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     become the rows of one query matrix over it: no K/V expansion (bench/ops.py: faster than
     enable_gqa, repeat_interleave or expand). Longer T uses SDPA's enable_gqa.
     The compiled CPU step (T == 1 with a mask over the whole static cache) spells attention
-    out in plain ops, which inductor fuses into its own loops: 5% (stories15M) to 30% (the
-    shipped model) more decode tokens/s than its SDPA call.
+    out in plain ops, which inductor fuses into its own loops: about 5% more decode tokens/s
+    than its SDPA call (shipped and stories15M shapes, alternating runs).
     """
     B, T, H, D = q.shape
     H_kv = k.shape[1]
