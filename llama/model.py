@@ -65,8 +65,8 @@ AttentionObserver = Callable[[AttentionCapture], None]
 
 # The output projection's decode product (1 x dim by dim x vocab) runs faster on the CPU with
 # the weight stored column-major while rows are short (bench/ops.py "output layout", 2-core
-# AVX-512 machine, fp32, vocab 32000, two threads: dim 288 1.4-1.7x, 512-768 1.3x, 1024
-# 1.07-1.13x; from 2048 up it gained 0-7% on two threads and 0 to -10% on one).
+# AVX-512 machine, fp32, vocab 32000, medians over this machine's runs: dim 288-768 1.1-1.7x,
+# 1024 1.0-1.1x; from 2048 up within +-10%, so left as loaded).
 COLUMN_MAJOR_MAX_DIM = 1024
 
 
