@@ -157,10 +157,7 @@ def run(rounds: int, verbose: bool = True) -> list[tuple[str, str, str, float, f
         with torch.inference_mode():
             for shape, args in shapes.items():
                 for what, cases in _groups(shape, args).items():
-                    for name, (lo, med) in compare(cases, rounds).items():
-                        rows.append((shape, what, name, lo, med))
-                        if verbose:
-                            print(f"{shape:9} {what:24} {name:30} min {lo:8.1f}  med {med:8.1f}")
+                    rows += _measure(shape, what, cases, rounds, 50, verbose)
             rows += layout_rows(rounds, verbose)
             rows += floor_rows(rounds, verbose)
     finally:
@@ -173,11 +170,8 @@ def layout_rows(rounds: int, verbose: bool) -> list[tuple[str, str, str, float, 
     for threads in sorted({1, physical_cores()}):
         torch.set_num_threads(threads)
         for dim in (288, 512, 768, 1024, 2048, 4096):
-            shape = f"dim {dim}, {threads} thread(s)"
-            for name, (lo, med) in compare(output_layout_cases(dim), rounds, n=5).items():
-                rows.append((shape, "output layout, vocab 32000", name, lo, med))
-                if verbose:
-                    print(f"{shape:22} output layout  {name:24} min {lo:8.1f}  med {med:8.1f}")
+            rows += _measure(f"dim {dim}, {threads} thread(s)", "output layout, vocab 32000",
+                             output_layout_cases(dim), rounds, 5, verbose)
     return rows
 
 
@@ -196,11 +190,18 @@ def floor_rows(rounds: int, verbose: bool) -> list[tuple[str, str, str, float, f
     shapes = {"shipped": bench_presets()["shipped"].args, "stories15M": PRESETS["stories15M"]}
     rows = []
     for shape, args in shapes.items():
-        label = f"{shape}, {threads} thread(s)"
-        for name, (lo, med) in compare(floor_cases(args), rounds, n=20).items():
-            rows.append((label, "decode step floor", name, lo, med))
-            if verbose:
-                print(f"{label:22} step floor  {name:24} min {lo:8.1f}  med {med:8.1f}")
+        rows += _measure(f"{shape}, {threads} thread(s)", "decode step floor",
+                         floor_cases(args), rounds, 20, verbose)
+    return rows
+
+
+def _measure(
+    shape: str, what: str, cases: dict[str, Callable[[], object]], rounds: int, n: int,
+    verbose: bool,
+) -> list[tuple[str, str, str, float, float]]:
+    rows = [(shape, what, name, lo, med) for name, (lo, med) in compare(cases, rounds, n).items()]
+    for _, _, name, lo, med in rows if verbose else ():
+        print(f"{shape:22} {what:26} {name:30} min {lo:8.1f}  med {med:8.1f}")
     return rows
 
 
