@@ -193,10 +193,10 @@ def make_instruction(
     of those in the looser `letter_name` style.
     """
     m = NAMED.search(story)
-    # No draw at rename_share 1: the random stream stays the one the shipped model used.
+    # No draw at naming.rename 1: the random stream stays the one phases 1-2 used.
     if m is not None and (naming.rename >= 1.0 or rng.random() < naming.rename):
         noun_phrase, noun, old = m.group(1), m.group(2), m.group(3)
-        # No draw at invented_share 0, as for rename_share 1 (reproducible older streams).
+        # No draw at a share of 0 either (older streams rebuild byte for byte).
         invented = naming.invented > 0 and rng.random() < naming.invented
         if not invented:
             new = rng.choice(NAMES)

@@ -274,16 +274,21 @@ class Transformer(nn.Module):
         matrix-vector product). Idempotent; returns how many modules are fused (as
         fuse_projections) plus one if the output was re-laid out by this call."""
         changed = self.fuse_projections(release)
-        w, emb = self.output.weight, self.tok_embeddings.weight
+        w = self.output.weight
         if (
             w.device.type == "cpu"
             and w.dtype == torch.float32
             and self.args.dim <= COLUMN_MAJOR_MAX_DIM
-            and w is not emb
-            and w.data_ptr() != emb.data_ptr()
+            and not self.output_tied
         ):
             changed += store_column_major(self.output, release)
         return changed
+
+    @property
+    def output_tied(self) -> bool:
+        """Whether output.weight and tok_embeddings.weight share storage."""
+        out, emb = self.output.weight, self.tok_embeddings.weight
+        return out is emb or (out.device == emb.device and out.data_ptr() == emb.data_ptr())
 
     def setup_caches(
         self, batch_size: int = 1, dtype: torch.dtype | None = None, max_seq_len: int | None = None

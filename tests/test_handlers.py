@@ -439,11 +439,10 @@ def test_one_generation_at_a_time(h: Handlers, rt: Runtime) -> None:
 
 
 def test_model_line_counts_a_tied_output_once(rt):
-    from llama.checkpoints.common import is_tied
     from ui.runtime import format_count
 
     a = rt.args
-    expected = format_count(a.n_params(tied=is_tied(rt.model)))
+    expected = format_count(a.n_params(tied=rt.model.output_tied))
     assert f"· {expected} params ·" in rt.describe()
-    if is_tied(rt.model):  # the shipped model: 3.1M, not 3.9M with the embedding counted twice
+    if rt.model.output_tied:  # the shipped model: 3.1M, not 3.9M with the embedding counted twice
         assert a.n_params(tied=True) < a.n_params()

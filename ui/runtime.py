@@ -19,7 +19,6 @@ from typing import Literal
 import torch
 
 from llama.checkpoints import CheckpointError, LoadedModel, load
-from llama.checkpoints.common import is_tied
 from llama.config import ModelArgs
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer, TokenizerError
@@ -103,7 +102,7 @@ class Runtime:
         dtype = str(self.dtype).removeprefix("torch.")
         eight = "8-bit on" if self.load_in_8bit else "8-bit off"
         device = str(self.device) if self.ranks == 1 else f"{self.device} × {self.ranks} ranks"
-        params = format_count(a.n_params(tied=is_tied(self.model)))  # a tied output counts once
+        params = format_count(a.n_params(tied=self.model.output_tied))  # a tied output counts once
         return (
             f"{self.name} · {params} params · dim {a.dim} · "
             f"{a.n_layers} layers · {heads} ({kind}) · vocab {a.vocab_size} · "

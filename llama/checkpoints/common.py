@@ -222,12 +222,6 @@ def finish(model: Transformer, device: torch.device) -> Transformer:
     return model.eval()
 
 
-def is_tied(model: Transformer) -> bool:
-    """Whether output.weight and tok_embeddings.weight share storage."""
-    out, emb = model.output.weight, model.tok_embeddings.weight
-    return out is emb or (out.device == emb.device and out.data_ptr() == emb.data_ptr())
-
-
 @dataclass
 class Source:
     """What a format module hands to `load`: the shape, the tensors, and how to bind them."""

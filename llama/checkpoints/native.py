@@ -19,7 +19,6 @@ from llama.checkpoints.common import (
     TensorStream,
     build_on_meta,
     config_error,
-    is_tied,
     release_pages,
     require_file,
     tokenizer_vocab_size,
@@ -80,7 +79,7 @@ def save(
     directory.mkdir(parents=True, exist_ok=True)
     names = [n for n, _ in build_on_meta(model.args).named_parameters()]
     state = model.state_dict()
-    tied = is_tied(model)
+    tied = model.output_tied
     tensors = {}
     for name in names:
         if name == "output.weight" and tied:
