@@ -22,7 +22,7 @@ from pathlib import Path
 from llama.cli import (
     UsageError,
     WorkerDone,
-    check_compile_flag,
+    check_model_flags,
     compile_if_asked,
     join_torchrun,
     model_flags,
@@ -114,9 +114,7 @@ def load(args: argparse.Namespace):  # -> ui.runtime.Runtime
 
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise UsageError(f"--max-seq-len: expected at least 2, found {args.max_seq_len}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads: expected a positive int, found {args.threads}")
-    check_compile_flag(args)
+    check_model_flags(args)
     template = args.template
     if args.model is None:
         path = shipped_model_dir()

@@ -103,8 +103,11 @@ def model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def check_compile_flag(ns: argparse.Namespace) -> None:
-    """UsageError, before anything loads, for --compile with what decodes only eagerly."""
+def check_model_flags(ns: argparse.Namespace) -> None:
+    """UsageError, before anything loads, for a --threads below 1 or --compile with what
+    decodes only eagerly."""
+    if ns.threads is not None and ns.threads < 1:
+        raise UsageError(f"--threads: expected a positive int, found {ns.threads}")
     if not ns.compile:
         return
     if getattr(ns, "tp", None) is not None:
@@ -175,9 +178,7 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
     from llama.runtime_opts import apply_threads
     from llama.tokenizer import Tokenizer, TokenizerError
 
-    if ns.threads is not None and ns.threads < 1:
-        raise UsageError(f"--threads: expected a positive int, found {ns.threads}")
-    check_compile_flag(ns)
+    check_model_flags(ns)
     dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
     device = _device(ns.device)
     try:

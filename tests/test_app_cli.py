@@ -111,6 +111,8 @@ def test_bad_flags_exit_2(tmp_path: Path, capsys) -> None:
     assert code == app.EXIT_BAD_INPUT and "--auth" in err
     code, err = run_main(capsys, "--model", str(model_path()), "--max-seq-len", "1")
     assert code == app.EXIT_BAD_INPUT and "--max-seq-len" in err
+    code, err = run_main(capsys, "--threads", "0")
+    assert code == app.EXIT_BAD_INPUT and "--threads: expected a positive int" in err
     code, err = run_main(capsys, "--compile", "--load-in-8bit")
     assert code == app.EXIT_BAD_INPUT and "--compile: not available with --load-in-8bit" in err
 
