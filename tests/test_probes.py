@@ -1,4 +1,4 @@
-"""llama/probes.py: recomputed attention matches the fast path, groups, RoPE and KV records."""
+"""llama/probes: recomputed attention matches the fast path, groups, RoPE and KV records."""
 
 from __future__ import annotations
 
@@ -10,15 +10,9 @@ import torch
 
 from llama.config import ModelArgs
 from llama.model import AttentionCapture, Transformer
-from llama.probes import (
-    Probe,
-    Trace,
-    attention_probs,
-    counterfactual_kv_heads,
-    group_reduce,
-    kv_bytes,
-    token_label,
-)
+from llama.probes import Probe, Trace, token_label
+from llama.probes.capture import attention_probs
+from llama.probes.views import counterfactual_kv_heads, group_reduce, kv_bytes
 from llama.rope import apply_rope, rope_angles
 from tests.conftest import TINY_CONFIGS, shared_file
 
