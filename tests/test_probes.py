@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -16,13 +15,7 @@ from llama.probes.views import counterfactual_kv_heads, group_reduce, kv_bytes
 from llama.rope import apply_rope, rope_angles
 from tests.conftest import TINY_CONFIGS, shared_file
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only contend on a shared machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(args: ModelArgs) -> Transformer:

@@ -28,12 +28,7 @@ from llama.runtime_opts import (
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: a second thread only contends on a shared box
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pair(args: ModelArgs) -> tuple[Transformer, Transformer]:
