@@ -47,7 +47,8 @@ class AttentionCapture:
 
     q_raw/k_raw: (B, T, H or H_kv, D) before RoPE; q: (B, H, T, D) after RoPE;
     keys/values: (B, H_kv, T_kv, D) all cached positions attended to (RoPE applied to keys);
-    out: (B, H, T, D) the attention output, before the wo projection.
+    out: (B, H, T, D) the attention output, before the wo projection. An observer may zero
+    parts of it in place (head ablation, llama/probes/ablation.py): wo reads that storage.
     """
 
     layer: int
@@ -61,6 +62,25 @@ class AttentionCapture:
 
 
 AttentionObserver = Callable[[AttentionCapture], None]
+
+
+@dataclass(frozen=True)
+class ResidualCapture:
+    """The residual stream after block `layer` in one forward call (llama/probes/lens.py).
+
+    h: (B, T, dim) as the next block reads it; positions (T,) absolute. lens: (B, rows, vocab)
+    fp32, the final norm and output projection on h's last `rows` positions (the logit lens;
+    None when the observer asked for rows=0). Under tensor parallelism `lens` is the whole
+    vocabulary on rank 0 (model.lens_logits gathers the split output projection).
+    """
+
+    layer: int
+    positions: Tensor
+    h: Tensor
+    lens: Tensor | None
+
+
+ResidualObserver = Callable[[ResidualCapture], None]
 
 
 # The output projection's decode product (1 x dim by dim x vocab) runs faster on the CPU with
@@ -218,6 +238,10 @@ class Transformer(nn.Module):
         # that changes modules, weights, caches or observers calls it; code that swaps
         # modules from outside, like 8-bit quantisation, calls it too).
         self._observed = False
+        # Called after every block when set (set_residual_observer); None costs one test per
+        # forward. lens_rows: positions the lens is applied to for it.
+        self.residual_observer: ResidualObserver | None = None
+        self.lens_rows = 0
         self._fast: list[FastLayer] | None = None
         self._routes_stale = True
         # Set by llama.runtime_opts.compile_decode: (tokens (B,1), input_pos (1,)) -> logits.
@@ -305,6 +329,19 @@ class Transformer(nn.Module):
             layer.attention.observer = observer if wanted else None
         self.invalidate_routes()
 
+    def set_residual_observer(self, observer: ResidualObserver | None, lens_rows: int = 0) -> None:
+        """Call `observer` with a ResidualCapture after every block (None detaches it); with
+        lens_rows > 0 each capture carries `lens_logits` of the last lens_rows positions."""
+        if lens_rows < 0:
+            raise ValueError(f"lens_rows: expected >= 0 positions, found {lens_rows}")
+        self.residual_observer, self.lens_rows = observer, lens_rows
+        self.invalidate_routes()  # the compiled step has no observer calls: leave it while set
+
+    def lens_logits(self, h: Tensor) -> Tensor:
+        """The final norm and output projection on h (B, T, dim) -> (B, T, vocab) fp32: what
+        forward applies to the last block's output (nostalgebraist 2020, "logit lens")."""
+        return self.output(self.norm(h)).float()
+
     def invalidate_routes(self) -> None:
         """Forget the fast route's cached tensors: call after replacing modules or weights."""
         self._routes_stale = True
@@ -320,7 +357,9 @@ class Transformer(nn.Module):
         if self._routes_stale:
             parts = [layer.fast_parts() for layer in self.layers]
             self._fast = None if any(p is None for p in parts) else parts
-            self._observed = any(layer.attention.observer is not None for layer in self.layers)
+            self._observed = self.residual_observer is not None or any(
+                layer.attention.observer is not None for layer in self.layers
+            )
             self._routes_stale = False
         return self._fast
 
@@ -349,7 +388,9 @@ class Transformer(nn.Module):
         rot = self._rope_table(tokens.device, complex_=True)[positions].unsqueeze(1)  # (T,1,D/2)
         s = StepInputs(rot, input_pos, mask, kv_len)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        if fast is not None:
+        if self.residual_observer is not None:
+            h = self._observed_blocks(h, s, fast, positions)
+        elif fast is not None:
             for parts in fast:
                 h = fast_block(h, parts, s)
         else:
@@ -358,6 +399,19 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
+
+    def _observed_blocks(
+        self, h: Tensor, s: StepInputs, fast: list[FastLayer] | None, positions: Tensor
+    ) -> Tensor:
+        """The blocks with the residual observer called after each (a loop of its own, so
+        that the unobserved loops in forward test nothing per layer)."""
+        observer, rows = self.residual_observer, self.lens_rows
+        assert observer is not None
+        for i, layer in enumerate(self.layers):
+            h = fast_block(h, fast[i], s) if fast is not None else layer(h, s)
+            lens = self.lens_logits(h[:, -rows:]) if rows else None
+            observer(ResidualCapture(i, positions, h, lens))
+        return h
 
     def static_decode(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """One decode step with static shapes and no host reads (what compile_decode compiles).

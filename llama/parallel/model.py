@@ -26,7 +26,13 @@ from torch import Tensor, nn
 
 from llama.cache import CacheOverflowError
 from llama.config import ModelArgs
-from llama.model import AttentionCapture, AttentionObserver, Transformer
+from llama.model import (
+    AttentionCapture,
+    AttentionObserver,
+    ResidualCapture,
+    ResidualObserver,
+    Transformer,
+)
 from llama.parallel import comm
 from llama.parallel.comm import TPContext
 from llama.parallel.control import Channel, Op, pickled
@@ -109,6 +115,27 @@ class ParallelTransformer(Transformer):
 
         self._lead("set_observer", run)
 
+    def set_residual_observer(self, observer: ResidualObserver | None,
+                              lens_rows: int = 0) -> None:
+        """As Transformer.set_residual_observer; the workers get one that only takes part in
+        the lens's collective (the residual stream itself is whole on every rank)."""
+        if lens_rows < 0:
+            raise ValueError(f"lens_rows: expected >= 0 positions, found {lens_rows}")
+
+        def run() -> None:
+            if self.tp.distributed:
+                call = ("local_set_residual_observer", (observer is not None, lens_rows), {})
+                self.channel.send(Op.CALL, (), pickled(call))
+            Transformer.set_residual_observer(self, observer, lens_rows)
+
+        self._lead("set_residual_observer", run)
+
+    def lens_logits(self, h: Tensor) -> Tensor:
+        """A collective under tensor parallelism: each rank projects onto its vocabulary
+        slice; rank 0 gets the whole vocabulary (the others their slice)."""
+        local = super().lens_logits(h)  # (B, T, V_local)
+        return comm.gather_last_to_leader(self.tp, local, self._vocab_sizes)
+
     def broadcast_call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Run `getattr(model, method)(*args, **kwargs)` on every rank (e.g. a post-load
         pass that fuses projections); returns rank 0's result. Arguments must pickle."""
@@ -149,6 +176,10 @@ class ParallelTransformer(Transformer):
                 observer(full)
 
         super().set_observer(gathered, layers)
+
+    def local_set_residual_observer(self, on: bool, lens_rows: int) -> None:
+        """A worker's side of set_residual_observer (rank 0 keeps its own observer)."""
+        Transformer.set_residual_observer(self, _discard if on else None, lens_rows)
 
     # Rank 0 plumbing --------------------------------------------------------------------
     def _lead(self, phase: str, run: Callable[[], Any]) -> Any:
@@ -223,8 +254,8 @@ class ParallelTransformer(Transformer):
             getattr(self, method)(*args, **kwargs)
 
 
-def _discard(capture: AttentionCapture) -> None:
-    """Workers' observer: their heads went to rank 0 in gather_capture."""
+def _discard(capture: AttentionCapture | ResidualCapture) -> None:
+    """Workers' observer: their heads (or lens slices) went to rank 0 in the gather."""
 
 
 def gather_capture(ctx: TPContext, plan: ShardPlan,

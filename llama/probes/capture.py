@@ -205,6 +205,8 @@ class Probe:
         with self._lock:
             self._capture(cap)
 
+    observe = _observe  # what a ProbeGroup (llama/probes/why.py) hands its captures to
+
     def _capture(self, cap: AttentionCapture) -> None:
         """Decode steps are only noted (a few references); prefills are computed at once."""
         newest = int(cap.input_pos[-1])
