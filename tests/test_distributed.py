@@ -41,6 +41,7 @@ from llama.parallel.runtime import (
     stop_workers,
 )
 from llama.probes import Probe
+from llama.probes.why import WhyProbe
 from llama.quant import weight_bytes
 
 KINDS = ("mha", "gqa", "mqa")
@@ -174,7 +175,27 @@ def _exercise(model: Transformer) -> dict:
         probe = Probe(model.args, layers={0, 1}, window=16)
         res["probe_greedy"], _ = _greedy(model, probe)
         res["trace"] = _trace(probe.snapshot())
+        res["why"] = _why(model)
     return res
+
+
+def _why(model: Transformer) -> dict[str, torch.Tensor]:
+    """The logit lens of a plain forward (every layer, the last 4 positions) and a WhyProbe's
+    lens, sink and attribution records over a greedy run."""
+    lens: list[torch.Tensor] = []
+    model.set_residual_observer(lambda cap: lens.append(cap.lens), lens_rows=4)
+    model(_tokens(model.args))
+    model.set_residual_observer(None)
+    why = WhyProbe(model.args, window=16)
+    greedy, _ = _greedy(model, why)
+    trace = why.snapshot()
+    return {"lens": torch.stack(lens), "greedy": torch.tensor(greedy),
+            "top_ids": torch.stack([c.top_ids for c in trace.lens]),
+            "top_probs": torch.stack([c.top_probs for c in trace.lens]),
+            "token_prob": torch.stack([c.token_prob for c in trace.lens]),
+            "sinks": trace.sinks.mass,
+            "attribution": torch.cat([trace.attribution[p] for p in sorted(trace.attribution)],
+                                     dim=1)}
 
 
 def _param_bytes(model: torch.nn.Module) -> int:
@@ -460,6 +481,19 @@ def test_probes_on_rank0_equal_single_process(run: tuple, reference: dict, kind:
     copies = ShardPlan(TINY_CONFIGS[kind], 0, world).kv_replicas
     assert kv.world_size == world and kv.total == kv.per_rank * world
     assert kv.total == single.total * copies
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lens_and_why_views_on_rank0_equal_single_process(run: tuple, reference: dict,
+                                                          kind: str) -> None:
+    """The lens uses the vocabulary-split output projection: gathered, it is the whole."""
+    _, ranks = run
+    got, want = ranks[0][kind]["why"], reference[kind]["why"]
+    assert got["lens"].shape == (TINY_CONFIGS[kind].n_layers, 2, 4, TINY_CONFIGS[kind].vocab_size)
+    assert torch.equal(got["greedy"], want["greedy"]) and torch.equal(got["top_ids"],
+                                                                      want["top_ids"])
+    for key in ("lens", "top_probs", "token_prob", "sinks", "attribution"):
+        assert _max_diff(got[key], want[key]) <= 1e-5, key
 
 
 def test_post_load_fusion_and_8bit_run_on_every_rank(run: tuple, reference: dict) -> None:
