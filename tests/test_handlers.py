@@ -25,7 +25,8 @@ from ui.settings import SAMPLING_FIELDS, SLIDERS, defaults
 from ui.turn import FIGURE_KEYS, SessionControl, Views, make_probe, run_turn
 
 ALL_VIEWS = list(VIEW_LABELS)
-N_OUT = 12  # respond's outputs: chatbot, history, 4 plots, status, text, ids, seed, last, box
+N_OUT = 13  # respond's outputs: chatbot, history, 4 plots, status, text, ids, seed, last,
+# the Why record, box
 
 
 @pytest.fixture(scope="module")

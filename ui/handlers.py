@@ -36,6 +36,7 @@ from ui.settings import (
     settings_from_values,
 )
 from ui.turn import FIGURE_KEYS, Message, SessionControl, TurnUpdate, Views, draw, run_turn
+from ui.why import WhyProbe, make_why_probe, why_record
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,10 @@ class Handlers:
         head: int,
         mode: str,
         every: int,
+        why_views: list[str] | None = None,
     ) -> Iterator[tuple[Any, ...]]:
-        """Stream the reply to the pending user message; `_outputs` gives the output order."""
+        """Stream the reply to the pending user message; `_outputs` gives the output order.
+        why_views: the Why tab's views that are on (ui/why.py; none = no capture)."""
         if not history or history[-1]["role"] != "user":
             gr.Warning("There is no message waiting for a reply.")
             return
@@ -150,7 +153,8 @@ class Handlers:
                 yield self._refused(history, str(exc))
                 return
             shown = views_from(views, layer, head, mode, every)
-            yield from self._stream(history, control, settings, shown, template, system)
+            why = make_why_probe(self.rt, why_views)
+            yield from self._stream(history, control, settings, shown, template, system, why)
         finally:
             control.running = False
 
@@ -162,12 +166,13 @@ class Handlers:
         views: Views,
         template: str,
         system: str,
+        why: WhyProbe | None = None,
     ) -> Iterator[tuple[Any, ...]]:
         update: TurnUpdate | None = None
         sent = -math.inf
         try:
             for i, update in enumerate(
-                run_turn(self.rt, history, settings, views, template, system, control)
+                run_turn(self.rt, history, settings, views, template, system, control, why)
             ):
                 if update.done and update.step is None and not update.chat[-1]["content"]:
                     control.running = False
@@ -184,7 +189,7 @@ class Handlers:
                     # Free the session before the last update reaches the page: a message
                     # sent the moment the reply shows as finished must not be refused.
                     control.running = control.running and not update.done
-                    yield self._outputs(update)
+                    yield self._outputs(update, why_record(update, settings))
         except Exception as exc:
             control.running = False
             if update is None and isinstance(exc, INPUT_ERRORS):
@@ -207,11 +212,13 @@ class Handlers:
                 skip,
                 skip,
                 skip,
+                skip,
             )
 
-    def _outputs(self, u: TurnUpdate) -> tuple[Any, ...]:
+    def _outputs(self, u: TurnUpdate, why: Any = None) -> tuple[Any, ...]:
         """(chatbot, history, 4 figures, status, prompt text, prompt ids, seed used, last
-        trace, text box); figures, prompt, seed and trace only when they changed."""
+        trace, Why record (ui/why.py; skip when None), text box); figures, prompt, seed and
+        trace only when they changed."""
         skip = gr.skip()
         figs = [skip] * len(FIGURE_KEYS)
         if u.figures is not None:
@@ -229,6 +236,7 @@ class Handlers:
             *prompt,
             str(u.seed) if first else skip,
             trace,
+            skip if why is None else why,
             skip,
         )
 
@@ -243,6 +251,7 @@ class Handlers:
             kept,
             *([skip] * len(FIGURE_KEYS)),
             f"⚠ {why}",
+            skip,
             skip,
             skip,
             skip,

@@ -18,6 +18,7 @@ from ui.handlers import ALL_HEADS, VIEW_LABELS, Handlers, placeholder_figures
 from ui.runtime import TEMPLATES, Runtime
 from ui.settings import SAMPLING_FIELDS, SLIDERS
 from ui.turn import FIGURE_KEYS, SessionControl
+from ui.why import build_why_tab, wire_why
 
 CSS_PATH = Path(__file__).with_name("style.css")
 FIGURE_TITLES = {
@@ -41,9 +42,12 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
         gr.Markdown(f"**Model:** {runtime.describe()}", elem_id="model-line")
         with gr.Tab("Playground"):
             ui = _playground(runtime)
+        with gr.Tab("Why", elem_id="why-tab"):
+            ui.update(build_why_tab(runtime))
         with gr.Tab("RoPE lab"):
             _rope_lab(runtime)
         _wire(h, runtime, ui, demo)
+        wire_why(runtime, ui)
     return demo
 
 
@@ -272,6 +276,7 @@ def _wire(h: Handlers, rt: Runtime, ui: dict[str, Any], demo: gr.Blocks) -> None
             ui["seed"],
             ui["stop_strings"],
             *views,
+            ui["why_views"],
         ],
         "outputs": [
             ui["chatbot"],
@@ -282,6 +287,7 @@ def _wire(h: Handlers, rt: Runtime, ui: dict[str, Any], demo: gr.Blocks) -> None
             ui["prompt_ids"],
             ui["seed_used"],
             ui["last"],
+            ui["why"],
             ui["message"],
         ],
         "show_progress": "minimal",

@@ -21,6 +21,7 @@ from typing import Any
 from llama.chat import Prompt, encode_completion, encode_dialog
 from llama.generate import NO_TOKEN, Step, generate, prompt_budget
 from llama.probes import Probe, Trace
+from llama.probes.why import ProbeGroup, WhyProbe, WhyTrace
 from llama.sampling import SamplingParams
 from ui import figures
 from ui.runtime import Runtime
@@ -78,6 +79,7 @@ class TurnUpdate:
     step: Step | None = None
     done: bool = False
     notices: list[str] = field(default_factory=list)
+    why: WhyTrace | None = None  # the Why views' snapshot (ui/why.py), at redraws
 
 
 def build_prompt(
@@ -160,17 +162,20 @@ def run_turn(
     template: str,
     system: str,
     control: SessionControl | None = None,
+    why: WhyProbe | None = None,
 ) -> Iterator[TurnUpdate]:
     """Answer the last user message of `history`, streaming.
 
     Raises ChatError / SamplingError / TokenizerError before the first update when the dialog
     or the settings are invalid. The last update has done=True and its status says why the
     reply ended (eos, stop, length, context, cancelled). Holds rt.slot while generating.
+    why: the Why views' probe (ui/why.py), run beside the figures' probe; None = off.
     """
     seed = pick_seed(settings)
     params = settings.replace(seed=seed)
     prompt = build_prompt(rt, history, template, system, params.max_new_tokens)
-    probe = make_probe(rt, views)
+    figure_probe = make_probe(rt, views)
+    probe = figure_probe if why is None else ProbeGroup(figure_probe, why)
     cancel = control.cancel if control is not None else None
     reply: Message = {"role": "assistant", "content": ""}
     last_real: Step | None = None
@@ -184,8 +189,8 @@ def run_turn(
             if step.notice:
                 notices.append(step.notice)
             done = step.finish_reason is not None
-            redraw = bool(views.shown) and pacer.due(i, done)
-            trace = probe.snapshot() if probe is not None and redraw else None
+            redraw = (bool(views.shown) or why is not None) and pacer.due(i, done)
+            trace = figure_probe.snapshot() if figure_probe is not None and redraw else None
             yield TurnUpdate(
                 [*history, dict(reply)],
                 pacer.draw(trace, last_real) if redraw else None,
@@ -196,6 +201,7 @@ def run_turn(
                 last_real,
                 done,
                 list(notices),
+                why.snapshot() if why is not None and redraw else None,
             )
 
 
