@@ -1,4 +1,5 @@
-"""What watching costs: decode tokens/s with no probe, the default probe and every layer traced.
+"""What watching costs: decode tokens/s with no probe, the default probe, every layer traced
+and each Why view (logit lens, attention sinks, attribution: llama/probes/why.py).
 
     python bench/probe_overhead.py [--model DIR_OR_FILE] [--passes 6] [--tokens 480] [--threads 1]
     python bench/probe_overhead.py --screenshots assets/screenshots   # PNGs of every figure
@@ -44,6 +45,7 @@ from llama import model as model_module
 from llama.assets import SHIPPED_MODEL_DIR
 from llama.checkpoints import load
 from llama.probes import Probe
+from llama.probes.why import WhyProbe
 from llama.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -107,6 +109,7 @@ def decode_pass(
         if v.probe is not None:
             v.probe.begin(model, prompt)
     model.set_observer(None)
+    model.set_residual_observer(None)
     logits = model(torch.tensor([prompt]), torch.arange(len(prompt)), last_only=True)
     order: list[Variant] = []
     for pos in range(len(prompt), len(prompt) + n):
@@ -126,6 +129,7 @@ def decode_pass(
         v.wall.append(time.perf_counter() - t0)
         v.cpu.append(time.thread_time() - c0)
         model.set_observer(None)
+        model.set_residual_observer(None)
         set_hooks(model, True, no_hook_cls)
     for v in variants:
         if v.probe is not None:
@@ -189,6 +193,7 @@ def run(args: argparse.Namespace) -> None:
             snapshot_every=8,
             probe=Probe(margs, layers=None, window=64, token_pieces=tok.piece),
         ),
+        *why_variants(margs),
     ]
     rng = random.Random(0)
     measure(model, prompt, n, variants, no_hook_cls, rng, args.passes)
@@ -200,6 +205,21 @@ def run(args: argparse.Namespace) -> None:
     measure(model, prompt, n, pair, no_hook_cls, rng, args.passes * 2)
     hook_check(pair, rng)
     check_cost(model)
+
+
+def why_variants(margs: object) -> list[Variant]:
+    """Each Why view alone and all three, as the Why tab builds them (window 64, snapshot
+    every 8 tokens as the playground redraws)."""
+    views = {"lens": {"lens"}, "sinks": {"sinks"}, "attribution": {"attribution"}}
+    views["all three"] = {"lens", "sinks", "attribution"}
+    return [
+        Variant(
+            f"Why: {name}",
+            snapshot_every=8,
+            probe=WhyProbe(margs, **{k: k in on for k in ("lens", "sinks", "attribution")}),
+        )
+        for name, on in views.items()
+    ]
 
 
 def measure(
@@ -292,7 +312,8 @@ def check_cost(model: torch.nn.Module) -> None:
     print(
         f"\nthe observer check itself (best of 5 timeit runs, minus an empty statement): "
         f"{per_layer * 1e9:.0f} ns per layer, {per_layer * len(model.layers) * 1e6:.2f} us "
-        f"per token for {len(model.layers)} layers"
+        f"per token for {len(model.layers)} layers; the residual observer (the Why lens) "
+        "adds one such test per forward, not per layer"
     )
 
 

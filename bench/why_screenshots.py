@@ -1,0 +1,114 @@
+"""Screenshots of the Why tab for the README, from the running app in headless chromium.
+
+    python bench/why_screenshots.py [--out assets/screenshots] [app.py flags, e.g. --model X]
+
+Starts app.py (tests/app_server.py), switches every Why view on, sends one message, waits for
+the reply to finish, then captures each Why figure as it is drawn in the page: the logit
+lens, the chosen token through the layers, the sink heads, what drove the token (with
+gradient x input), a what-if replay with one GQA group zeroed, and a sampler comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.app_server import start_app
+
+CHROMIUM = "/usr/bin/chromium"
+MESSAGE = "Tell me a story about a cat."
+TIMEOUT_S = 300
+TOKEN_INDEX = 6  # the reply token the per-token views and the replay start from
+
+
+def wait_until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.3)
+
+
+def title_of(pg: object, elem_id: str) -> str:
+    return pg.evaluate(  # type: ignore[attr-defined]
+        f"""() => {{ const gd = document.querySelector('#{elem_id} .js-plotly-plot');
+        return gd && gd.layout && gd.layout.title ? gd.layout.title.text || '' : ''; }}"""
+    )
+
+
+def pick(pg: object, elem_id: str, index: int) -> None:
+    """Choose the index-th option of a dropdown (negative: from the end)."""
+    pg.click(f"#{elem_id} input")  # type: ignore[attr-defined]
+    options = pg.get_by_role("option")  # type: ignore[attr-defined]
+    options.nth(index if index >= 0 else options.count() + index).click()
+
+
+def capture(pg: object, elem_id: str, out: Path, name: str, before: str = "") -> None:
+    """Wait until the figure's title is set and differs from `before`; save its element."""
+    wait_until(lambda: title_of(pg, elem_id) not in ("", before), f"#{elem_id} to draw")
+    loc = pg.locator(f"#{elem_id}")  # type: ignore[attr-defined]
+    loc.scroll_into_view_if_needed()
+    time.sleep(0.5)  # plotly's transition after the title is set
+    loc.screenshot(path=str(out / f"why_{name}.png"))
+    print(f"why_{name}.png: {title_of(pg, elem_id)}")
+
+
+def run(out: Path, flags: list[str]) -> None:
+    from playwright.sync_api import sync_playwright
+
+    out.mkdir(parents=True, exist_ok=True)
+    server = start_app(Path(tempfile.mkdtemp()), *flags)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+            pg.set_default_timeout(TIMEOUT_S * 1000)
+            pg.goto(server.url)
+            pg.wait_for_selector("#message textarea")
+            pg.get_by_role("tab", name="Why").click()
+            for label in ("Logit lens", "Attention sinks", "What drove it"):
+                pg.locator("#why-views").get_by_label(label, exact=True).check()
+            pg.get_by_role("tab", name="Playground").click()
+            pg.fill("#message textarea", MESSAGE)
+            pg.press("#message textarea", "Enter")
+            status = "#status [data-testid=markdown]"
+            wait_until(lambda: "finished:" in pg.locator(status).inner_text(), "the reply")
+            pg.get_by_role("tab", name="Why").click()
+            capture(pg, "why-lens", out, "lens")
+            before = title_of(pg, "why-line")
+            pick(pg, "why-token", TOKEN_INDEX)  # an early reply token: room to diverge after it
+            pick(pg, "why-layer", 2)
+            pick(pg, "why-target", -1)  # the last entry: a GQA group (or the last head)
+            for elem, name in (
+                ("why-line", "lens_token"),
+                ("why-line", "lens_token"),
+                ("why-sinks", "sinks"),
+            ):
+                capture(pg, elem, out, name)
+            before = title_of(pg, "why-attribution")
+            pg.click("#why-grad")
+            capture(pg, "why-attribution", out, "attribution", before)
+            pg.click("#why-replay")
+            capture(pg, "why-replay-plot", out, "what_if", "")
+            pg.click("#why-compare")
+            capture(pg, "why-compare-plot", out, "samplers", "")
+            browser.close()
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("assets/screenshots"))
+    args, flags = parser.parse_known_args()
+    run(args.out, flags)
+
+
+if __name__ == "__main__":
+    main()
