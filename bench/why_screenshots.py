@@ -24,6 +24,7 @@ from tests.app_server import start_app
 CHROMIUM = "/usr/bin/chromium"
 MESSAGE = "Tell me a story about a cat."
 TIMEOUT_S = 300
+MAX_NEW_TOKENS = 60  # within the Why probe's window: every reply token can be picked
 TOKEN_INDEX = 6  # the reply token the per-token views and the replay start from
 
 
@@ -42,16 +43,36 @@ def title_of(pg: object, elem_id: str) -> str:
     )
 
 
-def pick(pg: object, elem_id: str, index: int) -> None:
-    """Choose the index-th option of a dropdown (negative: from the end)."""
-    pg.click(f"#{elem_id} input")  # type: ignore[attr-defined]
-    options = pg.get_by_role("option")  # type: ignore[attr-defined]
-    options.nth(index if index >= 0 else options.count() + index).click()
+def choose(pg: object, elem_id: str, text: str) -> None:
+    """Type into a dropdown's filter and take its first match."""
+    pg.fill(f"#{elem_id} input", text)  # type: ignore[attr-defined]
+    pg.press(f"#{elem_id} input", "Enter")  # type: ignore[attr-defined]
+
+
+def widths(pg: object, elem_id: str) -> list:
+    return pg.evaluate(  # type: ignore[attr-defined]
+        f"""() => {{ const gd = document.querySelector('#{elem_id} .js-plotly-plot');
+        const box = document.querySelector('#{elem_id}');
+        return [gd && gd._fullLayout && gd._fullLayout.width, gd && gd.clientWidth,
+                box.clientWidth]; }}"""
+    )
+
+
+def fits(pg: object, elem_id: str) -> bool:
+    """Whether the figure was drawn at its container's width (not while its tab was hidden)."""
+    return pg.evaluate(  # type: ignore[attr-defined]
+        f"""() => {{ const gd = document.querySelector('#{elem_id} .js-plotly-plot');
+        return !!gd && !!gd._fullLayout && gd._fullLayout.width >= 0.9 * gd.clientWidth
+            && gd.clientWidth > 0; }}"""
+    )
 
 
 def capture(pg: object, elem_id: str, out: Path, name: str, before: str = "") -> None:
     """Wait until the figure's title is set and differs from `before`; save its element."""
-    wait_until(lambda: title_of(pg, elem_id) not in ("", before), f"#{elem_id} to draw")
+    wait_until(
+        lambda: title_of(pg, elem_id) not in ("", before) and fits(pg, elem_id),
+        f"#{elem_id} to draw",
+    )
     loc = pg.locator(f"#{elem_id}")  # type: ignore[attr-defined]
     loc.scroll_into_view_if_needed()
     time.sleep(0.5)  # plotly's transition after the title is set
@@ -68,13 +89,16 @@ def run(out: Path, flags: list[str]) -> None:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-            pg.set_default_timeout(TIMEOUT_S * 1000)
+            pg.set_default_timeout(60_000)
             pg.goto(server.url)
             pg.wait_for_selector("#message textarea")
             pg.get_by_role("tab", name="Why").click()
             for label in ("Logit lens", "Attention sinks", "What drove it"):
                 pg.locator("#why-views").get_by_label(label, exact=True).check()
             pg.get_by_role("tab", name="Playground").click()
+            box = pg.locator("#max-new-tokens input[type=number]")
+            box.fill(str(MAX_NEW_TOKENS))
+            box.press("Enter")
             pg.fill("#message textarea", MESSAGE)
             pg.press("#message textarea", "Enter")
             status = "#status [data-testid=markdown]"
@@ -82,15 +106,12 @@ def run(out: Path, flags: list[str]) -> None:
             pg.get_by_role("tab", name="Why").click()
             capture(pg, "why-lens", out, "lens")
             before = title_of(pg, "why-line")
-            pick(pg, "why-token", TOKEN_INDEX)  # an early reply token: room to diverge after it
-            pick(pg, "why-layer", 2)
-            pick(pg, "why-target", -1)  # the last entry: a GQA group (or the last head)
-            for elem, name in (
-                ("why-line", "lens_token"),
-                ("why-line", "lens_token"),
-                ("why-sinks", "sinks"),
-            ):
-                capture(pg, elem, out, name)
+            # an early reply token, so that a replay from it has room to diverge
+            choose(pg, "why-token", f"{TOKEN_INDEX}: ")  # the first match: that reply token
+            choose(pg, "why-layer", "layer 2")
+            choose(pg, "why-target", "GQA group 1")
+            capture(pg, "why-line", out, "lens_token", before)
+            capture(pg, "why-sinks", out, "sinks")
             before = title_of(pg, "why-attribution")
             pg.click("#why-grad")
             capture(pg, "why-attribution", out, "attribution", before)

@@ -42,8 +42,7 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
         gr.Markdown(f"**Model:** {runtime.describe()}", elem_id="model-line")
         with gr.Tab("Playground"):
             ui = _playground(runtime)
-        with gr.Tab("Why", elem_id="why-tab"):
-            ui.update(build_why_tab(runtime))
+        ui.update(build_why_tab(runtime))  # the "Why" tab
         with gr.Tab("RoPE lab"):
             _rope_lab(runtime)
         _wire(h, runtime, ui, demo)

@@ -30,7 +30,8 @@ from ui.runtime import Runtime
 from ui.settings import SLIDERS
 
 WHY_VIEWS = {"lens": "Logit lens", "sinks": "Attention sinks", "attribution": "What drove it"}
-WHY_WINDOW = 64  # positions the Why probe keeps (lens columns, sink and attribution rows)
+RESIZE_JS = "() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 50); }"
+WHY_WINDOW = 128  # positions the Why probe keeps (lens columns, sink and attribution rows)
 INTRO = (
     "Why did the model say that? Switch a view on, send a message in the Playground, then "
     "pick a reply token here. Views that are off capture nothing and cost nothing."
@@ -190,9 +191,16 @@ def _describe(p: SamplingParams) -> str:
 
 # Components and wiring ---------------------------------------------------------------------
 def build_why_tab(rt: Runtime) -> dict[str, Any]:
-    """The tab's components (inside a gr.Tab); wire them with `wire_why`."""
-    a = rt.args
+    """The "Why" tab and its components (call inside the demo's Blocks, among its tabs);
+    wire them with `wire_why`."""
     ui: dict[str, Any] = {"why": gr.State(None)}
+    with gr.Tab("Why", elem_id="why-tab") as ui["why_tab"]:
+        _why_components(rt, ui)
+    return ui
+
+
+def _why_components(rt: Runtime, ui: dict[str, Any]) -> None:
+    a = rt.args
     gr.Markdown(INTRO, elem_id="why-intro")
     with gr.Row(equal_height=True):
         ui["why_views"] = gr.CheckboxGroup(
@@ -205,9 +213,8 @@ def build_why_tab(rt: Runtime) -> dict[str, Any]:
         ui["why_token"] = gr.Dropdown([], label="Reply token", elem_id="why-token", scale=2)
     blank = empty_figure("Switch a view on and send a message.")
     ui["why_lens"] = gr.Plot(blank, show_label=False, elem_id="why-lens")
-    with gr.Row():
-        ui["why_line"] = gr.Plot(blank, show_label=False, elem_id="why-line")
-        ui["why_sinks"] = gr.Plot(blank, show_label=False, elem_id="why-sinks")
+    ui["why_line"] = gr.Plot(blank, show_label=False, elem_id="why-line")
+    ui["why_sinks"] = gr.Plot(blank, show_label=False, elem_id="why-sinks")
     ui["why_attr"] = gr.Plot(blank, show_label=False, elem_id="why-attribution")
     ui["why_grad"] = gr.Button("Add gradient × input for this token", size="sm", elem_id="why-grad")
     with gr.Accordion("What if", open=True, elem_id="why-what-if"):
@@ -244,7 +251,6 @@ def build_why_tab(rt: Runtime) -> dict[str, Any]:
             )
             ui["why_compare"] = gr.Button("Compare samplers", elem_id="why-compare")
         ui["why_compare_plot"] = gr.Plot(blank, show_label=False, elem_id="why-compare-plot")
-    return ui
 
 
 def wire_why(rt: Runtime, ui: dict[str, Any]) -> None:
@@ -253,12 +259,11 @@ def wire_why(rt: Runtime, ui: dict[str, Any]) -> None:
     free = {"concurrency_limit": None, "show_progress": "hidden", "api_visibility": "private"}
     model = {"concurrency_id": rt.concurrency_id, "concurrency_limit": 1}
     record, token = ui["why"], ui["why_token"]
-    ui["why"].change(
-        h.redraw,
-        [record, token],
-        [token, ui["why_lens"], ui["why_line"], ui["why_attr"], ui["why_sinks"]],
-        **free,
-    )
+    figures = [token, ui["why_lens"], ui["why_line"], ui["why_attr"], ui["why_sinks"]]
+    ui["why"].change(h.redraw, [record, token], figures, **free)
+    # Figures drawn while the tab was hidden got plotly's default width: once it shows, a
+    # window resize lets their responsive layout fit the column (no server round trip).
+    ui["why_tab"].select(None, js=RESIZE_JS, queue=False)
     token.input(h.selected, [record, token], [ui["why_line"], ui["why_attr"]], **free)
     ui["why_grad"].click(
         h.gradient, [record, token], [ui["why_attr"]], api_name="why_gradient", **model

@@ -225,6 +225,8 @@ def attribution_figure(
     target = esc(trace.labels[position + 1]) if position + 1 < len(trace.labels) else "?"
     fig.update_layout(showlegend=False)
     title = f"What drove “{target}” (position {position + 1}): blue = prompt, orange = reply"
+    if gradient is not None:
+        title += "; with gradient × input"
     return style(fig, title, height=300 + 180 * n)
 
 
