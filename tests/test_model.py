@@ -151,7 +151,7 @@ def test_hf_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="rope_scaling"):
         ModelArgs.from_hf_config(path)
     path.write_text(json.dumps(good | {"num_key_value_heads": 3}))
-    with pytest.raises(ConfigError, match="n_kv_heads"):
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
         ModelArgs.from_hf_config(path)
     path.write_text(json.dumps(good))
     assert ModelArgs.from_hf_config(path).ffn_hidden_dim == 96

@@ -26,6 +26,7 @@ from llama.checkpoints.common import (
     TOKENIZER_NAME,
     CheckpointError,
     build_on_meta,
+    check_finite,
     expected_shapes,
     require_file,
     tokenizer_vocab_size,
@@ -281,7 +282,7 @@ def bind(model: torch.nn.Module, stream: Stream, source: Path, device: torch.dev
             raise CheckpointError(f"{source}: tensor {name!r} has dtype {t.dtype}, "
                                   "expected floats")
         seen.add(name)
-        t = t.to(device=device, dtype=dtype).contiguous()
+        t = check_finite(t.to(device=device, dtype=dtype).contiguous(), name, source)
         if quantise is None or not quantise(model, name, t):
             state[name] = t
     missing = [n for n in shapes if n not in seen]
