@@ -121,10 +121,19 @@ def test_rope_theta_read_from_both_forms_the_newer_winning(tmp_path: Path) -> No
 
 def test_harmless_fields_load(tmp_path: Path) -> None:
     """Bookkeeping and LLaMA's own values of the fixed fields are accepted."""
-    fields = {"pretraining_tp": 1, "use_sliding_window": False, "sliding_window": 4096,
-              "partial_rotary_factor": 1.0, "head_dim": 16, "bos_token_id": 1,
-              "torch_dtype": "float32", "transformers_version": "4.45.0", "use_cache": True,
-              "attention_dropout": 0.0, "architectures": ["LlamaForCausalLM"]}
+    fields = {
+        "pretraining_tp": 1,
+        "use_sliding_window": False,
+        "sliding_window": 4096,
+        "partial_rotary_factor": 1.0,
+        "head_dim": 16,
+        "bos_token_id": 1,
+        "torch_dtype": "float32",
+        "transformers_version": "4.45.0",
+        "use_cache": True,
+        "attention_dropout": 0.0,
+        "architectures": ["LlamaForCausalLM"],
+    }
     assert load(hf_with_config(tmp_path, **fields), device="cpu", progress=False).model
 
 

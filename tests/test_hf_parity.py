@@ -30,9 +30,16 @@ def reference_model(
     n_kv_heads: int, tied: bool, theta: float = 10000.0, eps: float = 1e-5
 ) -> torch.nn.Module:
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=n_kv_heads, vocab_size=97, max_position_embeddings=80,
-        rms_norm_eps=eps, rope_theta=theta, tie_word_embeddings=tied,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=n_kv_heads,
+        vocab_size=97,
+        max_position_embeddings=80,
+        rms_norm_eps=eps,
+        rope_theta=theta,
+        tie_word_embeddings=tied,
         attn_implementation="eager",
     )
     model = transformers.LlamaForCausalLM(config).eval()
@@ -49,8 +56,9 @@ def save_reference(model: torch.nn.Module, directory: Path, shard: str | None = 
     return directory
 
 
-def run_both(ref: torch.nn.Module, ours: torch.nn.Module, prompt: torch.Tensor,
-             steps: int) -> tuple[list[float], float]:
+def run_both(
+    ref: torch.nn.Module, ours: torch.nn.Module, prompt: torch.Tensor, steps: int
+) -> tuple[list[float], float]:
     """(max |logit diff| for the prefill and each of `steps` cached decode steps,
     max |logit| of the reference over them all: the scale the diffs are judged against)."""
     ours.setup_caches(prompt.shape[0])
@@ -74,8 +82,7 @@ def run_both(ref: torch.nn.Module, ours: torch.nn.Module, prompt: torch.Tensor,
 @pytest.mark.parametrize("kind", sorted(KV_HEADS))
 def test_prefill_and_32_decode_steps_match_transformers(kind: str, tmp_path: Path) -> None:
     ref = reference_model(KV_HEADS[kind], tied=False)
-    loaded = load(save_reference(ref, tmp_path), device="cpu", dtype=torch.float32,
-                  progress=False)
+    loaded = load(save_reference(ref, tmp_path), device="cpu", dtype=torch.float32, progress=False)
     assert loaded.format == "hf"
     assert loaded.model.args.attention_kind == kind.upper()
     prompt = torch.randint(0, 97, (2, 11))
