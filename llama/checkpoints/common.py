@@ -157,15 +157,22 @@ def assemble(
     shapes = expected_shapes(model)
     state: dict[str, Tensor] = {}
     seen: set[str] = set()
-    for name, raw in tensors:
-        if name in IGNORABLE_KEYS:
-            continue
-        _check_entry(name, raw, shapes, seen, source)
-        seen.add(name)
-        if quantise is not None and quantise(model, name, raw):
-            check_finite(raw, name, source)
-        else:
-            state[name] = check_finite(raw.to(device=device, dtype=dtype), name, source, raw)
+    try:
+        for name, raw in tensors:
+            if name in IGNORABLE_KEYS:
+                continue
+            _check_entry(name, raw, shapes, seen, source)
+            seen.add(name)
+            if quantise is not None and quantise(model, name, raw):
+                check_finite(raw, name, source)
+            else:
+                state[name] = check_finite(raw.to(device=device, dtype=dtype), name, source, raw)
+    finally:
+        # A refusal mid-stream: close the stream now (its files, and a progress bar that
+        # would otherwise stay on screen in front of the one-line error).
+        close = getattr(tensors, "close", None)
+        if close is not None:
+            close()
     _tie_or_fail(state, seen, shapes, source, tie_allowed)
     _bind(model, state, strict=quantise is None, source=source)
     return finish(model, device)
