@@ -75,7 +75,7 @@ def test_command_line_one_line(entry: str, case: str, bad_dirs: dict[str, Path])
     }[entry]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        command + ["--device", "cpu"],
+        [*command, "--device", "cpu"],
         cwd=REPO,
         env=env,
         capture_output=True,
