@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama.checkpoints import load
+from llama.checkpoints import CheckpointError, load
 from llama.checkpoints.common import check_finite
 from tests.bad_checkpoints import CASES, hf_with_config, native_with_params
 from tests.test_checkpoints_bad import refused
@@ -177,3 +177,30 @@ def test_a_sum_overflowing_on_finite_values_is_not_refused() -> None:
     t = torch.full((4,), 3e38)
     assert not torch.isfinite(t.sum())
     assert check_finite(t, "w", Path("f")) is t
+
+
+def test_tensor_parallel_binding_refuses_nan_too() -> None:
+    from llama.checkpoints.common import build_on_meta
+    from llama.parallel.loading import bind
+    from tests.bad_checkpoints import ARGS
+
+    model = build_on_meta(ARGS)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    stream = [(n, torch.ones(s)) for n, s in shapes.items()]
+    stream[2][1].view(-1)[0] = float("nan")
+    with pytest.raises(CheckpointError, match=f"'{stream[2][0]}' holds 1 NaN"):
+        bind(model, iter(stream), Path("ckpt"), torch.device("cpu"), torch.float32)
+
+
+# Meta: rope.freqs must agree with params.json --------------------------------------------
+def test_meta_rope_freqs_must_match_params_theta(tmp_path: Path) -> None:
+    from llama.checkpoints.writers import meta_state, random_transformer, write_meta
+    from tests.bad_checkpoints import ARGS
+
+    args = ARGS.replace(rope_theta=1e6)  # a CodeLlama-like base
+    write_meta(meta_state(random_transformer(args)), args, tmp_path)
+    assert load(tmp_path, device="cpu", progress=False).model.args.rope_theta == 1e6
+    params = json.loads((tmp_path / "params.json").read_text())
+    del params["rope_theta"]  # so params.json says 1e4
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    refused(tmp_path, "consolidated.00.pth", "'rope.freqs'", "rope_theta 10000", "~1e+06")
