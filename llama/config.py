@@ -1,8 +1,8 @@
 """Model hyper-parameters, named exactly as in Meta's params.json.
 
 `ModelArgs` is the one description of a model shape in the project. The constructors below
-read the three header formats people have on disk (Meta params.json, Hugging Face
-config.json, llama2.c's binary header) and raise `ConfigError` naming the file and field
+read Meta's params.json and llama2.c's binary header (Hugging Face config.json: see
+llama/hf_config.py) and raise `ConfigError` naming the file and field
 when something is missing or inconsistent.
 """
 
@@ -130,7 +130,7 @@ class ModelArgs:
         setting) and a false `use_scaled_rope`.
         """
         path = Path(path)
-        raw = _read_json(path)
+        raw = read_json_object(path)
         fields = {f.name for f in dataclasses.fields(cls)}
         _check_params_extras(path, {k: v for k, v in raw.items() if k not in fields})
         kwargs = {k: v for k, v in raw.items() if k in fields}
@@ -143,24 +143,6 @@ class ModelArgs:
                 f"{path}: vocab_size is -1; pass the tokenizer's vocabulary size instead"
             )
         return _build(cls, kwargs, path)
-
-    @classmethod
-    def from_hf_config(cls, path: str | Path, **overrides: Any) -> ModelArgs:
-        """Read a Hugging Face LlamaForCausalLM config.json (see llama/hf_config.py)."""
-        return cls.from_hf_config_tied(path, **overrides)[0]
-
-    @classmethod
-    def from_hf_config_tied(cls, path: str | Path, **overrides: Any) -> tuple[ModelArgs, bool]:
-        """config.json -> (args, tie_word_embeddings); every field honoured or refused."""
-        from llama.hf_config import hf_field_error, read_hf_config
-
-        path = Path(path)
-        kwargs, tied = read_hf_config(path, _read_json(path))
-        kwargs.update(overrides)
-        try:
-            return cls(**kwargs), tied
-        except ConfigError as exc:
-            raise hf_field_error(path, exc) from None
 
     @classmethod
     def from_llama2c_header(
@@ -214,7 +196,8 @@ def _check_params_extras(path: Path, extras: dict[str, Any]) -> None:
         )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object, or ConfigError naming the file."""
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:

@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from llama.config import ConfigError
+from llama.config import ConfigError, ModelArgs, read_json_object
 
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 HONOURED = frozenset(
@@ -119,6 +119,17 @@ BOOKKEEPING = frozenset(
 )
 _ROPE_KEYS = frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor"})
 DEFAULT_THETA = 10000.0
+
+
+def load_hf_config(path: str | Path, **overrides: Any) -> tuple[ModelArgs, bool]:
+    """Read a Hugging Face LlamaForCausalLM config.json -> (args, tie_word_embeddings)."""
+    path = Path(path)
+    kwargs, tied = read_hf_config(path, read_json_object(path))
+    kwargs.update(overrides)
+    try:
+        return ModelArgs(**kwargs), tied
+    except ConfigError as exc:
+        raise hf_field_error(path, exc) from None
 
 
 def read_hf_config(path: Path, raw: dict[str, Any]) -> tuple[dict[str, Any], bool]:

@@ -33,6 +33,7 @@ from llama.checkpoints.io import (
     safetensors_keys,
 )
 from llama.config import ConfigError, ModelArgs
+from llama.hf_config import load_hf_config
 
 _TOP = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -97,7 +98,7 @@ def read_config(directory: Path) -> tuple[ModelArgs, bool]:
     """config.json -> (args, tie_word_embeddings); fields we cannot honour are refused."""
     path = require_file(directory / "config.json", "config.json")
     try:
-        return ModelArgs.from_hf_config_tied(path)
+        return load_hf_config(path)
     except ConfigError as exc:
         raise config_error(exc) from None
 
