@@ -60,7 +60,7 @@ def open_source(directory: Path, tokenizer: Path | None) -> Source:
     args = _args(directory, tokenizer)
     shards = [load_pth(p) for p in files]
     _check_shards(directory, files, shards, args)
-    _check_rope_freqs(files[0], shards[0].get("rope.freqs"), args)
+    check_rope_freqs(files[0], shards[0].get("rope.freqs"), args)
     count = len([k for k in shards[0] if k not in IGNORABLE_KEYS])
     origin = files[0] if len(files) == 1 else None
     return Source(args, _stream(shards), count, tie_allowed=False, origin=origin)
@@ -99,7 +99,7 @@ def _check_shards(
             _check_slices(name, [tuple(s[name].shape) for s in shards], shapes[name], files)
 
 
-def _check_rope_freqs(path: Path, freqs: Tensor | None, args: ModelArgs) -> None:
+def check_rope_freqs(path: Path, freqs: Tensor | None, args: ModelArgs) -> None:
     """Meta's rope.freqs records the frequencies the model was trained with: they must be the
     ones params.json's rope_theta gives (a params.json without the 1e6 of a CodeLlama, or
     frequencies rescaled as Llama 3.1 does, would otherwise load silently)."""

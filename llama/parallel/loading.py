@@ -108,6 +108,7 @@ def _meta(d: Path, tokenizer: Path | None) -> SlicedSource:
         emb = load_pth(files[0]).get("tok_embeddings.weight")
         vocab = int(emb.shape[0]) if emb is not None else None
     args = native.read_args(d, vocab)
+    meta.check_rope_freqs(files[0], load_pth(files[0]).get("rope.freqs"), args)
     return SlicedSource("meta", args, lambda plan: _meta_stream(files, args, plan))
 
 
