@@ -115,6 +115,13 @@ BOOKKEEPING = frozenset(
         "exponential_decay_length_penalty",
         "suppress_tokens",
         "begin_suppress_tokens",
+        # Written by tools around transformers; none reaches the forward pass.
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "transformers.js_config",
+        "unsloth_version",
+        "unsloth_fixed",
+        "max_new_tokens",
     }
 )
 _ROPE_KEYS = frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor"})
