@@ -20,6 +20,7 @@ only `rope_type` "default" is implemented, the others ("linear", "dynamic", "lla
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ FIXED: dict[str, tuple[tuple[Any, ...], str]] = {
     "mlp_bias": ((False,), "LLaMA's feed-forward projections have no bias"),
     "use_sliding_window": ((False,), "LLaMA attends to every earlier position"),
     "partial_rotary_factor": ((1, 1.0), "LLaMA rotates every dimension of a head"),
-    "rope_interleaved": ((False,), "HF LLaMA checkpoints rotate halves (wq/wk permuted)"),
+    "rope_interleaved": ((False,), "HF LLaMA checkpoints rotate halves, their wq/wk permuted"),
     "auto_map": ((None, {}), "the checkpoint ships its own modelling code"),
     "quantization_config": ((None, {}), "quantised (GPTQ, AWQ, ...) weights are not loaded"),
 }
@@ -230,18 +231,14 @@ def rope_theta(path: Path, raw: dict[str, Any]) -> float:
             )
         if value is not None:
             _check_rope_object(path, name, value)
+    # Both forms can only hold "default" here; a theta in the newer one wins.
     newer, legacy = forms["rope_parameters"], forms["rope_scaling"]
-    if newer is not None and legacy and _rope_type(legacy) != _rope_type(newer):
-        raise ConfigError(
-            f"{path}: rope_parameters and rope_scaling disagree ({_short(newer)} vs "
-            f"{_short(legacy)}); keep one"
-        )
     theta = raw.get("rope_theta", DEFAULT_THETA)
     for settings in (legacy, newer):  # the newer form wins
         if settings and "rope_theta" in settings:
             theta = settings["rope_theta"]
     if not _is_number(theta) or not math.isfinite(theta) or theta <= 0:
-        raise ConfigError(f"{path}: rope_theta: expected a positive number, found {theta!r}")
+        raise ConfigError(f"{path}: rope_theta: expected a finite positive number, found {theta!r}")
     return float(theta)
 
 
@@ -279,11 +276,12 @@ def _is_number(value: object) -> bool:
 
 
 def _json(value: object) -> str:
-    return (
-        {True: "true", False: "false", None: "null"}.get(value, repr(value))
-        if isinstance(value, bool | None)
-        else repr(value)
-    )
+    """How the value reads in the JSON file (strings quoted Python's way, as in messages)."""
+    if isinstance(value, bool | None):
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return repr(value)
 
 
 def _short(value: object, limit: int = 80) -> str:

@@ -51,11 +51,11 @@ REFUSED_HF = {
         {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "factor": 2.0}},
         ("rope_parameters", "factor"),
     ),
-    "rope_forms_disagree": (
+    "rope_scaling_linear_beside_default_parameters": (
         {"rope_parameters": {"rope_type": "default"}, "rope_scaling": {"type": "linear"}},
         ("rope_scaling", "'linear'"),
     ),
-    "rope_theta_nan": ({"rope_theta": float("nan")}, ("rope_theta", "nan")),
+    "rope_theta_nan": ({"rope_theta": float("nan")}, ("rope_theta", "finite", "nan")),
     "rope_theta_string": ({"rope_theta": "1e4"}, ("rope_theta", "'1e4'")),
     "rope_theta_negative_in_parameters": (
         {"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}},
@@ -89,7 +89,7 @@ REFUSED_HF = {
     ),
     "quantization_config": (
         {"quantization_config": {"quant_method": "gptq", "bits": 4}},
-        ("quantization_config", "gptq"),
+        ("quantization_config", '{"quant_method": "gptq"'),
     ),
     "auto_map": ({"auto_map": {"AutoModelForCausalLM": "m.M"}}, ("auto_map", "own modelling")),
     "rms_norm_eps_zero": ({"rms_norm_eps": 0}, ("rms_norm_eps", "positive")),
