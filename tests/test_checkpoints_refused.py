@@ -209,3 +209,16 @@ def test_meta_rope_freqs_must_match_params_theta(tmp_path: Path) -> None:
 
     with pytest.raises(CheckpointError, match=r"'rope\.freqs' does not match"):
         open_sliced(tmp_path, None)
+
+
+def test_llama2c_rope_tables_of_another_base_are_refused(tmp_path: Path) -> None:
+    """A legacy llama2.c file stores its cos/sin tables; the header has no theta to say
+    they were built with 1e6, so the tables themselves must be 1e4's."""
+    from llama.checkpoints.writers import meta_state, random_transformer, write_llama2c
+    from tests.bad_checkpoints import ARGS
+
+    state = meta_state(random_transformer(ARGS))
+    good = write_llama2c(state, ARGS, tmp_path / "good.bin", version=0)
+    assert load(good, device="cpu", progress=False).model.args.rope_theta == 10000.0
+    other = write_llama2c(state, ARGS.replace(rope_theta=1e6), tmp_path / "bad.bin", version=0)
+    refused(other, str(other), "RoPE cos/sin tables", "rope_theta 10000")
