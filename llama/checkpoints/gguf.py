@@ -56,6 +56,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return parse(Path(path), with_tensors=False).metadata
 
 
+def model_args(path: str | Path) -> ModelArgs:
+    """The ModelArgs a GGUF file describes, without reading its tensors."""
+    f = parse(Path(path))
+    return read_args(f, {t.name: t for t in f.tensors})
+
+
 def is_gguf(path: Path) -> bool:
     """Whether the file starts with GGUF's magic."""
     try:
