@@ -25,6 +25,8 @@ from llama.config import ModelArgs
 from llama.model import Transformer
 from tests.conftest import REPO, TINY_CONFIGS, shared_file
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 QUANTISED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # Rows of 32-value blocks need every matrix's inner size to be a multiple of 32, K-quants 256.

@@ -15,6 +15,8 @@ from llama.checkpoints.gguf_writer import gguf_metadata, write_gguf
 from llama.checkpoints.writers import meta_state, random_transformer
 from tests.conftest import TINY_CONFIGS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ARGS = TINY_CONFIGS["gqa"]
 
 
