@@ -172,16 +172,23 @@ def measure_gguf(path: Path, runtime: str) -> dict[str, float]:
     """In the child: load the GGUF file (fp32) with `runtime`, then one forward token."""
     import torch
 
+    # Baseline: each runtime imported and one tiny model built on the meta device (the first
+    # build imports ~70 MB of torch internals, a cost of any model, not of reading GGUF).
     if runtime == "ours":
         from llama.checkpoints import load
+        from llama.checkpoints.common import build_on_meta
+        from llama.config import ModelArgs
 
-        with torch.device("meta"):  # as in `measure`: torch's reference kernels are baseline
-            torch.nn.Linear(2, 2)
+        build_on_meta(ModelArgs(dim=8, n_layers=1, n_heads=1, vocab_size=8, multiple_of=8))
     else:
         import transformers
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
+        tiny = transformers.LlamaConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                        num_attention_heads=1, vocab_size=8)
+        with torch.device("meta"):
+            transformers.LlamaForCausalLM(tiny)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     if runtime == "ours":
