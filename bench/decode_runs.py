@@ -71,16 +71,6 @@ def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=g).tolist()
 
 
-def own_tokenizer(loaded: Any, preset: BenchPreset) -> Any:
-    """The checkpoint's tokenizer: a GGUF file's is built from its metadata by
-    llama.tokenizer.open_tokenizer (which lands with the GGUF tokenizers)."""
-    from llama import tokenizer
-
-    if preset.gguf is not None:
-        return tokenizer.open_tokenizer(loaded)
-    return tokenizer.Tokenizer(preset.tokenizer)
-
-
 class NoEos:
     """A tokenizer that never ends a reply: the benchmark always decodes new_tokens tokens
     (what transformers' min_new_tokens does on its side)."""
@@ -155,6 +145,7 @@ class Ours(Runtime):
         self.name = "ours, compiled" if compiled else "ours"
         from llama.checkpoints import load
         from llama.runtime_opts import compile_decode
+        from llama.tokenizer import Tokenizer
 
         before = rss_mb()
         max_len = min(preset.args.max_seq_len, a.prompt_len + a.new_tokens)
@@ -171,7 +162,7 @@ class Ours(Runtime):
         self.model, self.device = loaded.model, device
         fused = self.model.layers[0].attention.wqkv is not None
         self.variant = "" if fused else " (unfused)"
-        self.tokenizer = NoEos(own_tokenizer(loaded, preset))
+        self.tokenizer = NoEos(Tokenizer(preset.tokenizer))
         self.model.setup_caches(1)
         if compiled:
             t0 = time.perf_counter()

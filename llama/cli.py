@@ -66,7 +66,7 @@ def model_flags(p: argparse.ArgumentParser) -> None:
         "--model",
         type=Path,
         default=None,
-        help="checkpoint directory, .gguf file or llama2.c .bin (default: the shipped model)",
+        help="checkpoint directory or llama2.c .bin (default: the shipped model)",
     )
     p.add_argument(
         "--tokenizer",
