@@ -176,7 +176,7 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
     from llama.checkpoints import CheckpointError, load
     from llama.config import ConfigError
     from llama.runtime_opts import apply_threads
-    from llama.tokenizer import Tokenizer, TokenizerError
+    from llama.tokenizer import TokenizerError, open_tokenizer
 
     check_model_flags(ns)
     dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
@@ -199,7 +199,7 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
             compile_if_asked(ns, loaded.model)
         if loaded.tokenizer_path is None:
             raise UsageError(f"{path}: no tokenizer.model found; pass --tokenizer")
-        return loaded.model, Tokenizer(loaded.tokenizer_path)
+        return loaded.model, open_tokenizer(loaded)
     except (CheckpointError, ConfigError, TokenizerError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
 

@@ -6,13 +6,13 @@ import pytest
 import sentencepiece as spm
 
 from llama.chat import ChatError, encode_completion, encode_dialog
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, load_tokenizer
 from tests.conftest import shared_file
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return Tokenizer(shared_file("llama2-tokenizer", "tokenizer.model"))
+    return load_tokenizer(shared_file("llama2-tokenizer", "tokenizer.model"))
 
 
 @pytest.fixture(scope="module")

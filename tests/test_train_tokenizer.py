@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, load_tokenizer
 from llama.train_tokenizer import CHAT_TAGS, TokenizerTrainingError, train_tokenizer
 
 WORDS = ("Once upon a time there was a little girl named Lily She loved to play in the park "
@@ -20,7 +20,7 @@ def tok(tmp_path_factory) -> Tokenizer:
              for _ in range(400)]
     path = train_tokenizer(lines, tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=380)
     assert path.name == "tokenizer.model"
-    return Tokenizer(path)
+    return load_tokenizer(path)
 
 
 def test_llama_special_ids_and_size(tok):

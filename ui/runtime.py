@@ -21,7 +21,7 @@ import torch
 from llama.checkpoints import CheckpointError, LoadedModel, load
 from llama.config import ModelArgs
 from llama.model import Transformer
-from llama.tokenizer import Tokenizer, TokenizerError
+from llama.tokenizer import Tokenizer, TokenizerError, open_tokenizer
 
 Template = Literal["chat", "completion"]
 TEMPLATES: dict[str, str] = {"chat": "Llama-2-chat", "completion": "Raw completion"}
@@ -163,7 +163,7 @@ def from_loaded(loaded: LoadedModel, template: str | None = None) -> Runtime:
             "pass --tokenizer PATH)"
         )
     try:
-        tokenizer = Tokenizer(loaded.tokenizer_path)
+        tokenizer = open_tokenizer(loaded)
     except TokenizerError as exc:
         raise CheckpointError(str(exc)) from None
     if template in (None, "auto"):

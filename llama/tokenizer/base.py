@@ -90,6 +90,11 @@ class Tokenizer(ABC):
         """The id of the token spelled exactly `text` (e.g. "<|im_end|>"), or None."""
         return self._token_id(text)
 
+    @property
+    @abstractmethod
+    def special_texts(self) -> frozenset[str]:
+        """The text of every token that literal text must not produce ("<|im_start|>")."""
+
     @abstractmethod
     def piece(self, token_id: int) -> str:
         """The vocabulary entry of one id, for display: "▁the", "Ġthe", "<0x0A>", "<s>"."""

@@ -58,6 +58,10 @@ class BPETokenizer(Tokenizer):
             raise TokenizerError(f"{self.path}: {what} token {token!r} is not in the vocabulary")
         return -1 if token_id is None else token_id
 
+    @property
+    def special_texts(self) -> frozenset[str]:
+        return frozenset(self._special)
+
     def piece(self, token_id: int) -> str:
         return self._tok.id_to_token(self._checked_ids([token_id])[0]) or ""
 

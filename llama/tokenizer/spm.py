@@ -48,6 +48,10 @@ class SentencePieceTokenizer(Tokenizer):
                           if t == CONTROL}
         self.guard_id = self._find_guard()
 
+    @property
+    def special_texts(self) -> frozenset[str]:
+        return frozenset(self._user_defined | set(self._controls))
+
     def piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(self._checked_ids([token_id])[0])
 
