@@ -207,8 +207,13 @@ def _user_parts(system: str | None, user: Message) -> list[Part]:
 
 
 def _pair_segment(tok: Tokenizer, user: list[Part], answer: Message) -> tuple[list[int], str]:
-    parts = [(f"{B_INST} ", True), *user, (f" {E_INST} ", True),
-             (answer["content"].strip(), False), (" ", True)]
+    parts = [
+        (f"{B_INST} ", True),
+        *user,
+        (f" {E_INST} ", True),
+        (answer["content"].strip(), False),
+        (" ", True),
+    ]
     return _encode(tok, parts, bos=True, eos=True), BOS_TEXT + _join(parts) + EOS_TEXT
 
 

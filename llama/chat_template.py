@@ -44,11 +44,11 @@ class _Bounded(ImmutableSandboxedEnvironment):
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "**" and isinstance(right, int) and abs(right) > 64:
             raise ChatError(f"exponent {right} is too large")
-        if operator == "*" and isinstance(right, int) and isinstance(left, (str, list, tuple)):
-            left, right = right, left
-        if operator == "*" and isinstance(left, int) and isinstance(right, (str, list, tuple)):
-            if left * len(right) > RENDER_MAX_CHARS:
-                raise ChatError(f"repetition of {left} x {len(right)} items is too large")
+        if operator == "*":
+            n, seq = (left, right) if isinstance(left, int) else (right, left)
+            sized = isinstance(n, int) and isinstance(seq, (str, list, tuple))
+            if sized and n * len(seq) > RENDER_MAX_CHARS:
+                raise ChatError(f"repetition of {n} x {len(seq)} items is too large")
         return super().call_binop(context, operator, left, right)
 
 
@@ -66,8 +66,12 @@ def _environment() -> jinja2.Environment:
 _ENV = _environment()
 
 
-def render(tok: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True,
-           template: str | None = None) -> str:
+def render(
+    tok: Tokenizer,
+    messages: Sequence[Message],
+    add_generation_prompt: bool = True,
+    template: str | None = None,
+) -> str:
     """The template's text for `messages` (template: default the tokenizer's own)."""
     template = template if template is not None else tok.chat_template
     source = tok.chat_template_source or "chat template"
@@ -76,9 +80,14 @@ def render(tok: Tokenizer, messages: Sequence[Message], add_generation_prompt: b
     try:
         compiled = _ENV.from_string(template)
     except jinja2.TemplateSyntaxError as exc:
-        raise ChatError(f"{source}: not a valid Jinja template (line {exc.lineno}: {exc.message})") from None
-    context = dict(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                   **_special_tokens(tok))
+        raise ChatError(
+            f"{source}: not a valid Jinja template (line {exc.lineno}: {exc.message})"
+        ) from None
+    context = dict(
+        messages=[dict(m) for m in messages],
+        add_generation_prompt=add_generation_prompt,
+        **_special_tokens(tok),
+    )
     return _bounded_render(compiled, context, source)
 
 
@@ -102,33 +111,48 @@ def _bounded_render(compiled: jinja2.Template, context: dict[str, Any], source: 
         for chunk in compiled.generate(**context):
             size += len(chunk)
             if size > RENDER_MAX_CHARS:
-                raise ChatError(f"{source}: the rendered prompt passed {RENDER_MAX_CHARS:,} characters")
+                raise ChatError(
+                    f"{source}: the rendered prompt passed {RENDER_MAX_CHARS:,} characters"
+                )
             chunks.append(chunk)
     except ChatError as exc:
         if str(exc).startswith(source):
             raise
         raise ChatError(f"{source}: {exc}") from None
     except jinja2.exceptions.SecurityError as exc:
-        raise ChatError(f"{source}: the template tried something the sandbox forbids ({exc})") from None
-    except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError,
-            AttributeError, RecursionError, MemoryError) as exc:
-        raise ChatError(f"{source}: rendering failed ({exc.__class__.__name__}: {exc})"[:400]) from None
+        raise ChatError(
+            f"{source}: the template tried something the sandbox forbids ({exc})"
+        ) from None
+    except (
+        jinja2.TemplateError,
+        TypeError,
+        ValueError,
+        ArithmeticError,
+        LookupError,
+        AttributeError,
+        RecursionError,
+        MemoryError,
+    ) as exc:
+        raise ChatError(
+            f"{source}: rendering failed ({exc.__class__.__name__}: {exc})"[:400]
+        ) from None
     finally:
         sys.settrace(previous)
     return "".join(chunks)
 
 
-def encode_with_template(tok: Tokenizer, messages: Sequence[Message],
-                         max_tokens: int | None = None) -> Prompt:
+def encode_with_template(
+    tok: Tokenizer, messages: Sequence[Message], max_tokens: int | None = None
+) -> Prompt:
     """Encode a dialog (optional system, then user/assistant turns ending with user) with the
     checkpoint's template and a generation prompt; with `max_tokens`, drop the oldest
     (user, assistant) pairs, keeping the system message, until it fits."""
     check_max_tokens(max_tokens)
-    system, turns = split_dialog(messages, reject_tags=False)
+    _, turns = split_dialog(messages, reject_tags=False)
     head = [m for m in messages[:1] if m["role"] == "system"]
     n = 0
     for dropped in range(0, len(turns) // 2 + 1):
-        kept = [*head, *turns[2 * dropped:]]
+        kept = [*head, *turns[2 * dropped :]]
         text = render(tok, kept)
         ids = _encode_rendered(tok, text, kept)
         n = len(ids)
@@ -153,11 +177,11 @@ def _encode_rendered(tok: Tokenizer, text: str, messages: Sequence[Message]) -> 
 def _literal_parts(tok: Tokenizer, text: str, messages: Sequence[Message]) -> list[Part]:
     """Where each message sits in `text`, from a render with placeholders (module docstring)."""
     marks = [f"{_MARK}{i}{_MARK}" for i in range(len(messages))]
-    shadow = render(tok, [{**m, "content": k} for m, k in zip(messages, marks)])
+    shadow = render(tok, [{**m, "content": k} for m, k in zip(messages, marks, strict=True)])
     for strip in (False, True):
         parts: list[Part] = []
         rest = shadow
-        for m, k in zip(messages, marks):
+        for m, k in zip(messages, marks, strict=True):
             before, found, rest = rest.partition(k)
             if not found:
                 break
@@ -175,8 +199,11 @@ def end_of_turn_id(tok: Tokenizer) -> int | None:
     """The control token the template writes right after a reply ("<|im_end|>"), or None."""
     reply = f"{_MARK}reply{_MARK}"
     try:
-        text = render(tok, [{"role": "user", "content": "hi"},
-                            {"role": "assistant", "content": reply}], add_generation_prompt=False)
+        text = render(
+            tok,
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}],
+            add_generation_prompt=False,
+        )
     except ChatError:
         return None
     after = text.partition(reply)[2]

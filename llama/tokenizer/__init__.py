@@ -22,8 +22,16 @@ from llama.tokenizer.stream import REPLACEMENT_CHAR, StreamDecoder
 if TYPE_CHECKING:
     from llama.checkpoints.common import LoadedModel
 
-__all__ = ["REPLACEMENT_CHAR", "Part", "StreamDecoder", "Tokenizer", "TokenizerError",
-           "check_text", "load_tokenizer", "open_tokenizer"]
+__all__ = [
+    "REPLACEMENT_CHAR",
+    "Part",
+    "StreamDecoder",
+    "Tokenizer",
+    "TokenizerError",
+    "check_text",
+    "load_tokenizer",
+    "open_tokenizer",
+]
 
 CONFIG_NAME = "tokenizer_config.json"
 
@@ -81,7 +89,9 @@ def _set_template(tok: Tokenizer, template: Any, source: str) -> None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     if not isinstance(template, str) or not template.strip():
-        raise TokenizerError(f"{source}: expected a Jinja template string, found {template!r}"[:300])
+        raise TokenizerError(
+            f"{source}: expected a Jinja template string, found {template!r}"[:300]
+        )
     from llama.chat_template import end_of_turn_id
 
     tok.chat_template, tok.chat_template_source = template, source

@@ -67,7 +67,9 @@ class Tokenizer(ABC):
         """
         return self.encode_parts([(text, False)], bos=bos, eos=eos)
 
-    def encode_parts(self, parts: Sequence[Part], bos: bool = False, eos: bool = False) -> list[int]:
+    def encode_parts(
+        self, parts: Sequence[Part], bos: bool = False, eos: bool = False
+    ) -> list[int]:
         """Token ids of the concatenated parts (module docstring: literal and template text)."""
         for text, _ in parts:
             if not isinstance(text, str):

@@ -27,8 +27,14 @@ _LLAMA3 = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-PRE_TOKENIZERS = {"gpt2": _GPT2, "default": _GPT2, "smollm": _GPT2,
-                  "llama3": _LLAMA3, "llama-v3": _LLAMA3, "llama-bpe": _LLAMA3}
+PRE_TOKENIZERS = {
+    "gpt2": _GPT2,
+    "default": _GPT2,
+    "smollm": _GPT2,
+    "llama3": _LLAMA3,
+    "llama-v3": _LLAMA3,
+    "llama-bpe": _LLAMA3,
+}
 
 
 class BPETokenizer(Tokenizer):
@@ -36,15 +42,17 @@ class BPETokenizer(Tokenizer):
 
     kind = "bpe"
 
-    def __init__(self, tok: HFTokenizer, path: Path, bos: str | None, eos: str | None,
-                 add_bos: bool) -> None:
+    def __init__(
+        self, tok: HFTokenizer, path: Path, bos: str | None, eos: str | None, add_bos: bool
+    ) -> None:
         self.path = path
         self._tok = tok
         self._literal = HFTokenizer.from_str(tok.to_str())
         self._literal.encode_special_tokens = True
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
-        self._special = {t.content: i for i, t in tok.get_added_tokens_decoder().items()
-                         if t.special}
+        self._special = {
+            t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special
+        }
         self._special_ids = set(self._special.values())
         self.bos_id = self._required(bos, "bos", optional=True)
         self.eos_id = self._required(eos, "eos", optional=False)
@@ -85,7 +93,7 @@ class BPETokenizer(Tokenizer):
             return list(enc.ids)
         spans = literal_spans(parts)
         ids: list[int] = []
-        for token_id, (start, end) in zip(enc.ids, enc.offsets):
+        for token_id, (start, end) in zip(enc.ids, enc.offsets, strict=True):
             if token_id in self._special_ids and inside(spans, start):
                 ids += self._literal.encode(text[start:end], add_special_tokens=False).ids
             else:
@@ -130,10 +138,20 @@ def from_gguf(path: Path, meta: dict[str, Any]) -> BPETokenizer:
     tok.pre_tokenizer = _pre_tokenizer(PRE_TOKENIZERS[pre])
     tok.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type") or []
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, k in zip(tokens, types) if k == CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, k in zip(tokens, types) if k == USER_DEFINED])
+    tok.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, k in zip(tokens, types, strict=False)
+            if k == CONTROL
+        ]
+    )
+    tok.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, k in zip(tokens, types, strict=False)
+            if k == USER_DEFINED
+        ]
+    )
     if tok.get_vocab_size(with_added_tokens=True) != len(tokens):
         raise TokenizerError(f"{path}: tokenizer.ggml.tokens: duplicate tokens in the vocabulary")
     bos, eos = (_gguf_token(meta, tokens, k) for k in ("bos", "eos"))
@@ -144,10 +162,12 @@ def from_gguf(path: Path, meta: dict[str, Any]) -> BPETokenizer:
 def _pre_tokenizer(split: str) -> pre_tokenizers.PreTokenizer:
     if split == _GPT2:
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
 
 
 def _gguf_token(meta: dict[str, Any], tokens: list[str], what: str) -> str | None:
@@ -155,8 +175,9 @@ def _gguf_token(meta: dict[str, Any], tokens: list[str], what: str) -> str | Non
     if i is None:
         return None
     if not 0 <= int(i) < len(tokens):
-        raise TokenizerError(f"tokenizer.ggml.{what}_token_id: expected an id below "
-                             f"{len(tokens)}, found {i}")
+        raise TokenizerError(
+            f"tokenizer.ggml.{what}_token_id: expected an id below {len(tokens)}, found {i}"
+        )
     return tokens[int(i)]
 
 

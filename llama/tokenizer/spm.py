@@ -42,10 +42,12 @@ class SentencePieceTokenizer(Tokenizer):
         if not 0 <= self.eos_id < self.vocab_size:
             raise TokenizerError(f"{path}: the model defines no eos piece")
         self.add_bos = add_bos and self.bos_id >= 0
-        self._user_defined = {self._sp.id_to_piece(i) for i, t in enumerate(self._types)
-                              if t == USER_DEFINED}
-        self._controls = {self._sp.id_to_piece(i): i for i, t in enumerate(self._types)
-                          if t == CONTROL}
+        self._user_defined = {
+            self._sp.id_to_piece(i) for i, t in enumerate(self._types) if t == USER_DEFINED
+        }
+        self._controls = {
+            self._sp.id_to_piece(i): i for i, t in enumerate(self._types) if t == CONTROL
+        }
         self.guard_id = self._find_guard()
 
     @property
@@ -186,17 +188,32 @@ def from_gguf(path: Path, meta: dict[str, Any]) -> SentencePieceTokenizer:
             f"{path}: tokenizer.ggml.tokens, .scores and .token_type must have the same length, "
             f"found {len(tokens)}, {len(scores)} and {len(types)}"
         )
-    ids = {k: int(meta.get(f"tokenizer.ggml.{k}_token_id", d))
-           for k, d in (("bos", 1), ("eos", 2), ("unknown", 0), ("padding", -1))}
-    pieces = [_piece_message(t, s, ty, i, ids) for i, (t, s, ty) in enumerate(zip(tokens, scores, types))]
+    ids = {
+        k: int(meta.get(f"tokenizer.ggml.{k}_token_id", d))
+        for k, d in (("bos", 1), ("eos", 2), ("unknown", 0), ("padding", -1))
+    }
+    pieces = [
+        _piece_message(t, s, ty, i, ids)
+        for i, (t, s, ty) in enumerate(zip(tokens, scores, types, strict=True))
+    ]
     trainer = [pw.varint(3, 2), pw.varint(4, len(tokens)), pw.varint(35, BYTE in types)]
-    trainer += [pw.varint(n, ids[k]) for n, k in ((40, "unknown"), (41, "bos"), (42, "eos"), (43, "padding"))]
-    trainer += [pw.string(n, tokens[ids[k]]) for n, k in ((45, "unknown"), (46, "bos"), (47, "eos"))
-                if 0 <= ids[k] < len(tokens)]
+    trainer += [
+        pw.varint(n, ids[k])
+        for n, k in ((40, "unknown"), (41, "bos"), (42, "eos"), (43, "padding"))
+    ]
+    trainer += [
+        pw.string(n, tokens[ids[k]])
+        for n, k in ((45, "unknown"), (46, "bos"), (47, "eos"))
+        if 0 <= ids[k] < len(tokens)
+    ]
     prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
     normalizer = [pw.string(1, "identity"), pw.varint(3, prefix), pw.varint(4, 0), pw.varint(5, 1)]
-    proto = pw.serialize([*pieces, pw.message(_TRAINER, trainer), pw.message(_NORMALIZER, normalizer)])
-    return SentencePieceTokenizer(proto, path, add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)))
+    proto = pw.serialize(
+        [*pieces, pw.message(_TRAINER, trainer), pw.message(_NORMALIZER, normalizer)]
+    )
+    return SentencePieceTokenizer(
+        proto, path, add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True))
+    )
 
 
 def _piece_message(token: str, score: float, kind: int, i: int, ids: dict[str, int]) -> pw.Field:
