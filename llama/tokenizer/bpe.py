@@ -88,6 +88,8 @@ class BPETokenizer(Tokenizer):
 
     def _encode_parts(self, parts: list[Part]) -> list[int]:
         text = "".join(t for t, _ in parts)
+        if not any(is_template for _, is_template in parts):  # as split_special_tokens=True
+            return list(self._literal.encode(text, add_special_tokens=False).ids)
         enc = self._tok.encode(text, add_special_tokens=False)
         if not any(s in t for t, lit in parts if not lit for s in self._special):
             return list(enc.ids)
@@ -154,7 +156,7 @@ def from_gguf(path: Path, meta: dict[str, Any]) -> BPETokenizer:
     )
     if tok.get_vocab_size(with_added_tokens=True) != len(tokens):
         raise TokenizerError(f"{path}: tokenizer.ggml.tokens: duplicate tokens in the vocabulary")
-    bos, eos = (_gguf_token(meta, tokens, k) for k in ("bos", "eos"))
+    bos, eos = (_gguf_token(path, meta, tokens, k) for k in ("bos", "eos"))
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
     return BPETokenizer(tok, path, bos, eos, add_bos)
 
@@ -170,13 +172,13 @@ def _pre_tokenizer(split: str) -> pre_tokenizers.PreTokenizer:
     )
 
 
-def _gguf_token(meta: dict[str, Any], tokens: list[str], what: str) -> str | None:
+def _gguf_token(path: Path, meta: dict[str, Any], tokens: list[str], what: str) -> str | None:
     i = meta.get(f"tokenizer.ggml.{what}_token_id")
     if i is None:
         return None
     if not 0 <= int(i) < len(tokens):
         raise TokenizerError(
-            f"tokenizer.ggml.{what}_token_id: expected an id below {len(tokens)}, found {i}"
+            f"{path}: tokenizer.ggml.{what}_token_id: expected an id below {len(tokens)}, found {i}"
         )
     return tokens[int(i)]
 
