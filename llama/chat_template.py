@@ -28,6 +28,7 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llama.chat import ChatError, Message, Prompt, check_max_tokens, split_dialog
@@ -40,6 +41,11 @@ _MARK = "\ue000"  # private-use character around placeholders
 
 class _Bounded(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**"})
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        # jinja's sandbox answers an unsafe attribute with an Undefined that prints as "";
+        # an escape attempt is refused loudly instead.
+        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r}")
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "**" and isinstance(right, int) and abs(right) > 64:
@@ -119,7 +125,7 @@ def _bounded_render(compiled: jinja2.Template, context: dict[str, Any], source: 
         if str(exc).startswith(source):
             raise
         raise ChatError(f"{source}: {exc}") from None
-    except jinja2.exceptions.SecurityError as exc:
+    except SecurityError as exc:
         raise ChatError(
             f"{source}: the template tried something the sandbox forbids ({exc})"
         ) from None
