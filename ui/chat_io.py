@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llama.chat import TEMPLATES as CHAT_TEMPLATES
 from ui.settings import Settings, SettingsError, settings_from_values
 
 FORMAT = "llama-playground-chat"
 VERSION = 1
 MAX_BYTES = 4 * 1024 * 1024
 MAX_MESSAGES = 10_000
-TEMPLATES = ("chat", "completion")
+TEMPLATES = CHAT_TEMPLATES  # "own", "chat", "completion"
 
 
 class ChatFileError(ValueError):
