@@ -112,7 +112,7 @@ def _chat_column(rt: Runtime, ui: dict[str, Any]) -> None:
         _sampling_controls(ui, rt)
     with gr.Accordion("Prompt the model saw", open=False, elem_id="prompt-panel"):
         ui["prompt_text"] = gr.Textbox(
-            label="Text (<s> and </s> are BOS/EOS)",
+            label="Text as the template rendered it (special tokens shown: <s>, <|im_start|>)",
             lines=4,
             max_lines=12,
             interactive=False,
