@@ -42,9 +42,13 @@ def test_byte_fallback_round_trips_unseen_text(tok):
 
 
 def test_chat_tags_are_single_pieces(tok):
+    """In template text a tag is one piece; typed (literal) text spells it as plain text."""
     for tag in CHAT_TAGS:
-        pieces = [tok.piece(i) for i in tok.encode(f"x {tag} y", bos=False)]
+        pieces = [tok.piece(i) for i in tok.encode_parts([(f"x {tag} y", True)])]
         assert tag in pieces, (tag, pieces)
+        literal = tok.encode(f"x {tag} y", bos=False)
+        assert tag not in [tok.piece(i) for i in literal]
+        assert tok.decode(literal) == f"x {tag} y"
 
 
 def test_bad_inputs_are_named():

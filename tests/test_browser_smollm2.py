@@ -1,0 +1,91 @@
+"""Every live view on a real GQA chat model (SmolLM2: 30 layers, 9 heads in 3 groups,
+head_dim 64) in a real browser, and the README's screenshots of it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.app_server import AppServer, start_app
+from tests.conftest import SMOLLM2_GGUF, shared_file
+from tests import test_browser
+from tests.test_browser import (
+    FIGURES,
+    PAGES,
+    TIMEOUT_MS,
+    figure_state,
+    last_reply,
+    open_accordion,
+    open_app,
+    pick,
+    set_number,
+    shot,
+    status,
+    wait_until,
+    watch_reply,
+)
+
+pytestmark = pytest.mark.browser
+browser = test_browser.browser  # the same module-scoped chromium fixture
+
+
+@pytest.fixture(scope="module")
+def smol_server(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    gguf = shared_file(*SMOLLM2_GGUF)
+    srv = start_app(
+        tmp_path_factory.mktemp("smol-app"), "--model", str(gguf), "--max-seq-len", "1024"
+    )
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def page(browser: Any, smol_server: AppServer) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1500, "height": 1100})
+    context.set_default_timeout(TIMEOUT_MS)
+    pg = context.new_page()
+    PAGES.append(pg)
+    open_app(pg, smol_server.url)
+    yield pg
+    PAGES.remove(pg)
+    context.close()
+
+
+def test_smollm2_chat_and_every_view(page: Any) -> None:
+    pg = page
+    open_accordion(pg, "Template and system prompt")
+    assert "The model's own (ChatML)" in pg.locator("#template").inner_text()
+    assert "What is the capital of France?" in pg.content()  # a chat model's examples
+    placeholders = {k: figure_state(pg, k) for k in FIGURES}
+    set_number(pg, "temperature", 0)
+    set_number(pg, "every", 1)
+
+    _, during, final = watch_reply(
+        pg, "What is the capital of France?", screenshot="smollm2_streaming"
+    )
+    assert "Paris" in last_reply(pg)
+    assert "finished: eos" in status(pg)  # stopped at <|im_end|>
+    for key in FIGURES:
+        assert final[key] not in (None, placeholders[key]), f"{key} never drawn"
+    assert final["attention"].count("head") or during["attention"]
+    shot(pg, "smollm2_chat")
+
+    # The exact prompt: ChatML as rendered, and its ids (transformers' ids for this dialog).
+    open_accordion(pg, "Prompt the model saw")
+    wait_until(
+        lambda: "<|im_start|>assistant" in pg.input_value("#prompt-text textarea"),
+        "the rendered prompt",
+    )
+    assert pg.input_value("#prompt-ids textarea").replace(" ", "").startswith("1,9690,198")
+
+    # The last layer's heads and one head of the third KV group.
+    before = figure_state(pg, "attention")
+    pick(pg, "layer", "layer 29")
+    wait_until(lambda: figure_state(pg, "attention") != before, "layer 29 drawn")
+    at_layer = figure_state(pg, "attention")
+    pick(pg, "head", "head 8 (group 2)")
+    wait_until(lambda: figure_state(pg, "attention") != at_layer, "head 8 drawn")
+    pg.locator("#plot-attention").scroll_into_view_if_needed()
+    shot(pg, "smollm2_attention", top=False)
