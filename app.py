@@ -113,14 +113,14 @@ def load(args: argparse.Namespace):  # -> ui.runtime.Runtime
     Under torchrun (args.tp set) this rank loads its slice; ranks > 0 then serve rank 0's
     forward passes here and raise WorkerDone when rank 0 releases them."""
     from llama.assets import shipped_model_dir
-    from llama.cli import named_model
+    from llama.fetch import resolve_model
     from ui.runtime import load_runtime
 
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise UsageError(f"--max-seq-len: expected at least 2, found {args.max_seq_len}")
     check_model_flags(args)
     template = args.template
-    path = named_model(args)
+    path = resolve_model(args.model, args.cache_dir)
     if path is None:
         path = shipped_model_dir()
         # The shipped model is trained on Llama-2-chat dialogs (assets/tinychat/MODEL_CARD.md).

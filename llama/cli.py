@@ -198,6 +198,7 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
     from llama.assets import shipped_model_dir
     from llama.checkpoints import CheckpointError, load
     from llama.config import ConfigError
+    from llama.fetch import FetchError, resolve_model
     from llama.runtime_opts import apply_threads
     from llama.tokenizer import TokenizerError, open_tokenizer
 
@@ -205,7 +206,7 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
     dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
     device = _device(ns.device)
     try:
-        path = named_model(ns) or shipped_model_dir()
+        path = resolve_model(ns.model, ns.cache_dir) or shipped_model_dir()
         if ns.tp is not None:
             loaded = _load_parallel(ns, path, dtype)
         else:
@@ -225,17 +226,7 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
                 f"{path}: no tokenizer.model or tokenizer.json found; pass --tokenizer"
             )
         return loaded.model, open_tokenizer(loaded)
-    except (CheckpointError, ConfigError, TokenizerError, FileNotFoundError) as exc:
-        raise UsageError(str(exc)) from None
-
-
-def named_model(ns: argparse.Namespace) -> Path | None:
-    """--model resolved: a named model ('smollm2') is fetched or found in the cache."""
-    from llama.fetch import FetchError, resolve_model
-
-    try:
-        return resolve_model(ns.model, ns.cache_dir)
-    except FetchError as exc:
+    except (CheckpointError, ConfigError, TokenizerError, FetchError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
 
 

