@@ -3,14 +3,15 @@ head_dim 64) in a real browser, and the README's screenshots of it."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tests import test_browser
 from tests.app_server import AppServer, start_app
 from tests.conftest import SMOLLM2_GGUF, shared_file
-from tests import test_browser
 from tests.test_browser import (
     FIGURES,
     PAGES,
@@ -78,14 +79,15 @@ def test_smollm2_chat_and_every_view(page: Any) -> None:
         lambda: "<|im_start|>assistant" in pg.input_value("#prompt-text textarea"),
         "the rendered prompt",
     )
-    assert pg.input_value("#prompt-ids textarea").replace(" ", "").startswith("1,9690,198")
+    ref = json.loads(shared_file("smollm2", "transformers_reference.json").read_text())
+    assert pg.input_value("#prompt-ids textarea").split() == [
+        str(i) for i in ref["chat"][0]["prompt_ids"]
+    ]  # transformers' apply_chat_template ids for this dialog
 
-    # The last layer's heads and one head of the third KV group.
-    before = figure_state(pg, "attention")
-    pick(pg, "layer", "layer 29")
-    wait_until(lambda: figure_state(pg, "attention") != before, "layer 29 drawn")
-    at_layer = figure_state(pg, "attention")
-    pick(pg, "head", "head 8 (group 2)")
-    wait_until(lambda: figure_state(pg, "attention") != at_layer, "head 8 drawn")
+    # The last layer's heads, then one head of the third KV group: each redraws attention.
+    for picker, option in (("layer", "layer 29"), ("head", "head 8 (group 2)")):
+        drawn = figure_state(pg, "attention")
+        pick(pg, picker, option)
+        wait_until(lambda d=drawn: figure_state(pg, "attention") != d, f"{option} drawn")
     pg.locator("#plot-attention").scroll_into_view_if_needed()
     shot(pg, "smollm2_attention", top=False)

@@ -121,8 +121,11 @@ def test_stream_holds_split_emoji_bytes(smol_tok: Tokenizer) -> None:
 def test_tokenizer_json_directory(smol_tok: Tokenizer, tmp_path: Path) -> None:
     """An HF directory with only tokenizer.json (+ tokenizer_config.json) tokenises the same."""
     smol_tok._tok.save(str(tmp_path / "tokenizer.json"))
-    config = {"bos_token": "<|im_start|>", "eos_token": {"content": "<|endoftext|>"},
-              "chat_template": smol_tok.chat_template}
+    config = {
+        "bos_token": "<|im_start|>",
+        "eos_token": {"content": "<|endoftext|>"},
+        "chat_template": smol_tok.chat_template,
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok = load_tokenizer(tmp_path / "tokenizer.json")
     assert (tok.kind, tok.vocab_size, tok.add_bos, tok.eos_id) == ("bpe", 49152, False, 0)
@@ -171,3 +174,12 @@ def test_unreadable_files(tmp_path: Path) -> None:
         load_tokenizer(bad)
     with pytest.raises(TokenizerError, match="tokenizer file not found"):
         load_tokenizer(tmp_path / "missing.gguf")
+
+
+def test_bpe_pieces_read_like_sentencepiece_pieces(smol_tok: Tokenizer) -> None:
+    """The views label tokens with piece(): byte-level entries ("Ġcapital") are shown as text."""
+    ids = smol_tok.encode("The capital\n of", bos=False)
+    assert [smol_tok.piece(i) for i in ids] == ["The", "▁capital", "<0x0A>", "▁of"]
+    assert smol_tok.piece(2) == "<|im_end|>"
+    split = [smol_tok.piece(i) for i in smol_tok.encode("🇫🇷", bos=False)]
+    assert all(p.startswith("<0x") or p == "🇫" or p == "🇷" for p in split), split

@@ -21,6 +21,19 @@ from llama.tokenizer.base import Part, Tokenizer, TokenizerError, inside, litera
 CONTROL, USER_DEFINED = 3, 4  # GGUF token types
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves,
+    the other 68 are moved to U+0100 onwards (a space is "Ġ", a newline "Ċ")."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(others)})
+    return table
+
+
+_BYTE_OF = _byte_alphabet()
+
 # GGUF `tokenizer.ggml.pre` names: how the text is split before the merges apply.
 _GPT2 = "gpt2"
 _LLAMA3 = (
@@ -58,6 +71,7 @@ class BPETokenizer(Tokenizer):
         self.eos_id = self._required(eos, "eos", optional=False)
         self.add_bos = add_bos and self.bos_id >= 0
         self._byte_fallback = bool(getattr(tok.model, "byte_fallback", False))
+        self._byte_level = "ByteLevel" in str(tok.decoder)
         self.guard_id = self._find_guard()
 
     def _required(self, token: str | None, what: str, optional: bool) -> int:
@@ -71,7 +85,19 @@ class BPETokenizer(Tokenizer):
         return frozenset(self._special)
 
     def piece(self, token_id: int) -> str:
-        return self._tok.id_to_token(self._checked_ids([token_id])[0]) or ""
+        """Byte-level entries ("Ġcapital") are shown as SentencePiece shows its pieces:
+        their bytes as text, a space as "▁", a newline or a lone byte of a longer character
+        as <0x0A>, <0xF0>; control tokens as they are spelled ("<|im_end|>")."""
+        token_id = self._checked_ids([token_id])[0]
+        entry = self._tok.id_to_token(token_id) or ""
+        if not self._byte_level or token_id in self._special_ids:
+            return entry
+        raw = bytes(_BYTE_OF.get(c, 0x3F) for c in entry)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "".join(chr(b) if 0x20 <= b < 0x80 else f"<0x{b:02X}>" for b in raw)
+        return "".join(f"<0x{ord(c):02X}>" if ord(c) < 0x20 else c for c in text).replace(" ", "▁")
 
     def is_byte(self, token_id: int) -> bool:
         piece = self._tok.id_to_token(token_id) or ""
