@@ -183,3 +183,36 @@ def test_bpe_pieces_read_like_sentencepiece_pieces(smol_tok: Tokenizer) -> None:
     assert smol_tok.piece(2) == "<|im_end|>"
     split = [smol_tok.piece(i) for i in smol_tok.encode("🇫🇷", bos=False)]
     assert all(p.startswith("<0x") or p == "🇫" or p == "🇷" for p in split), split
+
+
+def test_hf_directory_with_only_tokenizer_json(smol_tok: Tokenizer, tmp_path: Path) -> None:
+    """load() finds tokenizer.json beside HF weights and checks its size against the model;
+    the Runtime then chats with the template of tokenizer_config.json."""
+    from llama.checkpoints import CheckpointError, load
+    from llama.checkpoints.writers import random_transformer, write_hf
+    from llama.config import ModelArgs
+    from ui.runtime import from_loaded
+
+    args = ModelArgs(
+        dim=32,
+        n_layers=1,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=49152,
+        multiple_of=16,
+        max_seq_len=32,
+    )
+    write_hf(random_transformer(args).state_dict(), args, tmp_path)
+    smol_tok._tok.save(str(tmp_path / "tokenizer.json"))
+    config = {"eos_token": "<|im_end|>", "chat_template": smol_tok.chat_template}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = load(tmp_path, progress=False)
+    assert loaded.tokenizer_path == tmp_path / "tokenizer.json"
+    rt = from_loaded(loaded)
+    assert rt.default_template == "own" and rt.tokenizer.kind == "bpe"
+    small = ModelArgs(
+        dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=32
+    )
+    write_hf(random_transformer(small).state_dict(), small, tmp_path)
+    with pytest.raises(CheckpointError, match=r"vocab_size is 97 but the tokenizer .* 49152"):
+        load(tmp_path, progress=False)
