@@ -212,7 +212,7 @@ def end_of_turn_id(tok: Tokenizer) -> int | None:
         )
     except ChatError:
         return None
-    after = text.partition(reply)[2]
+    after = text.partition(reply)[2].lstrip()  # Llama-2 style: " </s>"
     hits = [s for s in tok.special_texts if after.startswith(s)]
     return tok.token_id(max(hits, key=len)) if hits else None
 

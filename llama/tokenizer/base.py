@@ -51,13 +51,15 @@ class Tokenizer(ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, vocab_size={self.vocab_size})"
 
+    _extra_stops: tuple[int, ...] = ()
+
     @property
     def stop_ids(self) -> frozenset[int]:
-        return frozenset({self.eos_id, *getattr(self, "_extra_stops", ())})
+        return frozenset({self.eos_id, *self._extra_stops})
 
     def add_stop_id(self, token_id: int) -> None:
         """Also end replies at `token_id` (a chat template's end-of-turn token)."""
-        self._extra_stops = (*getattr(self, "_extra_stops", ()), self._checked_ids([token_id])[0])
+        self._extra_stops = (*self._extra_stops, self._checked_ids([token_id])[0])
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of literal `text` (never a control token), with BOS/EOS when asked.

@@ -117,7 +117,7 @@ class BPETokenizer(Tokenizer):
         if not any(is_template for _, is_template in parts):  # as split_special_tokens=True
             return list(self._literal.encode(text, add_special_tokens=False).ids)
         enc = self._tok.encode(text, add_special_tokens=False)
-        if not any(s in t for t, lit in parts if not lit for s in self._special):
+        if not any(s in t for t, is_template in parts if not is_template for s in self._special):
             return list(enc.ids)
         spans = literal_spans(parts)
         ids: list[int] = []

@@ -18,7 +18,7 @@ class ProtoError(ValueError):
     """Bytes that are not a well-formed protobuf message."""
 
 
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
+def read_varint(buf: bytes, i: int) -> tuple[int, int]:
     value = shift = 0
     while True:
         if i >= len(buf) or shift > 63:
@@ -35,15 +35,15 @@ def parse(buf: bytes) -> list[Field]:
     out: list[Field] = []
     i = 0
     while i < len(buf):
-        key, i = _varint(buf, i)
+        key, i = read_varint(buf, i)
         number, wire = key >> 3, key & 7
         if wire == VARINT:
-            value, i = _varint(buf, i)
+            value, i = read_varint(buf, i)
         elif wire in (FIXED32, FIXED64):
             size = 4 if wire == FIXED32 else 8
             value, i = int.from_bytes(buf[i : i + size], "little"), i + size
         elif wire == LEN:
-            size, i = _varint(buf, i)
+            size, i = read_varint(buf, i)
             value, i = bytes(buf[i : i + size]), i + size
         else:
             raise ProtoError(f"unsupported wire type {wire} for field {number}")

@@ -34,8 +34,9 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, proto: bytes, path: Path, add_bos: bool = True) -> None:
         self.path = path
         self._sp = _processor(proto, path)
+        self._proto = proto
         self._types = _piece_types(proto, path)
-        self._literal = _processor(_literal_proto(proto), path)
+        self._literal_sp: spm.SentencePieceProcessor | None = None  # built on first need
         self.vocab_size = self._sp.vocab_size()
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
         self.pad_id = self._sp.pad_id()
@@ -80,6 +81,11 @@ class SentencePieceTokenizer(Tokenizer):
                 ids += self._encode_chunk(chunk)
         return ids
 
+    def _literal(self) -> spm.SentencePieceProcessor:
+        if self._literal_sp is None:
+            self._literal_sp = _processor(_literal_proto(self._proto), self.path)
+        return self._literal_sp
+
     def _split_controls(self, parts: list[Part]) -> list[int | list[Part]]:
         """Control pieces spelled in template parts become their ids; SentencePiece itself
         never matches them. Each run of text between them is one chunk."""
@@ -97,13 +103,15 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _encode_chunk(self, parts: list[Part]) -> list[int]:
         text = "".join(t for t, _ in parts)
-        if not any(u in t for t, lit in parts if not lit for u in self._user_defined):
+        if not any(
+            u in t for t, is_template in parts if not is_template for u in self._user_defined
+        ):
             return self._sp.encode(text)
         spans = literal_spans(parts, unit="byte")
         ids: list[int] = []
         for token_id, surface, begin in _pieces_with_offsets(self._sp, text):
             if self._types[token_id] == USER_DEFINED and inside(spans, begin):
-                ids += self._literal.encode(surface)
+                ids += self._literal().encode(surface)
             else:
                 ids.append(token_id)
         return ids
@@ -149,10 +157,23 @@ def _processor(proto: bytes, path: Path) -> spm.SentencePieceProcessor:
 
 def _piece_types(proto: bytes, path: Path) -> list[int]:
     try:
-        pieces = [pw.parse(v) for n, _, v in pw.parse(proto) if n == _PIECES]
-    except pw.ProtoError as exc:
+        return [_piece_type(v) for n, _, v in pw.parse(proto) if n == _PIECES]
+    except (pw.ProtoError, IndexError) as exc:
         raise TokenizerError(f"{path}: not a SentencePiece model ({exc})") from None
-    return [next((int(v) for n, _, v in p if n == 3), NORMAL) for p in pieces]
+
+
+def _piece_type(msg: bytes) -> int:
+    """The type of one SentencePiece message (piece=1, score=2, type=3, in this order in
+    files that sentencepiece writes), read without parsing the whole message."""
+    if msg[:1] == b"\x0a":
+        size, i = pw.read_varint(msg, 1)
+        i += size
+        i += 5 if msg[i : i + 1] == b"\x15" else 0
+        if i == len(msg):
+            return NORMAL  # the default type is not written
+        if msg[i : i + 1] == b"\x18" and i + 2 == len(msg):
+            return msg[i + 1]
+    return next((int(v) for n, _, v in pw.parse(msg) if n == 3), NORMAL)
 
 
 def _literal_proto(proto: bytes) -> bytes:
