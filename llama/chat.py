@@ -25,7 +25,12 @@ Choices of this module, beyond Meta's code:
 
 `encode_completion` is the raw mode for base models: BOS (when the checkpoint adds one) + text.
 `encode_chat` picks one of TEMPLATES: the checkpoint's own Jinja template
-(llama/chat_template.py), Llama-2-chat, or raw completion.
+(`encode_with_template`: rendered by llama/tokenizer/template.py, tokenised with control
+tokens parsed as transformers does, so the ids equal apply_chat_template's), Llama-2-chat,
+or raw completion. Message text is literal there too: when a message holds the text of a
+control token ("<|im_start|>"), the template is rendered a second time with placeholders
+instead of the messages, which tells exactly where each message sits in the text; those spans
+are encoded as literal text, so a message can never close its turn or open another.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llama.tokenizer import Part, Tokenizer, TokenizerError, check_text
+from llama.tokenizer.template import MARK, TemplateError, render
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -238,8 +244,6 @@ def encode_chat(
 ) -> Prompt:
     """Encode with one of TEMPLATES; "completion" joins the messages' text (raw mode)."""
     if template == "own":
-        from llama.chat_template import encode_with_template
-
         return encode_with_template(tok, messages, max_tokens=max_tokens)
     if template == "chat":
         return encode_dialog(tok, messages, max_tokens=max_tokens)
@@ -247,3 +251,64 @@ def encode_chat(
         text = "".join(m["content"] for m in messages if m.get("role") != "system")
         return encode_completion(tok, text, max_tokens=max_tokens)
     raise ChatError(f"template: expected one of {TEMPLATES}, found {template!r}")
+
+
+def _render(tok: Tokenizer, messages: Sequence[Message]) -> str:
+    try:
+        return render(tok, messages)
+    except TemplateError as exc:
+        raise ChatError(str(exc)) from None
+
+
+def encode_with_template(
+    tok: Tokenizer, messages: Sequence[Message], max_tokens: int | None = None
+) -> Prompt:
+    """Encode a dialog (optional system, then user/assistant turns ending with user) with the
+    checkpoint's template and a generation prompt; with `max_tokens`, drop the oldest
+    (user, assistant) pairs, keeping the system message, until it fits."""
+    check_max_tokens(max_tokens)
+    _, turns = split_dialog(messages, reject_tags=False)
+    head = [m for m in messages[:1] if m["role"] == "system"]
+    n = 0
+    for dropped in range(0, len(turns) // 2 + 1):
+        kept = [*head, *turns[2 * dropped :]]
+        text = _render(tok, kept)
+        ids = _encode_rendered(tok, text, kept)
+        n = len(ids)
+        if max_tokens is None or n <= max_tokens:
+            return Prompt(ids, text, dropped_turns=dropped)
+    raise ChatError(
+        f"the last message needs {n} tokens with the system prompt and the template, "
+        f"but the prompt may hold at most {max_tokens} tokens"
+    )
+
+
+def _encode_rendered(tok: Tokenizer, text: str, messages: Sequence[Message]) -> list[int]:
+    specials = tok.special_texts
+    try:
+        if not any(s in m["content"] for m in messages for s in specials):
+            return tok.encode_parts([(text, True)])  # exactly apply_chat_template's ids
+        return tok.encode_parts(_literal_parts(tok, text, messages))
+    except TokenizerError as exc:
+        raise ChatError(f"dialog: {exc}") from None
+
+
+def _literal_parts(tok: Tokenizer, text: str, messages: Sequence[Message]) -> list[Part]:
+    """Where each message sits in `text`, from a render with placeholders (module docstring)."""
+    marks = [f"{MARK}{i}{MARK}" for i in range(len(messages))]
+    shadow = _render(tok, [{**m, "content": k} for m, k in zip(messages, marks, strict=True)])
+    for strip in (False, True):
+        parts: list[Part] = []
+        rest = shadow
+        for m, k in zip(messages, marks, strict=True):
+            before, found, rest = rest.partition(k)
+            if not found:
+                break
+            parts += [(before, True), (m["content"].strip() if strip else m["content"], False)]
+        parts.append((rest, True))
+        if "".join(t for t, _ in parts) == text:
+            return [p for p in parts if p[0]]
+    raise ChatError(
+        f"{tok.chat_template_source}: a message holds the text of a control token and the "
+        "template changes message text, so it cannot be encoded safely; remove the token text"
+    )

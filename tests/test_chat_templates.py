@@ -3,14 +3,15 @@ literal, hostile templates end in a clear ChatError within bounded time."""
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 
 import pytest
 
-from llama.chat import ChatError, encode_chat
-from llama.chat_template import RENDER_SECONDS, describe, encode_with_template, render
+from llama.chat import ChatError, encode_chat, encode_with_template
 from llama.tokenizer import Tokenizer
+from llama.tokenizer.template import RENDER_SECONDS, TemplateError, describe, render
 from tests.conftest import shared_file
 
 U, A, S = "user", "assistant", "system"
@@ -97,7 +98,7 @@ MATCHES = {
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_templates_refused_clearly(smol_tok: Tokenizer, name: str) -> None:
     t0 = time.perf_counter()
-    with pytest.raises(ChatError, match=MATCHES[name]) as err:
+    with pytest.raises(TemplateError, match=MATCHES[name]) as err:
         render(smol_tok, [m(U, "hi")], template=HOSTILE[name])
     assert "tokenizer.chat_template" in str(err.value)  # names the template's source
     assert time.perf_counter() - t0 < RENDER_SECONDS + 20  # bounded, even on a busy machine
@@ -119,3 +120,11 @@ def test_no_template_and_bad_choice(smol_tok: Tokenizer) -> None:
         encode_chat(smol_tok, "mystery", [m(U, "hi")])
     raw = encode_chat(smol_tok, "completion", [m(U, "Once upon a time")])
     assert raw.ids == [6403, 1980, 253, 655]  # no BOS: the file says add_bos_token false
+
+
+def test_template_errors_reach_the_chat_as_chat_errors(smol_tok: Tokenizer) -> None:
+    """What the app and the CLI catch: a ChatError naming the template's source."""
+    tok = copy.copy(smol_tok)
+    tok.chat_template = HOSTILE["raise"]
+    with pytest.raises(ChatError, match=r"tokenizer\.chat_template: the template refused"):
+        encode_chat(tok, "own", [m(U, "hi")])

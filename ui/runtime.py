@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from llama.assets import SHIPPED_MODEL_DIR
-from llama.chat_template import describe as template_kind
 from llama.checkpoints import CheckpointError, LoadedModel, load
 from llama.config import ModelArgs
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer, TokenizerError, open_tokenizer
+from llama.tokenizer.template import describe as template_kind
 
 # "own": the checkpoint's Jinja template; "chat": Meta's Llama-2-chat rules; "completion": raw.
 TEMPLATES: dict[str, str] = {

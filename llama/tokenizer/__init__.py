@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from llama.tokenizer import bpe, spm
 from llama.tokenizer.base import Part, Tokenizer, TokenizerError, check_text
 from llama.tokenizer.stream import REPLACEMENT_CHAR, StreamDecoder
+from llama.tokenizer.template import end_of_turn_id
 
 if TYPE_CHECKING:
     from llama.checkpoints.common import LoadedModel
@@ -92,8 +93,6 @@ def _set_template(tok: Tokenizer, template: Any, source: str) -> None:
         raise TokenizerError(
             f"{source}: expected a Jinja template string, found {template!r}"[:300]
         )
-    from llama.chat_template import end_of_turn_id
-
     tok.chat_template, tok.chat_template_source = template, source
     eot = end_of_turn_id(tok)
     if eot is not None:

@@ -3,27 +3,21 @@ tokenizer_config.json `chat_template`), rendered as transformers' apply_chat_tem
 
 Rendering: jinja2's ImmutableSandboxedEnvironment with trim_blocks, lstrip_blocks and the
 loopcontrols extension; the template sees `messages`, `add_generation_prompt`, the special
-tokens' text (`bos_token`, `eos_token`, `unk_token`, `pad_token`), `raise_exception(msg)` and
-`strftime_now(fmt)`. The rendered text is then tokenised with control tokens parsed, as
-transformers does, so the ids equal apply_chat_template's.
+tokens' text (`bos_token`, `eos_token`, `pad_token`), `raise_exception(msg)` and
+`strftime_now(fmt)`. llama/chat.py tokenises the rendered text (encode_with_template).
 
-A template is code from a file, so it is bounded: rendering stops with ChatError after
+A template is code from a file, so it is bounded: rendering stops with TemplateError after
 RENDER_SECONDS (checked on every line the compiled template runs, so a loop that writes
 nothing is stopped too) or when its output passes RENDER_MAX_CHARS; `*` and `**` results are
 bounded too; the sandbox refuses attribute access outside it. Every error names the template
 source (file and key).
-
-Message text is literal (llama/tokenizer/base.py): when a message holds the text of a control
-token ("<|im_start|>"), the template is rendered a second time with placeholders instead of
-the messages, which tells exactly where each message sits in the text; those spans are then
-encoded as literal text, so a message can never close its turn or open another.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -31,12 +25,16 @@ import jinja2
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from llama.chat import ChatError, Message, Prompt, check_max_tokens, split_dialog
-from llama.tokenizer import Part, Tokenizer, TokenizerError
+from llama.tokenizer.base import Tokenizer
 
 RENDER_SECONDS = 2.0
 RENDER_MAX_CHARS = 2_000_000
-_MARK = "\ue000"  # private-use character around placeholders
+MARK = "\ue000"  # a private-use character: placeholders for messages are built with it
+
+
+class TemplateError(ValueError):
+    """A chat template that cannot be rendered, refused the dialog, or broke a bound (names
+    the template's source)."""
 
 
 class _Bounded(ImmutableSandboxedEnvironment):
@@ -49,17 +47,17 @@ class _Bounded(ImmutableSandboxedEnvironment):
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "**" and isinstance(right, int) and abs(right) > 64:
-            raise ChatError(f"exponent {right} is too large")
+            raise TemplateError(f"exponent {right} is too large")
         if operator == "*":
             n, seq = (left, right) if isinstance(left, int) else (right, left)
             sized = isinstance(n, int) and isinstance(seq, (str, list, tuple))
             if sized and n * len(seq) > RENDER_MAX_CHARS:
-                raise ChatError(f"repetition of {n} x {len(seq)} items is too large")
+                raise TemplateError(f"repetition of {n} x {len(seq)} items is too large")
         return super().call_binop(context, operator, left, right)
 
 
 def _raise_exception(message: str) -> None:
-    raise ChatError(f"the template refused the dialog: {message}")
+    raise TemplateError(f"the template refused the dialog: {message}")
 
 
 def _environment() -> jinja2.Environment:
@@ -74,7 +72,7 @@ _ENV = _environment()
 
 def render(
     tok: Tokenizer,
-    messages: Sequence[Message],
+    messages: Sequence[Mapping[str, str]],
     add_generation_prompt: bool = True,
     template: str | None = None,
 ) -> str:
@@ -82,11 +80,11 @@ def render(
     template = template if template is not None else tok.chat_template
     source = tok.chat_template_source or "chat template"
     if template is None:
-        raise ChatError(f"{tok.path}: the checkpoint has no chat template")
+        raise TemplateError(f"{tok.path}: the checkpoint has no chat template")
     try:
         compiled = _ENV.from_string(template)
     except jinja2.TemplateSyntaxError as exc:
-        raise ChatError(
+        raise TemplateError(
             f"{source}: not a valid Jinja template (line {exc.lineno}: {exc.message})"
         ) from None
     context = dict(
@@ -107,7 +105,9 @@ def _bounded_render(compiled: jinja2.Template, context: dict[str, Any], source: 
 
     def tracer(frame: Any, event: str, arg: Any) -> Any:
         if time.perf_counter() > deadline:
-            raise ChatError(f"{source}: rendering took more than {RENDER_SECONDS:g} s (a loop?)")
+            raise TemplateError(
+                f"{source}: rendering took more than {RENDER_SECONDS:g} s (a loop?)"
+            )
         return tracer
 
     chunks, size = [], 0
@@ -117,16 +117,16 @@ def _bounded_render(compiled: jinja2.Template, context: dict[str, Any], source: 
         for chunk in compiled.generate(**context):
             size += len(chunk)
             if size > RENDER_MAX_CHARS:
-                raise ChatError(
+                raise TemplateError(
                     f"{source}: the rendered prompt passed {RENDER_MAX_CHARS:,} characters"
                 )
             chunks.append(chunk)
-    except ChatError as exc:
+    except TemplateError as exc:
         if str(exc).startswith(source):
             raise
-        raise ChatError(f"{source}: {exc}") from None
+        raise TemplateError(f"{source}: {exc}") from None
     except SecurityError as exc:
-        raise ChatError(
+        raise TemplateError(
             f"{source}: the template tried something the sandbox forbids ({exc})"
         ) from None
     except (
@@ -139,7 +139,7 @@ def _bounded_render(compiled: jinja2.Template, context: dict[str, Any], source: 
         RecursionError,
         MemoryError,
     ) as exc:
-        raise ChatError(
+        raise TemplateError(
             f"{source}: rendering failed ({exc.__class__.__name__}: {exc})"[:400]
         ) from None
     finally:
@@ -147,70 +147,16 @@ def _bounded_render(compiled: jinja2.Template, context: dict[str, Any], source: 
     return "".join(chunks)
 
 
-def encode_with_template(
-    tok: Tokenizer, messages: Sequence[Message], max_tokens: int | None = None
-) -> Prompt:
-    """Encode a dialog (optional system, then user/assistant turns ending with user) with the
-    checkpoint's template and a generation prompt; with `max_tokens`, drop the oldest
-    (user, assistant) pairs, keeping the system message, until it fits."""
-    check_max_tokens(max_tokens)
-    _, turns = split_dialog(messages, reject_tags=False)
-    head = [m for m in messages[:1] if m["role"] == "system"]
-    n = 0
-    for dropped in range(0, len(turns) // 2 + 1):
-        kept = [*head, *turns[2 * dropped :]]
-        text = render(tok, kept)
-        ids = _encode_rendered(tok, text, kept)
-        n = len(ids)
-        if max_tokens is None or n <= max_tokens:
-            return Prompt(ids, text, dropped_turns=dropped)
-    raise ChatError(
-        f"the last message needs {n} tokens with the system prompt and the template, "
-        f"but the prompt may hold at most {max_tokens} tokens"
-    )
-
-
-def _encode_rendered(tok: Tokenizer, text: str, messages: Sequence[Message]) -> list[int]:
-    specials = tok.special_texts
-    try:
-        if not any(s in m["content"] for m in messages for s in specials):
-            return tok.encode_parts([(text, True)])  # exactly apply_chat_template's ids
-        return tok.encode_parts(_literal_parts(tok, text, messages))
-    except TokenizerError as exc:
-        raise ChatError(f"dialog: {exc}") from None
-
-
-def _literal_parts(tok: Tokenizer, text: str, messages: Sequence[Message]) -> list[Part]:
-    """Where each message sits in `text`, from a render with placeholders (module docstring)."""
-    marks = [f"{_MARK}{i}{_MARK}" for i in range(len(messages))]
-    shadow = render(tok, [{**m, "content": k} for m, k in zip(messages, marks, strict=True)])
-    for strip in (False, True):
-        parts: list[Part] = []
-        rest = shadow
-        for m, k in zip(messages, marks, strict=True):
-            before, found, rest = rest.partition(k)
-            if not found:
-                break
-            parts += [(before, True), (m["content"].strip() if strip else m["content"], False)]
-        parts.append((rest, True))
-        if "".join(t for t, _ in parts) == text:
-            return [p for p in parts if p[0]]
-    raise ChatError(
-        f"{tok.chat_template_source}: a message holds the text of a control token and the "
-        "template changes message text, so it cannot be encoded safely; remove the token text"
-    )
-
-
 def end_of_turn_id(tok: Tokenizer) -> int | None:
     """The control token the template writes right after a reply ("<|im_end|>"), or None."""
-    reply = f"{_MARK}reply{_MARK}"
+    reply = f"{MARK}reply{MARK}"
     try:
         text = render(
             tok,
             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}],
             add_generation_prompt=False,
         )
-    except ChatError:
+    except TemplateError:
         return None
     after = text.partition(reply)[2].lstrip()  # Llama-2 style: " </s>"
     hits = [s for s in tok.special_texts if after.startswith(s)]
