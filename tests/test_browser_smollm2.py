@@ -15,12 +15,9 @@ from tests.conftest import SMOLLM2_GGUF, shared_file
 from tests.test_browser import (
     ARTIFACTS,
     FIGURES,
-    PAGES,
-    TIMEOUT_MS,
     figure_state,
     last_reply,
     open_accordion,
-    open_app,
     pick,
     set_number,
     shot,
@@ -30,29 +27,18 @@ from tests.test_browser import (
 )
 
 pytestmark = pytest.mark.browser
-browser = test_browser.browser  # the same module-scoped chromium fixture
+# test_browser's chromium and page fixtures; the page opens this module's server
+browser, page = test_browser.browser, test_browser.page
 
 
 @pytest.fixture(scope="module")
-def smol_server(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+def server(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
     gguf = shared_file(*SMOLLM2_GGUF)
     srv = start_app(
         tmp_path_factory.mktemp("smol-app"), "--model", str(gguf), "--max-seq-len", "1024"
     )
     yield srv
     srv.stop()
-
-
-@pytest.fixture()
-def page(browser: Any, smol_server: AppServer) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1500, "height": 1100})
-    context.set_default_timeout(TIMEOUT_MS)
-    pg = context.new_page()
-    PAGES.append(pg)
-    open_app(pg, smol_server.url)
-    yield pg
-    PAGES.remove(pg)
-    context.close()
 
 
 def test_smollm2_chat_and_every_view(page: Any) -> None:

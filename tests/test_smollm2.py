@@ -22,29 +22,24 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def chat_smollm2(cache: Path, *flags: str, stdin: str) -> subprocess.CompletedProcess:
+    """`python -m llama chat --model smollm2`; PIP_NO_INDEX: a fetch fails, never downloads."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PIP_NO_INDEX": "1"}
+    cmd = [sys.executable, "-m", "llama", "chat", "--model", "smollm2", "--cache-dir", str(cache)]
+    return subprocess.run(
+        [*cmd, *flags], input=stdin.encode(), capture_output=True, cwd=REPO, env=env, timeout=600
+    )
+
+
 def test_cli_chat_answers_from_the_cached_copy(cache: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PIP_NO_INDEX": "1"}  # a fetch would fail
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llama",
-            "chat",
-            "--model",
-            "smollm2",
-            "--cache-dir",
-            str(cache),
-            "--temperature",
-            "0",
-            "--max-new-tokens",
-            "24",
-            "--stats",
-        ],
-        input=b"What is the capital of France?\n",
-        capture_output=True,
-        cwd=REPO,
-        env=env,
-        timeout=600,
+    res = chat_smollm2(
+        cache,
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "24",
+        "--stats",
+        stdin="What is the capital of France?\n",
     )
     ref = json.loads(shared_file("smollm2", "transformers_reference.json").read_text())
     assert res.returncode == 0, res.stderr.decode()
@@ -81,25 +76,8 @@ def test_shipped_story_model_says_what_it_cannot_do() -> None:
 
 
 def test_cli_offline_first_run_says_what_to_run(tmp_path: Path) -> None:
-    """No cached copy and no index (PIP_NO_INDEX: pip fails without touching the network)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PIP_NO_INDEX": "1"}
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llama",
-            "chat",
-            "--model",
-            "smollm2",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ],
-        input=b"hi\n",
-        capture_output=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-    )
+    """No cached copy and no index: the one-line error says what to run."""
+    res = chat_smollm2(tmp_path / "cache", stdin="hi\n")
     err = res.stderr.decode()
     assert res.returncode == 2, err
     last = err.strip().splitlines()[-1]

@@ -14,7 +14,7 @@ from llama.checkpoints.gguf import read_metadata
 from llama.tokenizer import StreamDecoder, Tokenizer, TokenizerError, load_tokenizer
 from llama.tokenizer.bpe import from_gguf as bpe_from_gguf
 from llama.tokenizer.spm import from_gguf as spm_from_gguf
-from tests.conftest import SMOLLM2_GGUF, shared_file
+from tests.conftest import SMOLLM2_GGUF, TINY_CONFIGS, shared_file
 
 HARD = [
     "Hello, world! Ça va? 🙂",
@@ -190,18 +190,10 @@ def test_hf_directory_with_only_tokenizer_json(smol_tok: Tokenizer, tmp_path: Pa
     the Runtime then chats with the template of tokenizer_config.json."""
     from llama.checkpoints import CheckpointError, load
     from llama.checkpoints.writers import random_transformer, write_hf
-    from llama.config import ModelArgs
     from ui.runtime import from_loaded
 
-    args = ModelArgs(
-        dim=32,
-        n_layers=1,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=49152,
-        multiple_of=16,
-        max_seq_len=32,
-    )
+    small = TINY_CONFIGS["gqa"]  # vocab 97
+    args = small.replace(vocab_size=49152)
     write_hf(random_transformer(args).state_dict(), args, tmp_path)
     smol_tok._tok.save(str(tmp_path / "tokenizer.json"))
     config = {"eos_token": "<|im_end|>", "chat_template": smol_tok.chat_template}
@@ -210,9 +202,6 @@ def test_hf_directory_with_only_tokenizer_json(smol_tok: Tokenizer, tmp_path: Pa
     assert loaded.tokenizer_path == tmp_path / "tokenizer.json"
     rt = from_loaded(loaded)
     assert rt.default_template == "own" and rt.tokenizer.kind == "bpe"
-    small = ModelArgs(
-        dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=32
-    )
     write_hf(random_transformer(small).state_dict(), small, tmp_path)
     with pytest.raises(CheckpointError, match=r"vocab_size is 97 but the tokenizer .* 49152"):
         load(tmp_path, progress=False)
