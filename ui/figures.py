@@ -50,10 +50,10 @@ def rope_rotation(trace: Trace, head: int = 0) -> go.Figure:
         specs=[[{"type": "polar"}, {}, {}]],
         column_widths=[0.3, 0.35, 0.35],
         horizontal_spacing=0.08,
-        subplot_titles=[  # two lines each: one line overlapped its neighbours in the app
-            "pairs turning<br>as position advances",
-            f"angle m·θ_i<br>at position {rope.position}",
-            "q·k/√D<br>against earlier keys",
+        subplot_titles=[  # short: longer ones overlapped their neighbours at the app's width
+            "pairs turning",
+            f"angle m·θ_i at {rope.position}",
+            "q·k/√D vs offset",
         ],
     )
     for n, i in enumerate(_shown_pairs(len(rope.angles))):
