@@ -231,6 +231,8 @@ class Theirs(Runtime):
             kw["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True)
             if device.type == "cuda":  # on CPU transformers needs accelerate for this
                 kw["device_map"] = {"": device}
+        if preset.gguf is not None:  # transformers dequantises it to `dtype` as we do
+            ckpt, kw["gguf_file"] = ckpt.parent, ckpt.name
         try:
             model = transformers.LlamaForCausalLM.from_pretrained(ckpt, **kw)
         except Exception as exc:  # report it in the table, keep benchmarking ours
