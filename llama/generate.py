@@ -2,9 +2,10 @@
 
 `generate(...)` validates its inputs at once (GenerateError) and returns an iterator of
 `Step`s, one per sampled token; the last step carries `finish_reason`:
-"eos" (the model ended its turn), "stop" (a stop string appeared; the text ends before it),
-"length" (max_new_tokens), "context" (prompt + reply fill max_seq_len: the KV cache is never
-written past it) or "cancelled" (the `cancel` event was set; checked between tokens).
+"eos" (the model ended its turn: EOS, or the chat template's end-of-turn token such as
+<|im_end|>), "stop" (a stop string appeared; the text ends before it), "length"
+(max_new_tokens), "context" (prompt + reply fill max_seq_len: the KV cache is never written
+past it) or "cancelled" (the `cancel` event was set; checked between tokens).
 
 Invariants: joined `Step.text` == tokenizer.decode(all generated ids), except that on "stop"
 the text ends just before the stop string; a partial stop string is never released (the tail
@@ -218,6 +219,7 @@ class _Decoder:
         self.device = model.tok_embeddings.weight.device
         self.max_len = model.args.max_seq_len
         self.gate = StopGate(params.stop)
+        self.stop_ids = tok.stop_ids
         self.text = StreamDecoder(tok)
         self.generator: torch.Generator | None = None
         self.seen: Tensor | None = None
@@ -250,7 +252,7 @@ class _Decoder:
 
     def _text_and_reason(self, token_id: int, pos: int, i: int) -> tuple[str, str | None]:
         text, stopped = self.gate.feed(self.text.push(token_id))
-        if token_id == self.tok.eos_id:
+        if token_id in self.stop_ids:  # EOS, or the chat template's end of turn
             reason = "eos"
         elif stopped:
             return text, "stop"

@@ -130,8 +130,9 @@ def load(
     device: default cuda when available, else cpu. dtype: default `default_dtype(device)`.
     load_in_8bit: the block Linears become bitsandbytes Linear8bitLt, quantised one by one
     while loading. max_seq_len: overrides the config's (it sizes RoPE tables and KV caches).
-    tokenizer_path: default tokenizer.model beside the weights (llama2.c: also the single
-    *.model file there; GGUF: the .gguf file itself, whose metadata holds the tokenizer).
+    tokenizer_path: default tokenizer.model, else tokenizer.json, beside the weights (llama2.c:
+    also the single *.model file there; GGUF: the .gguf file itself, whose metadata holds the
+    tokenizer).
     The model's vocab_size must equal the tokenizer's.
     fuse: `Transformer.prepare_for_decode` (fused projections, output layout), dropping the
     mapped pages of the weights it replaces; False leaves the modules as the file has them.
@@ -194,8 +195,9 @@ def _tokenizer(path: Path, fmt: str, explicit: str | Path | None) -> Path | None
     if fmt == "gguf":
         return _gguf_file(path)
     root = path.parent if path.is_file() else path
-    if (root / TOKENIZER_NAME).is_file():
-        return root / TOKENIZER_NAME
+    for name in (TOKENIZER_NAME, "tokenizer.json"):  # SentencePiece first, as Meta ships it
+        if (root / name).is_file():
+            return root / name
     if fmt == "llama2c":
         models = sorted(root.glob("*.model"))
         if len(models) == 1:

@@ -65,10 +65,18 @@ def require_file(path: Path, what: str) -> Path:
 
 
 def tokenizer_vocab_size(path: Path) -> int:
-    """Vocabulary size of a SentencePiece model file, or CheckpointError if unreadable."""
+    """Vocabulary size of a SentencePiece model file or a Hugging Face tokenizer.json (added
+    tokens included), or CheckpointError if unreadable."""
+    require_file(path, "tokenizer")
+    if path.suffix == ".json":
+        from tokenizers import Tokenizer
+
+        try:
+            return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+        except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+            raise CheckpointError(f"{path}: not a readable tokenizer.json ({exc})") from None
     import sentencepiece
 
-    require_file(path, "SentencePiece tokenizer")
     try:
         return int(sentencepiece.SentencePieceProcessor(model_file=str(path)).vocab_size())
     except (RuntimeError, OSError) as exc:
