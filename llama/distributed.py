@@ -189,7 +189,7 @@ def _load(path: Path, ctx: TPContext, dtype: torch.dtype | None, max_seq_len: in
     args = source.args if max_seq_len is None else source.args.replace(max_seq_len=max_seq_len)
     check_vocab(args, tok, path)
     plan = ShardPlan(args, ctx.rank, ctx.world_size)  # ShardingError before any reading
-    dtype = dtype or default_dtype(ctx.device)
+    dtype = dtype or default_dtype(ctx.device, load_in_8bit)
     with torch.device("meta"):
         model = ParallelTransformer(args, ctx)
     quantise = None

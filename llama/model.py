@@ -38,6 +38,7 @@ from llama.functional import (
     rotate,
 )
 from llama.fusion import Release, fuse_linears, store_column_major
+from llama.memory import check_cache
 from llama.rope import complex_rope, rope_tables
 
 
@@ -309,6 +310,7 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"max_seq_len: expected 1..{a.max_seq_len} (args.max_seq_len), found {capacity}"
             )
+        check_cache(a, batch_size, capacity, dtype, ref.device)  # before allocating
         for layer in self.layers:
             layer.attention.cache = KVCache(
                 batch_size, a.kv_heads, capacity, a.head_dim, dtype, ref.device

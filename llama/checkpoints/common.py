@@ -46,6 +46,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     load_in_8bit: bool
+    notice: str | None = None  # e.g. the context was shortened to fit the device's memory
 
 
 TensorStream = Iterable[tuple[str, Tensor]]
