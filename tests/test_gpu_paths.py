@@ -23,9 +23,11 @@ from llama.model import Transformer
 from llama.runtime_opts import compile_decode, decode_spans, span_for, uncompile_decode
 from llama.sampling import SamplingParams
 from llama.tokenizer import Tokenizer
+from tests.conftest import TINY_CONFIGS
 from ui.runtime import load_runtime
 
 GIB = 2**30
+TINY = TINY_CONFIGS["gqa"]
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=40)
 
 
@@ -253,3 +255,41 @@ def test_the_app_shortens_the_context_to_what_fits(
     assert "context shortened from 512 to 256 positions" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="What fits: --max-seq-len 256"):
         load(shipped_model_dir(), device="cpu", max_seq_len=512, progress=False)
+
+
+# 6: the 8-bit path -------------------------------------------------------------------------
+def test_8bit_quantises_directly_from_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The int8 weights and scales bitsandbytes' own route gives (Int8Params moved from the
+    CPU casts to fp16 first), from one fp16 copy: no fp32 upcast of a 16-bit weight."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from llama.checkpoints.common import build_on_meta
+    from llama.quant import make_quantiser
+
+    model = build_on_meta(TINY)
+    weight = (torch.randn(TINY.dim, TINY.dim) * 0.05).to(torch.bfloat16)
+    seen: list[torch.dtype] = []
+    real = bnb.functional.int8_vectorwise_quant
+
+    def spy(t: Tensor, *a: object, **kw: object) -> object:
+        seen.append(t.dtype)
+        return real(t, *a, **kw)
+
+    reference = bnb.nn.Int8Params(weight.float(), requires_grad=False, has_fp16_weights=False)
+    reference = reference.to("cpu")
+    monkeypatch.setattr(bnb.functional, "int8_vectorwise_quant", spy)
+    upcasts: list[torch.dtype] = []
+    to = torch.Tensor.to
+
+    def watch_to(t: Tensor, *a: object, **kw: object) -> Tensor:
+        out = to(t, *a, **kw)
+        if out.dtype == torch.float32 and t.dtype != torch.float32:
+            upcasts.append(t.dtype)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", watch_to)
+    assert make_quantiser(torch.device("cpu"))(model, "layers.0.attention.wq.weight", weight)
+    monkeypatch.undo()
+    layer = model.layers[0].attention.wq
+    assert seen == [torch.float16] and upcasts == []
+    assert torch.equal(layer.weight.data, reference.data)
+    assert torch.equal(layer.weight.SCB, reference.SCB)
