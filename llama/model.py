@@ -279,6 +279,8 @@ class Transformer(nn.Module):
         fuse_projections) plus one if the output was re-laid out by this call."""
         changed = self.fuse_projections(release)
         w = self.output.weight
+        if changed and w.device.type == "cuda":
+            torch.cuda.empty_cache()  # the unfused originals' blocks, else reserved for good
         if (
             w.device.type == "cpu"
             and w.dtype == torch.float32

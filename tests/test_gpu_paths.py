@@ -15,7 +15,7 @@ from torch import Tensor
 import llama.generate as generate_mod
 from llama import memory
 from llama.assets import shipped_model_dir
-from llama.checkpoints import CheckpointError, default_dtype, load
+from llama.checkpoints import CheckpointError, default_dtype, load, save
 from llama.checkpoints.writers import random_transformer
 from llama.config import ModelArgs
 from llama.generate import generate
@@ -293,3 +293,34 @@ def test_8bit_quantises_directly_from_fp16(monkeypatch: pytest.MonkeyPatch) -> N
     assert seen == [torch.float16] and upcasts == []
     assert torch.equal(layer.weight.data, reference.data)
     assert torch.equal(layer.weight.SCB, reference.SCB)
+
+
+# 5: fusion before the device copy ---------------------------------------------------------------
+def test_load_copies_only_fused_weights_to_the_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every tensor the loader converts for the device (here: to float64, a move `to` makes
+    visible on the CPU) has the fused shape: wq|wk|wv and w1|w3 are joined on the host first,
+    so no unfused original is ever allocated on the device."""
+    saved = save(random_transformer(TINY, seed=1), tmp_path)
+    moved: list[tuple[int, ...]] = []
+    to = torch.Tensor.to
+
+    def watch_to(t: Tensor, *a: object, **kw: object) -> Tensor:
+        out = to(t, *a, **kw)
+        if out.dtype == torch.float64 and t.dtype != torch.float64:
+            moved.append(tuple(t.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", watch_to)
+    loaded = load(saved, device="cpu", dtype=torch.float64, progress=False)
+    monkeypatch.undo()
+    a, kv = TINY, TINY.kv_heads * TINY.head_dim
+    qkv, w13 = (a.dim + 2 * kv, a.dim), (2 * a.ffn_hidden_dim, a.dim)
+    assert moved.count(qkv) == moved.count(w13) == a.n_layers
+    assert moved.count((a.dim, a.dim)) == a.n_layers  # wo only; never wq
+    assert (kv, a.dim) not in moved and (a.ffn_hidden_dim, a.dim) not in moved
+    reference = random_transformer(TINY, seed=1).double()
+    tokens = torch.randint(0, a.vocab_size, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(tokens), reference(tokens))

@@ -158,7 +158,7 @@ def load(
         quantise = make_quantiser(device)
     stream = progress_bar(source.tensors, source.count, f"loading {path.name}", progress)
     model = assemble(source.args, stream, source.origin or path, device, dtype,
-                     tie_allowed=source.tie_allowed, quantise=quantise)
+                     tie_allowed=source.tie_allowed, quantise=quantise, fuse=fuse)
     if fuse:
         model.prepare_for_decode(release=release_pages)
     return LoadedModel(model, tokenizer, fmt, path, dtype, device, load_in_8bit, notice)

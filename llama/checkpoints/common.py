@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from llama.config import ConfigError, ModelArgs
+from llama.fusion import StreamFuser
 from llama.model import Transformer
 from llama.rope import rope_tables
 
@@ -147,25 +148,36 @@ def assemble(
     *,
     tie_allowed: bool,
     quantise: Quantiser | None = None,
+    fuse: bool = False,
 ) -> Transformer:
     """Bind a stream of (Meta name, tensor) to a fresh model; see the module docstring.
 
     tie_allowed: a missing output.weight means the output shares tok_embeddings' weight.
     quantise(model, name, tensor as read) -> True when it consumed the tensor (8-bit mode).
     Streams drop the resident pages of their file-mapped tensors once each is consumed.
+    fuse: join wq|wk|wv and w1|w3 on the host as they arrive (fusion.StreamFuser), so only
+    the fused weights reach the device.
     """
     model = build_on_meta(args)
     shapes = expected_shapes(model)
     state: dict[str, Tensor] = {}
     seen: set[str] = set()
+    fuser = StreamFuser() if fuse and quantise is None else None
     for name, raw in tensors:
         if name in IGNORABLE_KEYS:
             continue
         _check_entry(name, raw, shapes, seen, source)
         seen.add(name)
-        if quantise is None or not quantise(model, name, raw):
+        if quantise is not None and quantise(model, name, raw):
+            continue
+        consumed, fused = fuser.add(name, raw) if fuser is not None else (False, None)
+        if fused is not None:
+            state[fused[0]] = fused[1].to(device=device, dtype=dtype)
+        if not consumed:
             state[name] = raw.to(device=device, dtype=dtype)
     _tie_or_fail(state, seen, shapes, source, tie_allowed)
+    if fuser is not None:
+        model.fuse_projections()  # the skeleton (meta tensors) takes the fused names
     _bind(model, state, strict=quantise is None, source=source)
     return finish(model, device)
 
