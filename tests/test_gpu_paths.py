@@ -5,6 +5,7 @@ GPU is in tests/test_cuda.py (and bench/gpu_check.py)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -324,3 +325,50 @@ def test_load_copies_only_fused_weights_to_the_device(
     tokens = torch.randint(0, a.vocab_size, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(tokens), reference(tokens))
+
+
+# 9: a rank hung inside a collective, named without the collective raising (NCCL) ------------
+def test_rank0_names_a_rank_missing_from_a_collective_that_never_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """NCCL collectives never raise on the host: rank 0's health thread itself notices that
+    it has been busy with no new collective for collective_timeout_s, blames the rank that
+    entered fewer collectives, and exits after the grace period (here recorded, not done)."""
+    import os
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from llama.parallel.health import Health
+
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=30))
+    worker = dist.PrefixStore("t/", dist.TCPStore("127.0.0.1", master.port, is_master=False))
+    worker.set("info/1", f"{socket.gethostname()} {os.getpid()}")  # alive: this process
+    exits: list[str] = []
+    health = Health(
+        0,
+        2,
+        "127.0.0.1",
+        master.port,
+        prefix="t/",
+        interval_s=0.05,
+        grace_s=0.2,
+        collective_timeout_s=0.5,
+    )
+    monkeypatch.setattr(health, "_exit", exits.append)
+    health.start()
+    try:
+        with health.busy("forward #7"):
+            health.collectives = 12  # rank 0 entered 12; rank 1 stopped at 11 and hangs
+            beats = 0
+            deadline = time.monotonic() + 60
+            while not exits and time.monotonic() < deadline:
+                beats += 1  # its heartbeat thread still runs
+                worker.set("hb/1", f"{beats}|forward #7|11")
+                time.sleep(0.05)
+    finally:
+        health.stop()
+    assert health.failure is not None and health.failure.rank == 1
+    assert "it hangs during forward #7" in str(health.failure)
+    assert exits and "rank 0: exiting" in exits[0]
