@@ -372,3 +372,28 @@ def test_rank0_names_a_rank_missing_from_a_collective_that_never_returns(
     assert health.failure is not None and health.failure.rank == 1
     assert "it hangs during forward #7" in str(health.failure)
     assert exits and "rank 0: exiting" in exits[0]
+
+
+# The one-shot GPU check, dry-run -----------------------------------------------------------------
+def test_gpu_check_says_there_is_no_gpu_and_measures_nothing(tmp_path: Path) -> None:
+    """Without a GPU (hidden here even on a machine that has one) both entry points say so
+    and exit 0: no install, no table, no figures."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    fake.chmod(0o755)
+    env = os.environ | {
+        "PATH": f"{tmp_path}:/usr/bin:/bin",
+        "PYTHON": sys.executable,
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    for cmd in (["bash", "bench/gpu_check.sh"], [sys.executable, "bench/gpu_check.py"]):
+        res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith("gpu_check: no CUDA GPU on this machine"), res.stdout
+        assert "Nothing was" in res.stdout and "|" not in res.stdout
+        assert "installing" not in res.stdout + res.stderr
