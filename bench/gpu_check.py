@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import REPO, sync
+from bench.common import REPO
 from bench.decode_runs import hf_config, prompt_ids
-from bench.membw import bandwidth, measure
+from bench.membw import bandwidth, best_seconds, measure
 from llama.checkpoints import default_dtype
 from llama.config import ModelArgs
 from llama.generate import host_positions
@@ -146,19 +145,6 @@ def random_theirs(args: ModelArgs, device: torch.device, dtype: torch.dtype) -> 
 
 
 # Measurements ----------------------------------------------------------------------------------
-def timed_s(device: torch.device, fn: Callable[[], Any], repeats: int = 3) -> float:
-    """Best wall-clock seconds of fn over `repeats` runs after one warm-up."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 @torch.inference_mode()
 def ours_rates(model: Transformer, prompt: list[int], n: int) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) the way generate() drives the model: host positions,
@@ -166,7 +152,9 @@ def ours_rates(model: Transformer, prompt: list[int], n: int) -> tuple[float, fl
     device = model.tok_embeddings.weight.device
     positions = host_positions(model.args.max_seq_len, device)
     tokens = torch.tensor([prompt], device=device)
-    prefill = timed_s(device, lambda: model(tokens, positions[: len(prompt)], last_only=True))
+    prefill = best_seconds(
+        lambda: model(tokens, positions[: len(prompt)], last_only=True), 3, device
+    )
 
     def decode() -> None:
         logits = model(tokens, positions[: len(prompt)], last_only=True)
@@ -177,7 +165,7 @@ def ours_rates(model: Transformer, prompt: list[int], n: int) -> tuple[float, fl
             token = logits[0, -1].argmax().view(1, 1)
             token.tolist()
 
-    both = timed_s(device, decode, repeats=2)
+    both = best_seconds(decode, 2, device)
     return len(prompt) / prefill, n / max(both - prefill, 1e-9)
 
 
@@ -186,9 +174,13 @@ def theirs_rates(model: Any, prompt: list[int], n: int) -> tuple[float, float]:
     device = next(model.parameters()).device
     x = torch.tensor([prompt], device=device)
     kw = dict(attention_mask=torch.ones_like(x), do_sample=False, pad_token_id=0)
-    prefill = timed_s(device, lambda: model(x, use_cache=False))
-    one = timed_s(device, lambda: model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw), 2)
-    full = timed_s(device, lambda: model.generate(x, max_new_tokens=n, min_new_tokens=n, **kw), 2)
+    prefill = best_seconds(lambda: model(x, use_cache=False), 3, device)
+    one = best_seconds(
+        lambda: model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw), 2, device
+    )
+    full = best_seconds(
+        lambda: model.generate(x, max_new_tokens=n, min_new_tokens=n, **kw), 2, device
+    )
     return len(prompt) / prefill, (n - 1) / max(full - one, 1e-9)
 
 
