@@ -7,7 +7,7 @@
 
 A bad path or a broken checkpoint ends with the loader's message and exit status 2.
 
-Under torchrun (WORLD_SIZE > 1) the model is split over the processes (llama/distributed.py):
+Under torchrun (WORLD_SIZE > 1) the model is split over the processes (llama/parallel/runtime.py):
 rank 0 serves the page and samples, the other ranks replay its forward passes. A rank that
 dies or hangs ends the run: rank 0 names it on stderr and exits with status 1 (its page
 stops answering); the others exit by themselves.
@@ -143,7 +143,7 @@ def load(args: argparse.Namespace):  # -> ui.runtime.Runtime
 
 def _load_parallel(args: argparse.Namespace, path: Path, template: str):  # -> Runtime
     """This rank's slice as a Runtime (rank 0); the worker loop on the other ranks."""
-    from llama.distributed import load_parallel, run_worker_loop
+    from llama.parallel.runtime import load_parallel, run_worker_loop
     from llama.runtime_opts import apply_threads
     from ui.runtime import from_loaded
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_RANK_FAILED
     finally:
         if args.tp is not None:
-            from llama.distributed import shutdown
+            from llama.parallel.runtime import shutdown
 
             shutdown(args.tp, args.tp_model)
 

@@ -3,7 +3,7 @@
 For "Write a story about a <animal> named <Name>." over 10 (animal, name) pairs x 3 seeds,
 sent through the real chat path (llama/chat.py encode_dialog -> llama/generate.py generate,
 temperature 0.8, top-p 0.9), count the replies that use the requested name. The names are NOT
-among the names substituted into the training stories (llama/data.py NAMES; HELD_OUT_NAMES
+among the names substituted into the training stories (llama/train/data.py NAMES; HELD_OUT_NAMES
 lists them and invent_name never makes them), so the model must
 copy the name from the prompt (`--seen` repeats the test with names from that list, for
 comparison; the target is about the unseen names). Also prints the decode speed seen
@@ -28,10 +28,10 @@ sys.path.insert(0, str(ROOT))
 from llama.assets import SHIPPED_MODEL_DIR  # noqa: E402
 from llama.chat import encode_dialog  # noqa: E402
 from llama.checkpoints import load  # noqa: E402
-from llama.data import HELD_OUT_NAMES, NAMES  # noqa: E402
 from llama.generate import generate  # noqa: E402
 from llama.sampling import SamplingParams  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
+from llama.train.data import HELD_OUT_NAMES, NAMES  # noqa: E402
 
 PAIRS = (
     ("cat", "Oscar"), ("dog", "Penny"), ("bird", "Rocky"), ("rabbit", "Ginger"),
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    assert {n for _, n in PAIRS} == HELD_OUT_NAMES, "llama/data.py must never invent these"
+    assert {n for _, n in PAIRS} == HELD_OUT_NAMES, "llama/train/data.py must never invent these"
     assert not HELD_OUT_NAMES & set(NAMES), "test names must be unseen in training"
     assert set(SEEN_NAMES) <= set(NAMES)
     pairs = [(a_, n) for (a_, _), n in zip(PAIRS, SEEN_NAMES, strict=True)] if a.seen else PAIRS

@@ -13,7 +13,7 @@ stops the current reply, Ctrl-C or EOF at the prompt ends the session. "/reset" 
 dialog.
 
 Under torchrun (`torchrun --nproc-per-node N -m llama chat --model PATH`) the model is split
-over the N processes (llama/distributed.py): rank 0 runs the chat, the other ranks replay its
+over the N processes (llama/parallel/runtime.py): rank 0 runs the chat, the other ranks replay its
 forward passes, and a failed rank ends the run with exit status 1 naming it.
 """
 
@@ -207,7 +207,7 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
 
 def _load_parallel(ns: argparse.Namespace, path, dtype):  # -> LoadedModel
     """This rank's slice; worker ranks serve rank 0 here and never return."""
-    from llama.distributed import ShardingError, load_parallel, run_worker_loop
+    from llama.parallel.runtime import ShardingError, load_parallel, run_worker_loop
     from llama.runtime_opts import apply_threads
 
     try:
@@ -370,7 +370,7 @@ def main(
         return 1
     finally:
         if ns.tp is not None:
-            from llama.distributed import shutdown
+            from llama.parallel.runtime import shutdown
 
             shutdown(ns.tp, ns.tp_model)
 
@@ -382,7 +382,7 @@ def join_torchrun():  # -> TPContext | None
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    from llama.distributed import init_from_env
+    from llama.parallel.runtime import init_from_env
 
     return init_from_env(exit_on_failure=True)
 
@@ -390,5 +390,5 @@ def join_torchrun():  # -> TPContext | None
 def rank_failure() -> type[Exception]:
     """RankFailure when tensor parallelism is loaded (importing it costs nothing then), else
     an exception type nothing raises."""
-    module = sys.modules.get("llama.distributed")
+    module = sys.modules.get("llama.parallel.runtime")
     return module.RankFailure if module is not None else WorkerDone

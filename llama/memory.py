@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from llama.config import ModelArgs
-from llama.probe_views import kv_bytes
 
 GiB = 2**30
 MIN_CONTEXT = 256  # shortest context suggested or chosen: a few chat turns
@@ -26,6 +25,14 @@ MIN_CONTEXT = 256  # shortest context suggested or chosen: a few chat turns
 # the allocator's rounding. A floor, not a measurement of every kernel's scratch.
 MIN_WORKSPACE = 256 * 2**20
 WORKSPACE_POSITIONS = 1024  # prefill chunk the workspace is sized for
+
+
+def kv_bytes(args: ModelArgs, positions: int, itemsize: int, batch: int = 1) -> int:
+    """llama.probes.views.kv_bytes (imported here on use: llama.probes imports the model,
+    which imports this module)."""
+    from llama.probes.views import kv_bytes as cache_bytes
+
+    return cache_bytes(args, positions, itemsize, batch=batch)
 
 
 class MemoryBudgetError(ValueError):

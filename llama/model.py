@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _module
 
 from llama.cache import CacheOverflowError, KVCache
 from llama.config import ModelArgs
@@ -44,7 +44,7 @@ from llama.rope import complex_rope, rope_tables
 
 @dataclass(frozen=True)
 class AttentionCapture:
-    """What one attention layer saw in one forward call, for probes (llama/probes.py).
+    """What one attention layer saw in one forward call, for probes (llama/probes/capture.py).
 
     input_pos: (T,) absolute positions, where the caller keeps them (generate: on the host,
     so that reading them never waits for the device);
@@ -73,22 +73,6 @@ AttentionObserver = Callable[[AttentionCapture], None]
 COLUMN_MAJOR_MAX_DIM = 1024
 
 
-# Bumped whenever any module registers a parameter, buffer or submodule (every load with
-# assign=True, fusion, 8-bit swap, setup_caches, tying) or an observer changes: the fast
-# route's cached list of weights (Transformer._fast_layers) is rebuilt when it moved.
-_structure_version = 0
-
-
-def _structure_changed(*_: object) -> None:
-    global _structure_version
-    _structure_version += 1
-
-
-_module.register_module_parameter_registration_hook(_structure_changed)
-_module.register_module_buffer_registration_hook(_structure_changed)
-_module.register_module_module_registration_hook(_structure_changed)
-
-
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, normalised in fp32 (Zhang & Sennrich 2019)."""
 
@@ -113,17 +97,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.wqkv: nn.Linear | None = None  # set by fuse(); then wq, wk, wv are gone
         self.cache: KVCache | None = None
-        self.observer = None
-
-    @property
-    def observer(self) -> AttentionObserver | None:
-        """Called with an AttentionCapture when set; None keeps the fast route untouched."""
-        return self._observer
-
-    @observer.setter
-    def observer(self, fn: AttentionObserver | None) -> None:
-        self._observer = fn
-        _structure_changed()
+        # Called with an AttentionCapture when set; None keeps the fast route untouched.
+        # Set it through Transformer.set_observer, which also re-chooses the route.
+        self.observer: AttentionObserver | None = None
 
     def fuse(self, release: Release | None = None) -> bool:
         """wq|wk|wv -> wqkv (see llama/fusion.py). False when not plain nn.Linear (8-bit)."""
@@ -241,9 +217,12 @@ class Transformer(nn.Module):
         # RoPE rotors are plain attributes, not buffers: model.to(bf16) must not round them,
         # and a model built on the meta device must still get real tables. Built lazily.
         self._rotors: dict[tuple[torch.device, bool], Tensor] = {}
+        # The fast route's tensors, chosen again after `invalidate_routes` (every method here
+        # that changes modules, weights, caches or observers calls it; code that swaps
+        # modules from outside, like 8-bit quantisation, calls it too).
         self._observed = False
         self._fast: list[FastLayer] | None = None
-        self._route_version = -1  # _structure_version that _fast and _observed reflect
+        self._routes_stale = True
         # Set by llama.runtime_opts.compile_decode: (tokens (B,1), input_pos (1,), kv_len) ->
         # logits, kv_len being the positions filled after this step (a host int).
         self.compiled_decode: Callable[[Tensor, Tensor, int], Tensor] | None = None
@@ -269,6 +248,7 @@ class Transformer(nn.Module):
         fused = 0
         for block in self.layers:
             fused += block.attention.fuse(release) + block.feed_forward.fuse(release)
+        self.invalidate_routes()
         return fused
 
     def prepare_for_decode(self, release: Release | None = None) -> int:
@@ -288,6 +268,7 @@ class Transformer(nn.Module):
             and not self.output_tied
         ):
             changed += store_column_major(self.output, release)
+        self.invalidate_routes()
         return changed
 
     @property
@@ -317,6 +298,7 @@ class Transformer(nn.Module):
             layer.attention.cache = KVCache(
                 batch_size, a.kv_heads, capacity, a.head_dim, dtype, ref.device
             )
+        self.invalidate_routes()
 
     def caches(self) -> list[KVCache]:
         return [layer.attention.cache for layer in self.layers if layer.attention.cache is not None]
@@ -328,19 +310,29 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             wanted = observer is not None and (layers is None or i in layers)
             layer.attention.observer = observer if wanted else None
+        self.invalidate_routes()
+
+    def invalidate_routes(self) -> None:
+        """Forget the fast route's cached tensors: call after replacing modules or weights."""
+        self._routes_stale = True
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().load_state_dict(*args, **kwargs)
+        self.invalidate_routes()  # assign=True puts new Parameter objects in place
+        return result
 
     def _fast_layers(self) -> list[FastLayer] | None:
         """Every block's fast-route tensors (None if any block needs its module route), rebuilt
-        only when some module's structure or an observer changed since the last call."""
-        if self._route_version != _structure_version:
+        only after `invalidate_routes`."""
+        if self._routes_stale:
             parts = [layer.fast_parts() for layer in self.layers]
             self._fast = None if any(p is None for p in parts) else parts
             self._observed = any(layer.attention.observer is not None for layer in self.layers)
-            self._route_version = _structure_version
+            self._routes_stale = False
         return self._fast
 
     def _apply(self, fn: Callable, recurse: bool = True) -> Transformer:
-        _structure_changed()  # .to()/.half(): parameters may come back as new objects
+        self.invalidate_routes()  # .to()/.half(): parameters may come back as new objects
         return super()._apply(fn, recurse)
 
     def forward(

@@ -22,6 +22,8 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
+from llama.model import Transformer
+
 THRESHOLD = 6.0  # LLM.int8's outlier threshold (the paper's and bitsandbytes' default)
 INSTALL_HINT = "pip install bitsandbytes"
 
@@ -87,6 +89,8 @@ def is_block_linear(model: nn.Module, name: str) -> bool:
 def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
+    if isinstance(model, Transformer):
+        model.invalidate_routes()
 
 
 def make_quantiser(device: torch.device) -> Callable[[nn.Module, str, Tensor], bool]:

@@ -28,11 +28,11 @@ from llama.assets import shipped_model_dir
 from llama.checkpoints import save
 from llama.config import ModelArgs
 from llama.model import Transformer
+from llama.sampling import SamplingParams
 from tests.app_server import free_port
 from tests.conftest import REPO
 from tests.test_gradio_client import respond_args, text_of, wait_for_output
 from ui.runtime import load_runtime
-from ui.settings import Settings
 from ui.turn import SessionControl, Views, format_bytes, run_turn
 
 START_TIMEOUT_S = 180  # torchrun + 2 ranks importing torch (+ gradio on rank 0), 2 busy cores
@@ -182,7 +182,7 @@ def test_greedy_reply_equals_one_process_and_status_shows_two_ranks(
     torch.set_num_threads(1)
     try:
         rt = load_runtime(checkpoint, template="completion", progress=False)
-        settings = Settings(temperature=0.0, max_new_tokens=GREEDY_TOKENS, seed=1)
+        settings = SamplingParams(temperature=0.0, max_new_tokens=GREEDY_TOKENS, seed=1)
         history = [{"role": "user", "content": PROMPT}]
         *_, last = run_turn(
             rt, history, settings, Views(shown=frozenset()), "completion", "", SessionControl()

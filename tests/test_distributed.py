@@ -1,4 +1,4 @@
-"""Tensor-parallel inference (llama/distributed.py) on CPU with gloo, in spawned processes.
+"""Tensor-parallel inference (llama/parallel/runtime.py) on CPU with gloo, in spawned processes.
 
 The test writes random tiny MHA/GQA/MQA checkpoints, runs 2 and 4 ranks (forkserver children
 that join like torchrun workers: RANK, WORLD_SIZE, MASTER_ADDR/PORT), and compares what rank 0
@@ -27,7 +27,8 @@ from conftest import TINY_CONFIGS
 
 from llama.checkpoints import hf, load, save
 from llama.config import ModelArgs
-from llama.distributed import (
+from llama.model import Transformer
+from llama.parallel.runtime import (
     DistributedError,
     RankFailure,
     ShardingError,
@@ -39,7 +40,6 @@ from llama.distributed import (
     shutdown,
     stop_workers,
 )
-from llama.model import Transformer
 from llama.probes import Probe
 from llama.quant import weight_bytes
 

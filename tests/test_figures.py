@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import plotly.graph_objects as go
@@ -23,12 +22,7 @@ from ui.rope_lab import encodings, offset_deviation, relative_errors
 PIECES = {1: "<s>", 2: " the", 3: "\n"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only contend on a shared machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def traced(args: ModelArgs, layers: set[int] | None = None, window: int = 64) -> Trace:

@@ -19,9 +19,10 @@ import torch
 from gradio_client import Client
 from gradio_client.utils import Status
 
+from llama.sampling import SamplingParams
 from tests.app_server import AppServer, model_path, model_template, start_app
 from ui.runtime import load_runtime
-from ui.settings import SAMPLING_FIELDS, SLIDERS, Settings
+from ui.settings import SAMPLING_FIELDS, SLIDERS
 from ui.turn import SessionControl, Views, run_turn
 
 N_SESSIONS, N_TURNS, MAX_NEW = 8, 5, 8
@@ -136,7 +137,9 @@ def replay_alone(template: str) -> dict[tuple[int, int], str]:
             history: list[dict[str, str]] = []
             for turn in range(N_TURNS):
                 history.append({"role": "user", "content": message(s, turn)})
-                settings = Settings(temperature=0.9, max_new_tokens=MAX_NEW, seed=seed(s, turn))
+                settings = SamplingParams(
+                    temperature=0.9, max_new_tokens=MAX_NEW, seed=seed(s, turn)
+                )
                 *_, last = run_turn(
                     rt, history, settings, Views(shown=frozenset()), template, "", SessionControl()
                 )

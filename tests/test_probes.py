@@ -1,8 +1,7 @@
-"""llama/probes.py: recomputed attention matches the fast path, groups, RoPE and KV records."""
+"""llama/probes: recomputed attention matches the fast path, groups, RoPE and KV records."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -10,25 +9,13 @@ import torch
 
 from llama.config import ModelArgs
 from llama.model import AttentionCapture, Transformer
-from llama.probes import (
-    Probe,
-    Trace,
-    attention_probs,
-    counterfactual_kv_heads,
-    group_reduce,
-    kv_bytes,
-    token_label,
-)
+from llama.probes import Probe, Trace, token_label
+from llama.probes.capture import attention_probs
+from llama.probes.views import counterfactual_kv_heads, group_reduce, kv_bytes
 from llama.rope import apply_rope, rope_angles
 from tests.conftest import TINY_CONFIGS, shared_file
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only contend on a shared machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(args: ModelArgs) -> Transformer:

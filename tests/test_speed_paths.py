@@ -28,12 +28,7 @@ from llama.runtime_opts import (
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: a second thread only contends on a shared box
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pair(args: ModelArgs) -> tuple[Transformer, Transformer]:
@@ -184,11 +179,61 @@ def test_fast_route_follows_replaced_weights_and_caches(tiny_args: ModelArgs) ->
         torch.testing.assert_close(fused(tokens), plain(tokens), atol=ATOL, rtol=0)
         fused.layers[0].attention.wo.weight = nn.Parameter(other.layers[0].attention.wo.weight)
         plain.layers[0].attention.wo.weight = nn.Parameter(other.layers[0].attention.wo.weight)
+        fused.invalidate_routes()  # a weight swapped by hand: the documented duty
         torch.testing.assert_close(fused(tokens), plain(tokens), atol=ATOL, rtol=0)
         got = cached_logits(fused, tokens, (4, 1, 1), cache_batch=3)  # batch 2 in a 3-cache
         torch.testing.assert_close(got, plain(tokens), atol=ATOL, rtol=0)
         fused.double()
         torch.testing.assert_close(fused(tokens), plain.double()(tokens), atol=ATOL, rtol=0)
+
+
+def route(model: Transformer) -> str:
+    """Which route the next forward takes: "fast", "module" or "observed"."""
+    fast = model._fast_layers()
+    return "observed" if model._observed else ("fast" if fast is not None else "module")
+
+
+def test_each_structure_change_switches_the_route(tiny_args: ModelArgs, tmp_path: Path) -> None:
+    """No process-wide hooks: every method that changes what the fast route reads re-chooses
+    it (load, fuse, quantise, .to(), set_observer, setup_caches, tying)."""
+    plain = random_transformer(tiny_args)
+    assert route(plain) == "module"  # unfused
+    plain.fuse_projections()
+    assert route(plain) == "fast"
+    plain.set_observer(lambda c: None, layers={0})
+    assert route(plain) == "observed"
+    plain.set_observer(None)
+    assert route(plain) == "fast"
+    plain.setup_caches(1)
+    assert plain._fast_layers()[0].cache is plain.layers[0].attention.cache is not None
+    plain.double()
+    assert plain._fast_layers()[0].wqkv.dtype == torch.float64
+    assert plain._fast[0].cache.kv.dtype == torch.float64  # caches moved with the model
+    other = random_transformer(tiny_args, seed=5).double()
+    plain.load_state_dict(other.state_dict(), assign=True)
+    assert plain._fast_layers()[0].wqkv is plain.layers[0].attention.wqkv.weight
+    plain.output.weight = plain.tok_embeddings.weight
+    plain.invalidate_routes()
+    assert plain.output_tied and route(plain) == "fast"
+    loaded = load(save(random_transformer(tiny_args), tmp_path / "m"), device="cpu",
+                  progress=False).model
+    assert route(loaded) == "fast"
+    bnb = pytest.importorskip("bitsandbytes")
+    from llama.quant import quantise_model
+
+    quantise_model(loaded)
+    assert isinstance(loaded.layers[0].attention.wo, bnb.nn.Linear8bitLt)
+    assert route(loaded) == "module"
+
+
+def test_tying_at_load_rechooses_the_route(tiny_args: ModelArgs, tmp_path: Path) -> None:
+    tied = random_transformer(tiny_args)
+    tied.output.weight = tied.tok_embeddings.weight
+    model = load(save(tied, tmp_path / "t"), device="cpu", progress=False).model
+    assert model.output_tied and route(model) == "fast"
+    tokens = torch.randint(0, tiny_args.vocab_size, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), tied(tokens), atol=ATOL, rtol=0)
 
 
 # What load() prepares: fused projections, the column-major output ------------------------

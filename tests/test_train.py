@@ -1,5 +1,5 @@
 """The training loop: loss goes down, an interrupted + resumed run equals the straight run,
-the LR schedule, and the chat/plain training documents and batches of llama/data.py."""
+the LR schedule, and the chat/plain training documents and batches of llama/train/data.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from llama.chat import encode_dialog
 from llama.config import ModelArgs
-from llama.data import (
+from llama.train.data import (
     HELD_OUT_NAMES,
     NAMES,
     Batches,
@@ -26,8 +26,8 @@ from llama.data import (
     make_instruction,
     rename,
 )
-from llama.train import TrainConfig, lr_at, prepare_data, run
-from llama.train_state import WEIGHTS
+from llama.train.loop import TrainConfig, lr_at, prepare_data, run
+from llama.train.state import WEIGHTS
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=64,
                  max_seq_len=32)
@@ -140,7 +140,7 @@ def test_chat_example_is_the_apps_template(trained_tokenizer):
 @pytest.fixture(scope="module")
 def trained_tokenizer(tmp_path_factory):
     from llama.tokenizer import Tokenizer
-    from llama.train_tokenizer import train_tokenizer
+    from llama.train.tokenizer import train_tokenizer
 
     rng = random.Random(0)
     words = "the cat dog sat ran on a mat big red ball Zed Max happy park tree".split()
@@ -151,7 +151,7 @@ def trained_tokenizer(tmp_path_factory):
 
 def test_teacher_batch_keeps_only_finished_stories():
     from llama.model import Transformer
-    from llama.teacher import clean_story, sample_batch
+    from llama.train.teacher import clean_story, sample_batch
 
     model = Transformer(ARGS).eval()
     gen = torch.Generator().manual_seed(0)
@@ -266,7 +266,7 @@ def test_export_latest_exports_even_when_validation_gets_worse(tmp_path, trained
     (["--copy-epochs", "-2"], "--copy-epochs: expected >= 0 passes, found -2.0"),
 ])
 def test_bad_training_flags_are_named(flags, message, capsys):
-    from llama.train import parse_args
+    from llama.train.loop import parse_args
 
     with pytest.raises(SystemExit) as exc:
         parse_args(["--out", "o", "--tokenizer", "t", "--docs", "d", *flags])

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from llama.tokenizer import Tokenizer
-from llama.train_tokenizer import CHAT_TAGS, TokenizerTrainingError, train_tokenizer
+from llama.train.tokenizer import CHAT_TAGS, TokenizerTrainingError, train_tokenizer
 
 WORDS = ("Once upon a time there was a little girl named Lily She loved to play in the park "
          "with her dog Max One day they found a big red ball and were very happy").split()

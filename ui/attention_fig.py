@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
-from llama.probe_views import LayerAttention, Trace
+from llama.probes.views import LayerAttention, Trace
 from ui.plot_style import HEATMAP_SCALE, HIGHLIGHT, MAX_TICKS, empty_figure, esc, style, ticks
 
 ATTENTION_MODES = ("heads", "mean", "spread")

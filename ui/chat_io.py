@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ui.settings import Settings, SettingsError, settings_from_values
+from llama.sampling import SamplingParams
+from ui.settings import SettingsError, settings_from_values, settings_json
 
 FORMAT = "llama-playground-chat"
 VERSION = 1
@@ -41,7 +42,7 @@ class ChatFile:
     messages: list[dict[str, str]]
     system: str
     template: str
-    settings: Settings
+    settings: SamplingParams
     model: str = ""
     last_seed: int | None = None
 
@@ -55,7 +56,7 @@ def to_json(chat: ChatFile) -> str:
         "template": chat.template,
         "system": chat.system,
         "messages": [{"role": m["role"], "content": m["content"]} for m in chat.messages],
-        "sampling": chat.settings.to_json(),
+        "sampling": settings_json(chat.settings),
         "last_seed": chat.last_seed,
     }
     return json.dumps(payload, ensure_ascii=False, indent=2)

@@ -1,4 +1,4 @@
-"""Plotly figures of what a Probe recorded (llama/probes.py). Pure: data in, go.Figure out.
+"""Plotly figures of what a Probe recorded (llama/probes/capture.py). Pure: data in, go.Figure out.
 
 The public figure API of the playground lives here: attention_by_group (ui/attention_fig.py),
 rope_rotation, kv_cache_growth, token_probabilities, rope_lab (ui/rope_lab.py) and
@@ -15,7 +15,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from llama.probe_views import Trace, token_label
+from llama.probes.views import Trace, token_label
 from ui.attention_fig import ATTENTION_MODES, attention_by_group
 from ui.plot_style import COLOURS, GRID, HIGHLIGHT, TEXT, alpha, empty_figure, esc, fmt_bytes, style
 from ui.rope_lab import rope_lab

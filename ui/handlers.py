@@ -23,14 +23,13 @@ import gradio as gr
 
 from llama.chat import ChatError
 from llama.generate import GenerateError
-from llama.sampling import SamplingError
+from llama.sampling import SamplingError, SamplingParams
 from llama.tokenizer import TokenizerError
 from ui import chat_io, figures
 from ui.runtime import Runtime
 from ui.settings import (
     SAMPLING_FIELDS,
     SLIDERS,
-    Settings,
     SettingsError,
     format_stop,
     parse_seed,
@@ -68,8 +67,8 @@ def views_from(shown: list[str] | None, layer: Any, head: Any, mode: str, every:
     return Views(keys, int(layer or 0), head_i, mode or "heads", max(1, int(every or 1)))
 
 
-def settings_from(values: tuple[Any, ...], seed: Any, stop: Any) -> Settings:
-    """Settings from the sampling widgets, in SAMPLING_FIELDS order."""
+def settings_from(values: tuple[Any, ...], seed: Any, stop: Any) -> SamplingParams:
+    """SamplingParams from the sampling widgets, in SAMPLING_FIELDS order."""
     return settings_from_values(dict(zip(SAMPLING_FIELDS, values, strict=True)), seed, stop)
 
 
@@ -159,7 +158,7 @@ class Handlers:
         self,
         history: list[Message],
         control: SessionControl,
-        settings: Settings,
+        settings: SamplingParams,
         views: Views,
         template: str,
         system: str,

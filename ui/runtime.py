@@ -113,7 +113,7 @@ class Runtime:
     def kv_bytes(self, positions: int, per_rank: bool = False) -> int:
         """Bytes of the KV cache holding `positions` positions, over all layers: over all
         ranks (the memory really used, replicated KV heads counted), or on each rank."""
-        from llama.distributed import kv_cache_bytes
+        from llama.parallel.runtime import kv_cache_bytes
 
         kv = kv_cache_bytes(self.model, positions)
         return kv.per_rank if per_rank else kv.total

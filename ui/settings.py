@@ -11,7 +11,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from llama.sampling import SamplingParams
+from llama.sampling import SamplingError, SamplingParams
 
 SEED_MAX = (1 << 63) - 1  # SamplingParams accepts seeds in [0, 2**63 - 1]
 
@@ -45,50 +45,38 @@ class SettingsError(ValueError):
     """A setting is missing, of the wrong type or out of range (names the field)."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The sampling widgets' values. seed None = a fresh random seed per reply."""
+def pick_seed(params: SamplingParams) -> int:
+    """The seed a reply uses: the chosen one, or a fresh random one (shown to the user).
 
-    temperature: float = 0.6
-    top_p: float = 0.9
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    max_new_tokens: int = 128
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-    def to_params(self, seed: int) -> SamplingParams:
-        """SamplingParams with this seed (raises llama.sampling.SamplingError)."""
-        values = asdict(self)
-        values.update(seed=seed, stop=self.stop)
-        return SamplingParams(**values)
-
-    def pick_seed(self) -> int:
-        """The seed to use: the chosen one, or a fresh random one (shown to the user)."""
-        return self.seed if self.seed is not None else secrets.randbelow(1 << 31)
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["stop"] = list(self.stop)
-        return out
+    The widgets' values travel as SamplingParams; its seed None means "draw one per reply"."""
+    return params.seed if params.seed is not None else secrets.randbelow(1 << 31)
 
 
-def defaults() -> Settings:
+def settings_json(params: SamplingParams) -> dict[str, Any]:
+    """The widgets' values as saved in an exported chat."""
+    out = asdict(params)
+    out["stop"] = list(params.stop)
+    return out
+
+
+def defaults() -> SamplingParams:
     """The widgets' start values (Meta's chat defaults for temperature and top-p)."""
-    return Settings(**{name: _typed(name, spec.default) for name, spec in SLIDERS.items()})
+    return SamplingParams(**{n: _typed(n, spec.default) for n, spec in SLIDERS.items()})
 
 
-def settings_from_values(values: dict[str, Any], seed: Any = None, stop: Any = "") -> Settings:
+def settings_from_values(
+    values: dict[str, Any], seed: Any = None, stop: Any = ""
+) -> SamplingParams:
     """Check and convert widget (or imported) values; SettingsError names the bad field."""
     out: dict[str, Any] = {}
     for name, spec in SLIDERS.items():
         if name not in values:
             raise SettingsError(f"{name}: missing")
         out[name] = check_range(name, values[name], spec)
-    return Settings(**out, seed=parse_seed(seed), stop=parse_stop(stop))
+    try:
+        return SamplingParams(**out, seed=parse_seed(seed), stop=parse_stop(stop))
+    except SamplingError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def check_range(name: str, value: Any, spec: SliderSpec) -> float | int:

@@ -21,9 +21,10 @@ from typing import Any
 from llama.chat import Prompt, encode_completion, encode_dialog
 from llama.generate import NO_TOKEN, Step, generate, prompt_budget
 from llama.probes import Probe, Trace
+from llama.sampling import SamplingParams
 from ui import figures
 from ui.runtime import Runtime
-from ui.settings import Settings
+from ui.settings import pick_seed
 
 Message = dict[str, str]
 FIGURE_KEYS = ("attention", "probs", "rope", "kv")
@@ -154,7 +155,7 @@ def _attention(trace: Trace | None, views: Views) -> Any:
 def run_turn(
     rt: Runtime,
     history: list[Message],
-    settings: Settings,
+    settings: SamplingParams,
     views: Views,
     template: str,
     system: str,
@@ -166,8 +167,8 @@ def run_turn(
     or the settings are invalid. The last update has done=True and its status says why the
     reply ended (eos, stop, length, context, cancelled). Holds rt.slot while generating.
     """
-    seed = settings.pick_seed()
-    params = settings.to_params(seed)
+    seed = pick_seed(settings)
+    params = settings.replace(seed=seed)
     prompt = build_prompt(rt, history, template, system, params.max_new_tokens)
     probe = make_probe(rt, views)
     cancel = control.cancel if control is not None else None

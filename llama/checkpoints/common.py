@@ -220,6 +220,7 @@ def _bind(model: Transformer, state: dict[str, Tensor], strict: bool, source: Pa
         raise CheckpointError(f"{source}: unexpected keys {result.unexpected_keys}")
     if tied:
         model.output.weight = model.tok_embeddings.weight
+        model.invalidate_routes()
 
 
 def finish(model: Transformer, device: torch.device) -> Transformer:

@@ -1,4 +1,4 @@
-"""`torchrun --nproc-per-node N -m llama.distributed --model PATH`: check a multi-GPU setup.
+"""`torchrun --nproc-per-node N -m llama.parallel --model PATH`: check a multi-GPU setup.
 
 Loads the checkpoint split over the ranks, greedy-decodes a few tokens and prints from rank 0
 what each rank holds (parameter and KV-cache bytes), the token ids and the decode speed, so a
@@ -20,7 +20,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m llama.distributed",
+    p = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m llama.parallel",
                                 description="Load a model split over N ranks and decode.")
     p.add_argument("--model", type=Path, required=True, help="checkpoint directory or .bin")
     p.add_argument("--tokenizer", type=Path, default=None)
@@ -66,7 +66,7 @@ def _size(n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     from llama.checkpoints import CheckpointError
     from llama.config import ConfigError
-    from llama.distributed import (
+    from llama.parallel.runtime import (
         RankFailure,
         ShardingError,
         init_from_env,

@@ -395,7 +395,7 @@ class Health:
         if self.failure is not None:
             return
         self.failure, self._failed_at = failure, time.monotonic()
-        print(f"[llama.distributed] {failure}", file=sys.stderr, flush=True)
+        print(f"[llama.parallel] {failure}", file=sys.stderr, flush=True)
         self.abort(str(failure))
 
     def _maybe_exit(self) -> None:
@@ -413,5 +413,5 @@ class Health:
         self._maybe_exit()
 
     def _exit(self, message: str) -> None:
-        print(f"[llama.distributed] {message}", file=sys.stderr, flush=True)
+        print(f"[llama.parallel] {message}", file=sys.stderr, flush=True)
         os._exit(1)

@@ -270,6 +270,7 @@ def _shard_modules(model: ParallelTransformer) -> None:
     for layer in model.layers:
         layer.attention.n_heads = plan.n_local_heads
         layer.attention.n_kv_heads = plan.n_local_kv_heads
+    model.invalidate_routes()
     if ctx.distributed:
         model.tok_embeddings.register_forward_hook(
             lambda m, i, out: comm.all_gather_last(ctx, out))

@@ -6,9 +6,9 @@ B stories. A story ends when the teacher emits BOS or EOS (llama2.c models were 
 BOS before each story and no EOS); stories that reach `max_len` without ending are dropped, so
 only complete stories come back.
 
-CLI: `python -m llama.teacher --teacher ../shared/data/stories260K/stories260K.bin
+CLI: `python -m llama.train.teacher --teacher ../shared/data/stories260K/stories260K.bin
 --out /work/runs/tinychat/data/synthetic.txt --stories 20000` writes stories separated by
-`<|endoftext|>` lines (the corpus format read by llama/data.py).
+`<|endoftext|>` lines (the corpus format read by llama/train/data.py).
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Train a LLaMA-2-architecture model from scratch (or resume): the shipped tinychat model.
 
 `python -m llama.train --out /work/runs/tinychat --tokenizer TOK.model --docs FILE ...
---export assets/tinychat` builds the token streams (llama/data.py) into OUT/data once, then
+--export assets/tinychat` builds the token streams (llama/train/data.py) into OUT/data once, then
 trains with AdamW (betas 0.9/0.95, decoupled weight decay on matrices only), linear warmup +
 cosine decay to `min_lr`, gradient clipping and accumulation; fp32 on CPU, bf16 autocast on
 CUDA. Every `eval_every` steps: validation loss, loss curve (OUT/loss.csv, OUT/loss.html,
 TensorBoard events when tensorboard is importable), a resumable checkpoint (OUT/ckpt,
-llama/train_state.py) and, when validation improved, an export of the model in the native
+llama/train/state.py) and, when validation improved, an export of the model in the native
 format (params.json + model.safetensors + tokenizer.model) to --export. Re-running the same
 command resumes from OUT/ckpt exactly where it stopped.
 """
@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llama.config import ModelArgs
-from llama.data import (
+from llama.model import Transformer
+from llama.tokenizer import Tokenizer
+from llama.train.data import (
     NAMED,
     Batches,
     Naming,
@@ -40,9 +42,7 @@ from llama.data import (
     save_stream,
     split_holdout,
 )
-from llama.model import Transformer
-from llama.tokenizer import Tokenizer
-from llama.train_state import has_state, load_state, load_weights, save_state
+from llama.train.state import has_state, load_state, load_weights, save_state
 
 
 @dataclass
@@ -153,7 +153,7 @@ class LossLog:
             self.tb.flush()
 
     def plot(self, png: bool = False) -> None:
-        from llama.train_plot import write_plot
+        from llama.train.plot import write_plot
 
         write_plot(self.csv, self.out / "loss.html", self.out / "loss.png" if png else None)
 

@@ -3,7 +3,7 @@
 A checkpoint directory holds `train_state.safetensors` (every parameter under `model.<name>`,
 tied parameters once; AdamW moments under `optim.<index>.<key>`; the torch CPU RNG state) and
 `train_state.json` (step, best validation loss, optimizer hyper-parameters, run config). The
-data position is the step itself (llama/data.py's Batches is a pure function of the step), so
+data position is the step itself (llama/train/data.py's Batches is a pure function of the step), so
 loading one restores the run exactly: the same next batch, the same next update.
 """
 

@@ -15,7 +15,7 @@ Every rank runs the same program:
     finally:
         shutdown(ctx, loaded.model)            # rank 0 releases the workers
 
-`torchrun --nproc-per-node N -m llama.distributed --model PATH` checks a setup: per-rank
+`torchrun --nproc-per-node N -m llama.parallel --model PATH` checks a setup: per-rank
 memory, greedy ids and decode speed (llama/parallel/check.py).
 
 Attention heads (query and KV, GQA-aware) and the FFN are split over the ranks, Megatron
@@ -144,7 +144,7 @@ def _leader_signals(health: Health) -> None:
     def terminated(signum: int, frame: object) -> None:
         failure = health.verdict_now()
         if failure is None:
-            print("[llama.distributed] rank 0: stopping on SIGTERM", file=sys.stderr, flush=True)
+            print("[llama.parallel] rank 0: stopping on SIGTERM", file=sys.stderr, flush=True)
             health.abort("rank 0 was stopped (SIGTERM)")
         health.linger()
         os._exit(1 if failure is not None else 128 + signum)
@@ -311,8 +311,3 @@ def kv_cache_bytes(model: torch.nn.Module, positions: int | None = None) -> KVBy
     world = model.tp.world_size if isinstance(model, ParallelTransformer) else 1
     return KVBytes(per_rank, per_rank * world, world)
 
-
-if __name__ == "__main__":
-    from llama.parallel.check import main
-
-    raise SystemExit(main())

@@ -5,9 +5,9 @@ Llama-2-chat tags as user-defined pieces (one id each, so the chat template cost
 model few positions), then the 256 byte pieces <0x00>..<0xFF> (byte_fallback: any UTF-8 text
 encodes, nothing maps to <unk>), then the learned merges.
 
-CLI: `python -m llama.train_tokenizer --vocab-size 4096 --out assets/tinychat/tokenizer
+CLI: `python -m llama.train.tokenizer --vocab-size 4096 --out assets/tinychat/tokenizer
 FILE [FILE ...]` writes tokenizer.model (+ .vocab). Files are corpus text files; documents
-separated by `<|endoftext|>` lines are read with llama/data.py's reader.
+separated by `<|endoftext|>` lines are read with llama/train/data.py's reader.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def train_tokenizer(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from llama.data import Naming, make_instruction, read_documents
+    from llama.train.data import Naming, make_instruction, read_documents
 
     p = argparse.ArgumentParser(description="Train a SentencePiece BPE tokenizer (byte fallback)")
     p.add_argument("files", nargs="+", type=Path, help="corpus text files")

@@ -1,4 +1,4 @@
-"""What a Probe (llama/probes.py) hands to the figures: frozen views and the pure arithmetic
+"""What a Probe (llama/probes/capture.py) hands to the figures: frozen views and the pure arithmetic
 behind them (GQA group reduction, KV-cache bytes and counterfactuals, token labels).
 
 Nothing here touches a model: ui/figures.py can use it on any recorded Trace.

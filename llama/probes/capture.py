@@ -13,7 +13,7 @@ bench/probe_overhead.py measures the cost.
 Everything stored is a small CPU fp32 tensor keyed by absolute position, and only the last
 `window` positions are kept (rows are cut to their last `window` keys), so memory stays
 bounded in long chats: about n_layers_traced * H * window^2 * 4 bytes for attention.
-`snapshot()` assembles an immutable `Trace` (llama/probe_views.py) for ui/figures.py.
+`snapshot()` assembles an immutable `Trace` (llama/probes/views.py) for ui/figures.py.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from llama.config import ModelArgs
 from llama.model import AttentionCapture, Transformer
-from llama.probe_views import (
+from llama.probes.views import (
     KVTrace,
     LayerAttention,
     RopeTrace,
