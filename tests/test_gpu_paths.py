@@ -397,3 +397,46 @@ def test_gpu_check_says_there_is_no_gpu_and_measures_nothing(tmp_path: Path) -> 
         assert res.stdout.startswith("gpu_check: no CUDA GPU on this machine"), res.stdout
         assert "Nothing was" in res.stdout and "|" not in res.stdout
         assert "installing" not in res.stdout + res.stderr
+
+
+# 8: MPS: no float64 anywhere in a generation, and the real RoPE form ----------------------------
+def test_generation_makes_no_float64_tensor(shipped: tuple[Transformer, Tokenizer]) -> None:
+    """MPS has no float64: neither path of the pick (n_top 0 or 5) may create one."""
+    from torch.overrides import TorchFunctionMode
+
+    seen: list[str] = []
+
+    class NoDouble(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, Tensor) and out.dtype == torch.float64:
+                seen.append(getattr(func, "__name__", str(func)))
+            return out
+
+    model, tok = shipped
+    prompt = tok.encode("Once upon a time", bos=True)
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=6, seed=1)
+    with NoDouble():
+        for n_top in (0, 5):
+            list(generate(model, tok, prompt, params, n_top=n_top))
+    assert seen == []
+
+
+def test_real_rope_form_gives_the_complex_forms_logits(
+    tiny_args: ModelArgs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What MPS runs (llama.rope.complex_rope is False there) against the CPU's complex form."""
+    import llama.model as model_mod
+    from llama.rope import complex_rope
+
+    assert not complex_rope(torch.device("mps")) and complex_rope(torch.device("cpu"))
+    model = random_transformer(tiny_args)
+    model.setup_caches(1)
+    tokens = torch.randint(0, tiny_args.vocab_size, (1, 12))
+    with torch.inference_mode():
+        want = [model(tokens[:, :8], torch.arange(8))]
+        want += [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(8, 12)]
+        monkeypatch.setattr(model_mod, "complex_rope", lambda device: False)
+        got = [model(tokens[:, :8], torch.arange(8))]
+        got += [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(8, 12)]
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), atol=1e-5, rtol=0)
