@@ -127,6 +127,7 @@ class CompiledDecode:
         self.device = cache.kv.device
         self.first = model.layers[0].attention  # its cache tells the current capacity
         self.step, self.graphs = step, graphs
+        self._spans: tuple[int, list[int]] = (0, [])  # (capacity, its spans)
         with torch.inference_mode():
             batch = cache.kv.shape[0]
             self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
@@ -135,7 +136,10 @@ class CompiledDecode:
     @property
     def spans(self) -> list[int]:
         """decode_spans of the current cache (setup_caches may have replaced it)."""
-        return decode_spans(self.first.cache.capacity)
+        capacity = self.first.cache.capacity
+        if self._spans[0] != capacity:
+            self._spans = (capacity, decode_spans(capacity))
+        return self._spans[1]
 
     def __call__(self, tokens: Tensor, input_pos: Tensor, kv_len: int) -> Tensor:
         with torch.inference_mode():
