@@ -159,11 +159,11 @@ def _shortfall(
         fits.append(f"--max-seq-len {context} (KV cache {gib(cache)})")
     if not load_in_8bit and device.type in ("cuda", "cpu"):
         eight = estimate(args, dtype, True)
-        context = fitting_context(args, dtype, True, free)
+        longer = fitting_context(args, dtype, True, free)
         if eight.total <= free:
             fits.append(f"--load-in-8bit (weights {gib(eight.weights)})")
-        elif context:
-            fits.append(f"--load-in-8bit --max-seq-len {context}")
+        elif longer > context:  # 8-bit buys context only where the weights weigh
+            fits.append(f"--load-in-8bit --max-seq-len {longer}")
     if device.type == "cuda":
         gpus = next(
             (n for n in (2, 4, 8) if estimate(args, dtype, load_in_8bit, n).total <= free), None
