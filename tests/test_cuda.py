@@ -42,7 +42,7 @@ def shipped() -> tuple[Transformer, Tokenizer, list[int]]:
     return loaded.model, tok, tok.encode("Once upon a time, a little dog", bos=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_16bit_logits_follow_fp32(dtype: torch.dtype) -> None:
     if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
         pytest.skip("this GPU has no native bf16")
