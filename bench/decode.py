@@ -48,6 +48,7 @@ from bench.common import (
     today,
 )
 from bench.membw import measure
+from llama.checkpoints import default_dtype
 from llama.runtime_opts import physical_cores, recommended_threads
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -178,9 +179,7 @@ def run_preset(
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     device = torch.device(a.device)
-    dtype = (
-        DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    )
+    dtype = DTYPES[a.dtype] if a.dtype else default_dtype(device)
     a.dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
     presets = bench_presets()
     names = a.preset or list(presets)

@@ -99,7 +99,8 @@ def model_flags(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+        help="weights dtype (auto: float32 on CPU; on CUDA bfloat16 where the GPU has it, "
+        "else and with 8-bit float16)",
     )
     p.add_argument(
         "--max-seq-len",

@@ -11,6 +11,7 @@ scripts) are serialised too.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,7 +242,9 @@ def load_runtime(
 ) -> Runtime:
     """Load a checkpoint (any format llama.checkpoints knows) into a Runtime.
 
-    Raises CheckpointError (a clear message naming the file) for a bad path or checkpoint.
+    Without max_seq_len the context is the checkpoint's, shortened (with a notice on stderr)
+    to the longest that fits the device's free memory. Raises CheckpointError (a clear
+    message naming the file) for a bad path or checkpoint, or a model that cannot fit.
     """
     loaded = load(
         path,
@@ -251,5 +254,8 @@ def load_runtime(
         max_seq_len=max_seq_len,
         tokenizer_path=tokenizer_path,
         progress=progress,
+        fit_context=True,
     )
+    if loaded.notice:
+        print(f"{loaded.path.name}: {loaded.notice}", file=sys.stderr, flush=True)
     return from_loaded(loaded, template)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from llama.config import ConfigError, ModelArgs
+from llama.fusion import StreamFuser
 from llama.model import Transformer
 from llama.rope import rope_tables
 
@@ -47,6 +48,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     load_in_8bit: bool
+    notice: str | None = None  # e.g. the context was shortened to fit the device's memory
     metadata: dict[str, Any] | None = None  # a GGUF file's metadata (gguf.read_metadata)
 
 
@@ -156,17 +158,21 @@ def assemble(
     *,
     tie_allowed: bool,
     quantise: Quantiser | None = None,
+    fuse: bool = False,
 ) -> Transformer:
     """Bind a stream of (Meta name, tensor) to a fresh model; see the module docstring.
 
     tie_allowed: a missing output.weight means the output shares tok_embeddings' weight.
     quantise(model, name, tensor as read) -> True when it consumed the tensor (8-bit mode).
     Streams drop the resident pages of their file-mapped tensors once each is consumed.
+    fuse: join wq|wk|wv and w1|w3 on the host as they arrive (fusion.StreamFuser), so only
+    the fused weights reach the device.
     """
     model = build_on_meta(args)
     shapes = expected_shapes(model)
     state: dict[str, Tensor] = {}
     seen: set[str] = set()
+    fuser = StreamFuser() if fuse and quantise is None else None
     try:
         for name, raw in tensors:
             if name in IGNORABLE_KEYS:
@@ -175,7 +181,15 @@ def assemble(
             seen.add(name)
             if quantise is not None and quantise(model, name, raw):
                 check_finite(raw, name, source)
-            else:
+                continue
+            consumed, fused = (False, None)
+            if fuser is not None:  # each part checked as read, so errors name its Meta key
+                consumed, fused = fuser.add(name, check_finite(raw, name, source))
+            if fused is not None:
+                joined, read = fused
+                state[joined] = check_finite(read.to(device=device, dtype=dtype), joined,
+                                             source, read)
+            if not consumed:
                 state[name] = check_finite(raw.to(device=device, dtype=dtype), name, source, raw)
     finally:
         # A refusal mid-stream: close the stream now (its files, and a progress bar that
@@ -184,6 +198,8 @@ def assemble(
         if close is not None:
             close()
     _tie_or_fail(state, seen, shapes, source, tie_allowed)
+    if fuser is not None:
+        model.fuse_projections()  # the skeleton (meta tensors) takes the fused names
     _bind(model, state, strict=quantise is None, source=source)
     return finish(model, device)
 
