@@ -28,7 +28,7 @@ from llama.probes.lens import decided_at, lens_column
 from llama.probes.sinks import sink_heads, sink_mass
 from llama.probes.why import ProbeGroup, WhyProbe
 from llama.sampling import SamplingParams
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, open_tokenizer
 from tests.conftest import TINY_CONFIGS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,7 +51,7 @@ def shipped() -> tuple[Transformer, Tokenizer]:
     loaded = load(SHIPPED_MODEL_DIR, device="cpu", dtype=torch.float32, progress=False)
     assert loaded.tokenizer_path is not None
     loaded.model.setup_caches(1)
-    return loaded.model, Tokenizer(loaded.tokenizer_path)
+    return loaded.model, open_tokenizer(loaded)
 
 
 @torch.inference_mode()
