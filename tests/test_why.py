@@ -269,3 +269,31 @@ def test_bad_ablations_are_named() -> None:
     with pytest.raises(AblationError, match="seed"):
         replay(None, None, PROMPT, SamplingParams(), [], None)  # type: ignore[arg-type]
     assert first_divergence([1, 2, 3], [1, 2]) == 2 and first_divergence([1], [1]) is None
+
+
+def test_why_views_and_ablation_on_an_8bit_model() -> None:
+    """bitsandbytes Linear8bitLt blocks: the module route; every view still runs."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    from llama.quant import quantise_model
+
+    model = quantise_model(_model(TINY_CONFIGS["gqa"]))
+    model.setup_caches(1)
+    assert type(model.layers[0].attention.wo).__name__ == "Linear8bitLt"
+    lens: list = []
+    model.set_residual_observer(lambda cap: lens.append(cap.lens), lens_rows=1)
+    with torch.inference_mode():
+        logits = model(torch.tensor([PROMPT]), torch.arange(len(PROMPT)), last_only=True)
+    model.set_residual_observer(None)
+    torch.testing.assert_close(lens[-1], logits, rtol=0, atol=0)
+    why = WhyProbe(model.args, window=16)
+    _greedy(model, why)
+    trace = why.snapshot()
+    assert trace.sinks is not None and len(trace.lens) == len(PROMPT) + 5 - 1
+    captured: list = []
+    ablation = Ablation(1, (0, 1), start=2)
+    zero = ablation.observer()
+    model.set_observer(lambda cap: (zero(cap), captured.append(cap.out.clone())), {1})
+    with torch.inference_mode():
+        model(torch.tensor([PROMPT]))
+    model.set_observer(None)
+    assert captured[0][:, :2, 2:].abs().max() == 0 < captured[0][:, 2:].abs().max()

@@ -19,7 +19,10 @@ from llama.probes.why import WhyTrace
 from ui.plot_style import COLOURS, HEATMAP_SCALE, HIGHLIGHT, TEXT, empty_figure, esc, style
 
 LENS_COLUMNS = 24  # recent tokens shown in the lens heatmap
-CELL_CHARS = 7  # characters of a token shown inside a heatmap cell
+CELL_CHARS = 7
+STRIP_TOKENS = (
+    24  # tokens per row in the what-if strips  # characters of a token shown inside a heatmap cell
+)
 
 
 def _cell(label: str) -> str:
@@ -129,7 +132,7 @@ def sink_heads_figure(trace: WhyTrace | None) -> go.Figure:
         rows=1,
         cols=2,
         column_widths=[0.65, 0.35],
-        horizontal_spacing=0.12,
+        horizontal_spacing=0.16,
         subplot_titles=[
             f"newest token (position {sinks.positions[-1]})",
             f"sink heads per layer (mean over {len(sinks.positions)})",
@@ -146,7 +149,7 @@ def sink_heads_figure(trace: WhyTrace | None) -> go.Figure:
             colorscale=HEATMAP_SCALE,
             zmin=0,
             zmax=1,
-            colorbar={"title": {"text": "mass"}, "x": 0.6},
+            colorbar={"title": {"text": "mass"}, "x": 0.56, "thickness": 14},
             hovertemplate="%{y} %{x}: %{z:.3f} of its attention on the sink<extra></extra>",
         ),
         row=1,
@@ -232,16 +235,23 @@ def attribution_figure(
 
 # What if -------------------------------------------------------------------------------------
 def _strip(
-    fig: go.Figure, rows: Sequence[Sequence[str]], names: Sequence[str], differ: set[int], row: int
+    fig: go.Figure,
+    rows: Sequence[Sequence[str]],
+    names: Sequence[str],
+    differ: set[int],
+    row: int,
 ) -> None:
-    """Token rows side by side, cells where they differ marked (z = 1)."""
+    """Token rows side by side, cells where they differ marked (z = 1). At most STRIP_TOKENS
+    are shown, starting a few before the first difference (x keeps the token indices)."""
     width = max(len(r) for r in rows)
-    z = [[1.0 if i in differ else 0.0 for i in range(width)] for _ in rows]
-    text = [[_cell(r[i]) if i < len(r) else "" for i in range(width)] for r in rows]
+    lo = max(0, min(differ, default=0) - 4)
+    xs = list(range(lo, min(width, lo + STRIP_TOKENS)))
+    z = [[1.0 if i in differ else 0.0 for i in xs] for _ in rows]
+    text = [[_cell(r[i]) if i < len(r) else "" for i in xs] for r in rows]
     fig.add_trace(
         go.Heatmap(
             z=z,
-            x=list(range(width)),
+            x=xs,
             y=list(names),
             text=text,
             texttemplate="%{text}",
