@@ -25,6 +25,7 @@ CHROMIUM = "/usr/bin/chromium"
 MESSAGE = "Tell me a story about a cat."
 TIMEOUT_S = 300
 MAX_NEW_TOKENS = 60  # within the Why probe's window: every reply token can be picked
+SEED = 2
 TOKEN_INDEX = 6  # the reply token the per-token views and the replay start from
 
 
@@ -99,6 +100,7 @@ def run(out: Path, flags: list[str]) -> None:
             box = pg.locator("#max-new-tokens input[type=number]")
             box.fill(str(MAX_NEW_TOKENS))
             box.press("Enter")
+            pg.fill("#seed textarea, #seed input", str(SEED))  # the README's text describes it
             pg.fill("#message textarea", MESSAGE)
             pg.press("#message textarea", "Enter")
             status = "#status [data-testid=markdown]"
