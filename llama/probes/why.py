@@ -33,7 +33,8 @@ class WhyTrace:
     """An immutable snapshot for ui/why_figs.py.
 
     ids: every token id so far (prompt then reply); prompt_len: how many are the prompt;
-    labels: a visible text per id. lens: columns in position order (the last `window`).
+    labels: a visible text per id; pieces: id -> visible text for every id in ids or among
+    the lens's top tokens. lens: columns in position order (the last `window`).
     sinks: None when off. attribution: query position -> (L, T_kv) per-layer attribution of
     the token at query position + 1 over keys 0..query position.
     """
@@ -45,6 +46,7 @@ class WhyTrace:
     lens: list[LensColumn]
     sinks: SinkView | None
     attribution: dict[int, Tensor]
+    pieces: dict[int, str]
 
 
 class WhyProbe:
@@ -153,7 +155,11 @@ class WhyProbe:
             mass = torch.stack([self._sinks[p] for p in positions])  # (S, L, H)
             sinks = SinkView(positions, mass, self.n_sink)
         attr = {p: rows.clone() for p, rows in self._attr.items()}
-        return WhyTrace(self.args, list(self.ids), self.prompt_len, labels, columns, sinks, attr)
+        shown = set(self.ids).union(*(c.top_ids.tolist() for c in columns))
+        pieces = {t: token_label(self.token_pieces(t)) for t in shown}
+        return WhyTrace(
+            self.args, list(self.ids), self.prompt_len, labels, columns, sinks, attr, pieces
+        )
 
 
 class ProbeGroup:
