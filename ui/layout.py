@@ -114,7 +114,7 @@ def _chat_column(rt: Runtime, ui: dict[str, Any]) -> None:
             label="System prompt (Llama-2-chat only)", lines=2, elem_id="system"
         )
     with gr.Accordion("Sampling", open=True, elem_id="sampling"):
-        _sampling_controls(ui)
+        _sampling_controls(ui, rt.max_seq_len)
     with gr.Accordion("Prompt the model saw", open=False, elem_id="prompt-panel"):
         ui["prompt_text"] = gr.Textbox(
             label="Text (<s> and </s> are BOS/EOS)",
@@ -158,11 +158,11 @@ def _inspector(ui: dict[str, Any]) -> None:
     )
 
 
-def _sampling_controls(ui: dict[str, Any]) -> None:
+def _sampling_controls(ui: dict[str, Any], max_len: int) -> None:
     for pair in range(0, len(SAMPLING_FIELDS), 2):
         with gr.Row():
             for name in SAMPLING_FIELDS[pair : pair + 2]:
-                ui[name] = _slider(name)
+                ui[name] = _slider(name, max_len)
     with gr.Row(equal_height=True):
         ui["seed"] = gr.Textbox(
             label="Seed", info="blank = random", placeholder="random", elem_id="seed", max_lines=1
@@ -196,13 +196,16 @@ def named_errors(component: Any) -> Any:
     return component
 
 
-def _slider(name: str) -> gr.Slider:
+def _slider(name: str, max_len: int) -> gr.Slider:
     spec = SLIDERS[name]
+    # Max new tokens: by default as many as the context allows (a reply ends by itself at its
+    # end-of-turn token, not cut mid-sentence by a fixed cap).
+    default = min(spec.maximum, max_len) if name == "max_new_tokens" else spec.default
     return named_errors(
         gr.Slider(
             spec.minimum,
             spec.maximum,
-            value=spec.default,
+            value=default,
             step=spec.step,
             label=spec.label,
             info=spec.info,

@@ -123,7 +123,7 @@ def draw(trace: Trace | None, step: Step | None, views: Views, ranks: int = 1) -
     if "probs" in views.shown:
         has_top = step is not None and step.top
         out["probs"] = (
-            figures.token_probabilities(step)
+            figures.token_probabilities(step, trace.label(step.position) if trace else None)
             if has_top
             else figures.empty_figure("Token probabilities appear with the first generated token")
         )
