@@ -122,6 +122,17 @@ def clear_chat(pg: Any) -> None:
         lambda: not bot_texts(pg) and pg.input_value("#message textarea") == "",
         "the chat to clear",
     )
+    settle(pg)
+
+
+def settle(pg: Any, timeout_ms: int = 30_000) -> None:
+    """Wait until the page's main thread is idle (e.g. plotly finished redrawing the cleared
+    plots): on a loaded machine a busy renderer delays the next reply's text by seconds."""
+    pg.evaluate(
+        "(t) => new Promise(r => requestAnimationFrame(() => requestIdleCallback(r, "
+        "{timeout: t})))",
+        timeout_ms,
+    )
 
 
 def arm_recorder(pg: Any) -> None:

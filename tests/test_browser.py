@@ -286,6 +286,21 @@ LONG_PROMPT = "Tell me a long story about a dog named Max."
 LONG_SEED = "0"  # the shipped model answers LONG_PROMPT with 337 tokens (ends by itself)
 
 
+STOP_ON_FIRST_TEXT = """() => {
+    window.__stoppedAt = null;
+    const chat = document.querySelector('#chatbot');
+    const obs = new MutationObserver(() => {
+        const bots = chat.querySelectorAll('[data-testid="bot"]');
+        if (bots.length && bots[bots.length - 1].innerText) {
+            obs.disconnect();
+            window.__stoppedAt = bots[bots.length - 1].innerText.length;
+            document.querySelector('#stop').click();
+        }
+    });
+    obs.observe(chat, {subtree: true, childList: true, characterData: true});
+}"""
+
+
 def token_spans(pg: Any) -> Any:
     return pg.locator("#tokens .token")
 
@@ -335,11 +350,11 @@ def test_inspector_branching_and_stop(page: Any) -> None:
     set_views(pg, on=False)
     clear_chat(pg)
     pg.evaluate("window.__log = []")
+    # Stop is clicked by the page itself the moment the reply's first text is rendered: no
+    # round trip through Playwright (whose own click first waits for the page to be "stable").
+    pg.evaluate(STOP_ON_FIRST_TEXT)
     send(pg, LONG_PROMPT)
-    wait_until(lambda: bot_texts(pg) and bot_texts(pg)[-1], "the reply to start")
-    # A click dispatched in the page: Playwright's own click first waits for the page to be
-    # "stable", which a busy renderer drawing plots can delay for seconds.
-    pg.evaluate("document.querySelector('#stop').click()")
+    wait_until(lambda: pg.evaluate("window.__stoppedAt") is not None, "Stop to be clicked")
     final = wait_finished(pg)
     assert "finished: cancelled" in final
     stopped = last_reply(pg)

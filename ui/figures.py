@@ -57,7 +57,7 @@ def rope_rotation(trace: Trace, head: int = 0) -> go.Figure:
         ],
     )
     for title in fig.layout.annotations:  # clear of the polar plot's 90° label
-        title.update(y=title.y + 0.07, font_size=12)
+        title.update(y=title.y + 0.06, font_size=12)
     for n, i in enumerate(_shown_pairs(len(rope.angles))):
         for tr in _pair_traces(rope, i, COLOURS[n % len(COLOURS)]):
             fig.add_trace(tr, row=1, col=1)
@@ -78,7 +78,9 @@ def rope_rotation(trace: Trace, head: int = 0) -> go.Figure:
         f"{float(rope.q_rot.norm()):.5f} after; |k| {float(rope.k_raw.norm()):.5f} before, "
         f"{float(rope.k_rot.norm()):.5f} after: rotation keeps lengths</sup>"
     )
-    return style(fig, title, height=460)
+    fig = style(fig, title, height=480)
+    fig.update_layout(margin_t=120)  # room for the two-line subplot titles under the title
+    return fig
 
 
 def _shown_pairs(n_pairs: int) -> list[int]:
