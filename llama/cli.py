@@ -36,12 +36,6 @@ EXIT_BAD_INPUT = 2
 # bench/RESULTS.md: compiled decode 183 vs 176 tok/s on the shipped 3.9M model, 80 vs 71 on
 # stories15M: below this size compiling is warned about.
 SMALL_FOR_COMPILE = 100_000_000
-CHAT_HELP = """commands (a line starting with / is never sent to the model):
-  /help           this list
-  /reset          forget the dialog (the system prompt stays)
-  /system [TEXT]  show the system prompt, or set it to TEXT ("/system -" clears it)
-  /quit           leave (also /exit, Ctrl-D; Ctrl-C stops a reply, or leaves at the prompt)
-  //text          send "/text" to the model"""
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -337,100 +331,6 @@ def run_complete(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-def run_chat(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from llama.chat import ChatError, encode_dialog
-    from llama.generate import prompt_budget
-
-    params = sampling_params(ns)
-    model, tok = load_model(ns)
-    budget = prompt_budget(model.args.max_seq_len, params.max_new_tokens)
-    session = _ChatSession(ns.system or "")
-    print(_banner(ns, model), file=err)
-    for line in _lines(sys.stdin, err):
-        if not line.strip():
-            continue
-        if line.startswith("/") and not line.startswith("//"):
-            if session.command(line, err):
-                continue
-            break
-        message = line[1:] if line.startswith("//") else line
-        try:
-            prompt = encode_dialog(tok, session.messages(message), max_tokens=budget)
-        except ChatError as exc:
-            print(f"error: {exc}", file=err)
-            continue
-        reply = stream_reply(model, tok, prompt, params, out, err, ns.stats)
-        session.add(message, reply, prompt.dropped_turns)
-    return 0
-
-
-def _banner(ns: argparse.Namespace, model) -> str:
-    name = ns.model.name if ns.model is not None else "the shipped model"
-    a = model.args
-    return (
-        f"Chatting with {name} ({a.n_params() / 1e6:.1f}M parameters, context "
-        f"{a.max_seq_len} tokens). Type a message and press Enter; /quit or Ctrl-D leaves.\n"
-        f"{CHAT_HELP}"
-    )
-
-
-class _ChatSession:
-    """The dialog so far and the system prompt; the slash commands act on them."""
-
-    def __init__(self, system: str) -> None:
-        self.system = system
-        self.history: list[dict[str, str]] = []
-
-    def messages(self, message: str) -> list[dict[str, str]]:
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return [*system, *self.history, {"role": "user", "content": message}]
-
-    def add(self, message: str, reply: str, dropped_turns: int) -> None:
-        self.history += [
-            {"role": "user", "content": message},
-            {"role": "assistant", "content": reply},
-        ]
-        self.history = self.history[2 * dropped_turns :]  # what no longer fits stays dropped
-
-    def command(self, line: str, err: TextIO) -> bool:
-        """Run a /command; False = leave the chat."""
-        name, _, arg = line.strip().partition(" ")
-        if name in ("/quit", "/exit"):
-            return False
-        if name == "/help":
-            print(CHAT_HELP, file=err)
-        elif name == "/reset":
-            self.history.clear()
-            print("[dialog forgotten]", file=err)
-        elif name == "/system":
-            if arg.strip():
-                self.system = "" if arg.strip() == "-" else arg.strip()
-                self.history.clear()  # the system prompt sits in the first turn
-                print(
-                    f"[system prompt {'cleared' if not self.system else 'set'}; dialog restarted]",
-                    file=err,
-                )
-            else:
-                print(f"[system prompt: {self.system or '(none)'}]", file=err)
-        else:
-            print(f"unknown command {name}; /help lists them (//text sends /text)", file=err)
-        return True
-
-
-def _lines(stdin: TextIO, err: TextIO) -> Iterator[str]:
-    tty = stdin.isatty()
-    while True:
-        if tty:
-            print("> ", end="", file=err, flush=True)
-        try:
-            line = stdin.readline()
-        except KeyboardInterrupt:
-            return
-        if not line:
-            return
-        yield line.rstrip("\n")
-
-
 def main(
     argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
@@ -442,7 +342,10 @@ def main(
     ns = argparse.Namespace(tp=None, tp_model=None)
     try:
         build_parser().parse_args(argv, namespace=ns)
-        run = run_chat if ns.command == "chat" else run_complete
+        if ns.command == "chat":
+            from llama.cli_chat import run_chat as run
+        else:
+            run = run_complete
         ns.tp = join_torchrun()
         return run(ns, out, err)
     except UsageError as exc:
