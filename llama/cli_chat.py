@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from typing import TextIO
 
-from llama.cli import load_model, sampling_params, stream_reply
+from llama.cli import UsageError, load_model, sampling_params, stream_reply
 
 CHAT_HELP = """commands (a line starting with / is never sent to the model):
   /help           this list
@@ -18,11 +18,16 @@ CHAT_HELP = """commands (a line starting with / is never sent to the model):
 
 
 def run_chat(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from llama.chat import ChatError, encode_dialog
+    from llama.chat import ChatError, encode_chat
     from llama.generate import prompt_budget
 
     params = sampling_params(ns)
     model, tok = load_model(ns)
+    template = ns.template
+    if template == "auto":
+        template = "own" if tok.chat_template is not None else "chat"
+    elif template == "own" and tok.chat_template is None:
+        raise UsageError(f"--template own: {tok.path} carries no chat template")
     budget = prompt_budget(model.args.max_seq_len, params.max_new_tokens)
     session = _ChatSession(ns.system or "")
     print(_banner(ns, model), file=err)
@@ -35,7 +40,7 @@ def run_chat(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             break
         message = line[1:] if line.startswith("//") else line
         try:
-            prompt = encode_dialog(tok, session.messages(message), max_tokens=budget)
+            prompt = encode_chat(tok, template, session.messages(message), max_tokens=budget)
         except ChatError as exc:
             print(f"error: {exc}", file=err)
             continue
