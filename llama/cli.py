@@ -354,6 +354,39 @@ def run_complete(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def run_chat(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from llama.chat import ChatError, encode_chat
+    from llama.cli_chat import ChatSession, banner, lines
+    from llama.generate import prompt_budget
+
+    params = sampling_params(ns)
+    model, tok = load_model(ns)
+    template = ns.template
+    if template == "auto":
+        template = "own" if tok.chat_template is not None else "chat"
+    elif template == "own" and tok.chat_template is None:
+        raise UsageError(f"--template own: {tok.path} carries no chat template")
+    budget = prompt_budget(model.args.max_seq_len, params.max_new_tokens)
+    session = ChatSession(ns.system or "")
+    print(banner(ns, model), file=err)
+    for line in lines(sys.stdin, err):
+        if not line.strip():
+            continue
+        if line.startswith("/") and not line.startswith("//"):
+            if session.command(line, err):
+                continue
+            break
+        message = line[1:] if line.startswith("//") else line
+        try:
+            prompt = encode_chat(tok, template, session.messages(message), max_tokens=budget)
+        except ChatError as exc:
+            print(f"error: {exc}", file=err)
+            continue
+        reply = stream_reply(model, tok, prompt, params, out, err, ns.stats)
+        session.add(message, reply, prompt.dropped_turns)
+    return 0
+
+
 def main(
     argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
@@ -365,10 +398,7 @@ def main(
     ns = argparse.Namespace(tp=None, tp_model=None)
     try:
         build_parser().parse_args(argv, namespace=ns)
-        if ns.command == "chat":
-            from llama.cli_chat import run_chat as run
-        else:
-            run = run_complete
+        run = run_chat if ns.command == "chat" else run_complete
         ns.tp = join_torchrun()
         return run(ns, out, err)
     except UsageError as exc:

@@ -1,13 +1,10 @@
-"""`python -m llama chat`: the REPL (banner, slash commands, the dialog); see llama/cli.py."""
+"""The chat REPL's parts for llama/cli.py: the banner, the slash commands, the dialog kept."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterator
 from typing import TextIO
-
-from llama.cli import UsageError, load_model, sampling_params, stream_reply
 
 CHAT_HELP = """commands (a line starting with / is never sent to the model):
   /help           this list
@@ -17,39 +14,7 @@ CHAT_HELP = """commands (a line starting with / is never sent to the model):
   //text          send "/text" to the model"""
 
 
-def run_chat(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from llama.chat import ChatError, encode_chat
-    from llama.generate import prompt_budget
-
-    params = sampling_params(ns)
-    model, tok = load_model(ns)
-    template = ns.template
-    if template == "auto":
-        template = "own" if tok.chat_template is not None else "chat"
-    elif template == "own" and tok.chat_template is None:
-        raise UsageError(f"--template own: {tok.path} carries no chat template")
-    budget = prompt_budget(model.args.max_seq_len, params.max_new_tokens)
-    session = _ChatSession(ns.system or "")
-    print(_banner(ns, model), file=err)
-    for line in _lines(sys.stdin, err):
-        if not line.strip():
-            continue
-        if line.startswith("/") and not line.startswith("//"):
-            if session.command(line, err):
-                continue
-            break
-        message = line[1:] if line.startswith("//") else line
-        try:
-            prompt = encode_chat(tok, template, session.messages(message), max_tokens=budget)
-        except ChatError as exc:
-            print(f"error: {exc}", file=err)
-            continue
-        reply = stream_reply(model, tok, prompt, params, out, err, ns.stats)
-        session.add(message, reply, prompt.dropped_turns)
-    return 0
-
-
-def _banner(ns: argparse.Namespace, model) -> str:
+def banner(ns: argparse.Namespace, model) -> str:
     name = ns.model.name if ns.model is not None else "the shipped model"
     a = model.args
     return (
@@ -59,7 +24,7 @@ def _banner(ns: argparse.Namespace, model) -> str:
     )
 
 
-class _ChatSession:
+class ChatSession:
     """The dialog so far and the system prompt; the slash commands act on them."""
 
     def __init__(self, system: str) -> None:
@@ -102,7 +67,7 @@ class _ChatSession:
         return True
 
 
-def _lines(stdin: TextIO, err: TextIO) -> Iterator[str]:
+def lines(stdin: TextIO, err: TextIO) -> Iterator[str]:
     tty = stdin.isatty()
     while True:
         if tty:

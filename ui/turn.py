@@ -41,7 +41,7 @@ class Views:
     mode: str = "heads"
     every: int = 8
     pace: float = 3.0  # after a redraw that took d s, the next waits >= pace * d s (0 = off)
-    min_interval_s: float = 1.5  # the browser redraws 4 plots (react + resize) per update
+    min_interval_s: float = 3.0  # the browser redraws 4 plots per update: 1-3 s of a busy renderer
 
     @property
     def needs_probe(self) -> bool:
