@@ -14,8 +14,9 @@ from typing import Any
 import gradio as gr
 
 from ui import figures, inspector
-from ui.handlers import ALL_HEADS, OUTPUT_KEYS, VIEW_LABELS, Handlers, placeholder_figures
+from ui.handlers import Handlers, placeholder_figures
 from ui.live import DrawingProcess
+from ui.outputs import ALL_HEADS, OUTPUT_KEYS, VIEW_LABELS
 from ui.runtime import Runtime
 from ui.settings import SAMPLING_FIELDS, SLIDERS
 from ui.turn import FIGURE_KEYS, SessionControl
