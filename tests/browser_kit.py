@@ -135,6 +135,23 @@ def settle(pg: Any, timeout_ms: int = 30_000) -> None:
     )
 
 
+# Clicks Stop from inside the page the moment the next reply's first text is rendered: no
+# round trip through Playwright, whose own click first waits for the page to be "stable".
+STOP_ON_FIRST_TEXT = """() => {
+    window.__stoppedAt = null;
+    const chat = document.querySelector('#chatbot');
+    const obs = new MutationObserver(() => {
+        const bots = chat.querySelectorAll('[data-testid="bot"]');
+        if (bots.length && bots[bots.length - 1].innerText) {
+            obs.disconnect();
+            window.__stoppedAt = bots[bots.length - 1].innerText.length;
+            document.querySelector('#stop').click();
+        }
+    });
+    obs.observe(chat, {subtree: true, childList: true, characterData: true});
+}"""
+
+
 def arm_recorder(pg: Any) -> None:
     """(Re)start LATENCY_RECORDER: call before each measured reply."""
     pg.evaluate(LATENCY_RECORDER)

@@ -24,6 +24,7 @@ from tests.browser_kit import (
     CHROMIUM,
     CHROMIUM_ARGS,
     FIGURES,
+    STOP_ON_FIRST_TEXT,
     bot_texts,
     clear_chat,
     send,
@@ -284,21 +285,6 @@ def test_chat_stream_figures_regenerate_pickers_export_import(page: Any) -> None
 
 LONG_PROMPT = "Tell me a long story about a dog named Max."
 LONG_SEED = "0"  # the shipped model answers LONG_PROMPT with 337 tokens (ends by itself)
-
-
-STOP_ON_FIRST_TEXT = """() => {
-    window.__stoppedAt = null;
-    const chat = document.querySelector('#chatbot');
-    const obs = new MutationObserver(() => {
-        const bots = chat.querySelectorAll('[data-testid="bot"]');
-        if (bots.length && bots[bots.length - 1].innerText) {
-            obs.disconnect();
-            window.__stoppedAt = bots[bots.length - 1].innerText.length;
-            document.querySelector('#stop').click();
-        }
-    });
-    obs.observe(chat, {subtree: true, childList: true, characterData: true});
-}"""
 
 
 def token_spans(pg: Any) -> Any:
