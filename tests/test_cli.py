@@ -96,18 +96,8 @@ def test_chat_reads_turns_until_eof(model_path: str) -> None:
 
 def test_chat_banner_and_commands_never_reach_the_model(model_path: str) -> None:
     stdin = "/help\n/system Be brief.\n/system\n/nonsense\n//slash\n/quit\nnever read\n"
-    res = cli(
-        "chat",
-        "--model",
-        model_path,
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        "5",
-        "--threads",
-        "1",
-        stdin=stdin,
-    )
+    flags = "--temperature 0 --max-new-tokens 5 --threads 1".split()
+    res = cli("chat", "--model", model_path, *flags, stdin=stdin)
     assert res.returncode == 0, res.stderr.decode()
     err = res.stderr.decode()
     assert err.startswith("Chatting with stories260K.bin") and "/quit" in err.splitlines()[0]
