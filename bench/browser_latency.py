@@ -32,7 +32,7 @@ from tests.app_server import start_app
 from tests.browser_kit import (
     CHROMIUM,
     CHROMIUM_ARGS,
-    STOP_ON_FIRST_TEXT,
+    STOP_ON_FIRST,
     arm_recorder,
     bot_texts,
     clear_chat,
@@ -150,7 +150,7 @@ def measure_stop(pg: Any) -> dict[str, float | None]:
     stopped growing and the status said cancelled, in ms after the click."""
     clear_chat(pg)
     arm_recorder(pg)
-    pg.evaluate(STOP_ON_FIRST_TEXT)
+    pg.evaluate(STOP_ON_FIRST, "bot")
     send(pg, PROMPT)
     wait_for(lambda: recorded(pg)["finished"], "the reply to end", 600)
     time.sleep(1.0)  # anything still arriving after the status counts against Stop

@@ -135,16 +135,19 @@ def settle(pg: Any, timeout_ms: int = 30_000) -> None:
     )
 
 
-# Clicks Stop from inside the page the moment the next reply's first text is rendered: no
-# round trip through Playwright, whose own click first waits for the page to be "stable".
-STOP_ON_FIRST_TEXT = """() => {
+# Clicks Stop from inside the page the moment the next message of `role` ("bot": the reply's
+# first text; "user": the sent message, i.e. the server took it) is rendered: no round trip
+# through Playwright, whose own click first waits for the page to be "stable".
+STOP_ON_FIRST = """(role) => {
     window.__stoppedAt = null;
     const chat = document.querySelector('#chatbot');
+    const sel = `[data-testid="${role}"]`;
+    const before = chat.querySelectorAll(sel).length;
     const obs = new MutationObserver(() => {
-        const bots = chat.querySelectorAll('[data-testid="bot"]');
-        if (bots.length && bots[bots.length - 1].innerText) {
+        const found = chat.querySelectorAll(sel);
+        if (found.length > before && found[found.length - 1].innerText) {
             obs.disconnect();
-            window.__stoppedAt = bots[bots.length - 1].innerText.length;
+            window.__stoppedAt = performance.now();
             document.querySelector('#stop').click();
         }
     });
