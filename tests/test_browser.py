@@ -11,7 +11,6 @@ test-artifacts/ (the README's come from there, copied to assets/screenshots/).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,23 +18,25 @@ from typing import Any
 
 import pytest
 
+from tests import browser_kit as kit
 from tests.app_server import AppServer, start_app
+from tests.browser_kit import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    FIGURES,
+    STOP_ON_FIRST,
+    bot_texts,
+    clear_chat,
+    send,
+    set_number,
+    set_views,
+    status,
+)
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = shutil.which("chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 ARTIFACTS = REPO / "test-artifacts"
-FIGURES = ("attention", "probs", "rope", "kv")
 TIMEOUT_MS = 240_000  # a busy 2-core machine is slow to compile plotly.js
 
 
@@ -70,10 +71,7 @@ def page(browser: Any, server: AppServer) -> Iterator[Any]:
 
 
 def open_app(pg: Any, url: str) -> None:
-    pg.goto(url)
-    pg.wait_for_selector("#message textarea")
-    for key in FIGURES:  # the placeholders are drawn: plotly.js is loaded and compiled
-        pg.wait_for_selector(f"#plot-{key} .js-plotly-plot")
+    kit.open_app(pg, url)
     pg.evaluate(RECORDER)
 
 
@@ -87,15 +85,6 @@ def shot(pg: Any, name: str, full_page: bool = False, top: bool = True) -> Path:
 
 
 # Reading the page ----------------------------------------------------------------------------
-def status(pg: Any) -> str:
-    """The status line's own text (not the queue/progress overlay gradio draws over it)."""
-    return pg.evaluate("document.querySelector('#status [data-testid=markdown]').innerText")
-
-
-def bot_texts(pg: Any) -> list[str]:
-    return pg.locator('#chatbot [data-testid="bot"]').all_inner_texts()
-
-
 def last_reply(pg: Any) -> str:
     """The last reply's text once the page has stopped changing it (markdown renders late)."""
     previous = None
@@ -203,31 +192,9 @@ def watch_reply(
 
 
 # Acting on the page ----------------------------------------------------------------------------
-def set_number(pg: Any, elem_id: str, value: float) -> None:
-    """Type a value into a slider's number box (what a user does to set it exactly)."""
-    box = pg.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    wait_until(
-        lambda: float(pg.locator(f"#{elem_id} input[type=range]").input_value()) == float(value),
-        f"{elem_id} = {value}",
-    )
-
-
-def send(pg: Any, text: str) -> None:
-    pg.fill("#message textarea", text)
-    pg.press("#message textarea", "Enter")
-
-
 def pick(pg: Any, elem_id: str, option: str) -> None:
     pg.click(f"#{elem_id} input")
     pg.get_by_role("option", name=option, exact=True).click()
-
-
-def set_views(pg: Any, on: bool) -> None:
-    for label in ("Attention", "Token probabilities", "RoPE", "KV cache"):
-        box = pg.locator("#views").get_by_label(label, exact=True)
-        box.check() if on else box.uncheck()
 
 
 def open_accordion(pg: Any, title: str) -> None:
@@ -235,7 +202,7 @@ def open_accordion(pg: Any, title: str) -> None:
 
 
 # The tests -------------------------------------------------------------------------------------
-def test_chat_stream_figures_stop_regenerate_pickers_export_import(page: Any) -> None:
+def test_chat_stream_figures_regenerate_pickers_export_import(page: Any) -> None:
     pg = page
     shot(pg, "start", full_page=True)
     placeholders = {k: figure_state(pg, k) for k in FIGURES}
@@ -258,27 +225,6 @@ def test_chat_stream_figures_stop_regenerate_pickers_export_import(page: Any) ->
     else:
         pytest.fail(f"no streaming seen: (text lengths, figure states) per try: {seen}")
     shot(pg, "reply")
-
-    # 2. Stop mid-reply (twice: harmless); the partial reply stays. The views are off here:
-    #    drawing four plots can keep a busy machine's browser from clicking for seconds. (A
-    #    reply that ends by itself before Stop lands does not count; then we ask again.)
-    set_views(pg, on=False)
-    for _ in range(6):
-        n_before = len(bot_texts(pg))
-        send(pg, "Tell me a long story about a big red ball.")
-        wait_until(lambda: len(bot_texts(pg)) > n_before and bot_texts(pg)[-1], "a reply")
-        pg.click("#stop")
-        pg.click("#stop")
-        final_status = wait_finished(pg)
-        if "finished: cancelled" in final_status and bot_texts(pg)[-1]:
-            break
-    else:
-        pytest.fail(f"every reply ended before Stop: {status(pg)}")
-    stopped = last_reply(pg)
-    assert stopped and pg.input_value("#message textarea") == ""
-    time.sleep(1)
-    assert bot_texts(pg)[-1] == stopped  # nothing more arrives after Stop
-    shot(pg, "stopped")
 
     # 3. Temperature and seed changed, then Regenerate: the same seed gives the same reply.
     set_views(pg, on=True)
@@ -335,6 +281,80 @@ def test_chat_stream_figures_stop_regenerate_pickers_export_import(page: Any) ->
     pg.locator(".rope-lab-figure .js-plotly-plot").first.wait_for()
     assert pg.locator(".rope-lab-figure .js-plotly-plot").count() >= 3
     shot(pg, "rope_lab", full_page=True)
+
+
+LONG_PROMPT = "Tell me a long story about a dog named Max."
+LONG_SEED = "0"  # the shipped model answers LONG_PROMPT with 337 tokens (ends by itself)
+
+
+def token_spans(pg: Any) -> Any:
+    return pg.locator("#tokens .token")
+
+
+def test_inspector_branching_and_stop(page: Any) -> None:
+    """A whole reply, then: click a token and see its step; continue from there with another
+    candidate (both versions stay reachable); then the same reply again, stopped early: what
+    the page shows is a strict prefix of the whole reply and nothing arrives after the status
+    says cancelled. No timing luck: the seed fixes a reply far longer than Stop needs."""
+    pg = page
+    set_number(pg, "max-new-tokens", 1024)
+    pg.fill("#seed textarea, #seed input", LONG_SEED)
+    act_and_wait_reply(pg, lambda: send(pg, LONG_PROMPT))
+    full = last_reply(pg)
+    assert "finished: eos" in status(pg) and len(full) > 300
+
+    # 1. The reply as tokens; a click shows that step (candidates, views at that step).
+    wait_until(lambda: token_spans(pg).count() > 50, "the reply as tokens")
+    n_tokens = token_spans(pg).count()
+    before = figure_state(pg, "probs")
+    token_spans(pg).nth(4).click()
+    info = pg.locator("#inspect-info")
+    wait_until(lambda: f"Token 5 of {n_tokens}" in info.inner_text(), "token 5's step")
+    assert "before samplers" in info.inner_text()
+    wait_until(lambda: figure_state(pg, "probs") != before, "the probabilities at token 5")
+    position = int(info.inner_text().split("at position ")[1].split(":")[0])
+    assert f"position {position}" in figure_state(pg, "probs")
+    assert f"position {position - 1}" in figure_state(pg, "rope")  # what the model had read
+    pg.locator("#inspector").scroll_into_view_if_needed()
+    shot(pg, "inspector", top=False)
+
+    # 2. Continue from token 5 with another candidate: a new version; the old one stays.
+    candidate = pg.locator("#candidate input").input_value()
+    assert candidate  # the first other candidate is preselected
+    act_and_wait_reply(pg, lambda: pg.click("#branch"))
+    branched = last_reply(pg)
+    assert branched != full and len(bot_texts(pg)) == 1
+    versions = pg.locator("#versions")
+    wait_until(versions.is_visible, "the versions picker")
+    versions.get_by_label("version 1", exact=True).check()
+    wait_until(lambda: bot_texts(pg)[-1] == full, "the first version back")
+    shot(pg, "branches", top=False)
+
+    # 3. The same reply, stopped. No timing luck: this 337-token reply decodes in ~1 s, faster
+    #    than a loaded browser shows its first text, so Stop is clicked by the page as soon as
+    #    the server took the message (the user's message is rendered). Either the reply had
+    #    not started (the message comes back to the box) or it is cut: a strict prefix of
+    #    `full` and nothing after the status. It never runs to its end. Views off: on a loaded
+    #    2-core machine the renderer drawing four plots adds seconds of lag.
+    set_views(pg, on=False)
+    clear_chat(pg)
+    pg.evaluate("window.__log = []")
+    pg.evaluate(STOP_ON_FIRST, "user")
+    send(pg, LONG_PROMPT)
+    wait_until(lambda: pg.evaluate("window.__stoppedAt") is not None, "Stop to be clicked")
+    ended = ("finished:", "Stopped before the first token")
+    wait_until(lambda: any(e in status(pg) for e in ended), "the reply to end")
+    final = status(pg)
+    if "Stopped before the first token" in final:
+        wait_until(lambda: pg.input_value("#message textarea") == LONG_PROMPT, "the message back")
+        assert bot_texts(pg) == []
+        return
+    assert "finished: cancelled" in final
+    stopped = last_reply(pg)
+    assert full.startswith(stopped.rstrip()) and len(stopped) < len(full)
+    log = pg.evaluate("window.__log")
+    done_at = next(i for i, e in enumerate(log) if e["kind"] == "status" and e["finished"])
+    assert not [e for e in log[done_at:] if e["kind"] == "text" and e["len"] != len(stopped)]
 
 
 def test_closing_a_tab_mid_reply_frees_the_model(browser: Any, server: AppServer) -> None:

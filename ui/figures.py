@@ -303,9 +303,10 @@ def _kv_counterfactual_traces(kv: Any, xs: list[int], show_legend: bool) -> list
 
 
 # Sampling -----------------------------------------------------------------------------------
-def token_probabilities(step: Any | None) -> go.Figure:
+def token_probabilities(step: Any | None, chosen_label: str | None = None) -> go.Figure:
     """The top candidates for the latest token: raw softmax vs the distribution actually sampled
-    (after penalties, temperature, top-k, top-p, min-p); the chosen token is outlined."""
+    (after penalties, temperature, top-k, top-p, min-p); the chosen token is outlined.
+    chosen_label: the chosen token's text, named in the title when it is not among the bars."""
     if step is None:
         return empty_figure("Generate a reply to see the candidates for each token.")
     top = list(getattr(step, "top", None) or [])
@@ -343,7 +344,11 @@ def token_probabilities(step: Any | None) -> go.Figure:
     fig.update_layout(barmode="group")
     fig.update_xaxes(title_text="candidate token", type="category")
     fig.update_yaxes(title_text="probability", range=[0, 1.05])
-    piece = labels[chosen.index(True)] if any(chosen) else f"id {step.token_id}"
+    if any(chosen):
+        piece = labels[chosen.index(True)]
+    else:
+        name = esc(chosen_label) if chosen_label else "a token"
+        piece = f"{name} (id {step.token_id}, outside the top {len(top)} shown)"
     title = (
         f"Next token {piece} at position {step.position}: p = {float(step.prob):.4f} "
         "under the raw logits<br><sup>outlined: the chosen token; bars at 0 after: "

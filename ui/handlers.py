@@ -14,9 +14,7 @@ message back in the text box and leaves the history as it was.
 from __future__ import annotations
 
 import logging
-import math
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gradio as gr
@@ -25,7 +23,16 @@ from llama.chat import ChatError
 from llama.generate import GenerateError
 from llama.sampling import SamplingError, SamplingParams
 from llama.tokenizer import TokenizerError
-from ui import chat_io, figures
+from ui import chat_io, figures, inspector
+from ui.inspect_handlers import InspectorCallbacks
+from ui.live import Frame, LiveTurn
+from ui.outputs import (
+    ALL_HEADS,
+    VIEW_LABELS,
+    display,
+    outputs,
+    views_from,
+)
 from ui.runtime import Runtime
 from ui.settings import (
     SAMPLING_FIELDS,
@@ -40,32 +47,9 @@ from ui.why import WhyProbe, make_why_probe, why_record
 
 log = logging.getLogger(__name__)
 
-VIEW_LABELS = {
-    "attention": "Attention",
-    "probs": "Token probabilities",
-    "rope": "RoPE",
-    "kv": "KV cache",
-}
-ALL_HEADS = -1
 MAX_MESSAGE_CHARS = 100_000
-STREAM_INTERVAL_S = 0.05
+STREAM_INTERVAL_S = 0.1  # 10 text updates/s: the browser re-renders the whole message each time
 INPUT_ERRORS = (ChatError, SamplingError, SettingsError, TokenizerError, GenerateError)
-
-
-def display(history: list[Message]) -> list[dict[str, Any]]:
-    """The Chatbot's value for a history. Text goes in as content parts, which gradio shows
-    as they are (a plain string would be passed through inspect.cleandoc, which strips
-    leading newlines and indentation from what the model wrote)."""
-    return [
-        {"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in history
-    ]
-
-
-def views_from(shown: list[str] | None, layer: Any, head: Any, mode: str, every: Any) -> Views:
-    """Views from the widgets: shown holds keys of VIEW_LABELS; head -1 (or None) = all."""
-    keys = frozenset(k for k in (shown or []) if k in VIEW_LABELS)
-    head_i = None if head in (None, "", ALL_HEADS) else int(head)
-    return Views(keys, int(layer or 0), head_i, mode or "heads", max(1, int(every or 1)))
 
 
 def settings_from(values: tuple[Any, ...], seed: Any, stop: Any) -> SamplingParams:
@@ -73,17 +57,24 @@ def settings_from(values: tuple[Any, ...], seed: Any, stop: Any) -> SamplingPara
     return settings_from_values(dict(zip(SAMPLING_FIELDS, values, strict=True)), seed, stop)
 
 
-class Handlers:
+class Handlers(InspectorCallbacks):
     """The callbacks of one playground (one Runtime).
 
-    stream_interval_s: streamed text is sent at most this often (the first token, figure
-    redraws and the end always go out). Each update costs gradio a few milliseconds of
-    processing whatever its size, more than a small model takes per token.
+    stream_interval_s: streamed text is sent at most this often (the first token and the end
+    always go out). Each update costs gradio a few milliseconds of processing whatever its
+    size, more than a small model takes per token. draw_fn: draws the live figures
+    (ui.turn.draw in a thread of this process; the app passes a ui.live.DrawingProcess).
     """
 
-    def __init__(self, runtime: Runtime, stream_interval_s: float = STREAM_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        stream_interval_s: float = STREAM_INTERVAL_S,
+        draw_fn: Callable[..., dict[str, Any]] = draw,
+    ) -> None:
         self.rt = runtime
         self.stream_interval_s = stream_interval_s
+        self.draw_fn = draw_fn
 
     # Sending, answering, stopping ------------------------------------------------------------
     def add_message(
@@ -154,7 +145,9 @@ class Handlers:
                 return
             shown = views_from(views, layer, head, mode, every)
             why = make_why_probe(self.rt, why_views)
-            yield from self._stream(history, control, settings, shown, template, system, why)
+            yield from self._stream(
+                history, control, settings, shown, template, system, why=why
+            )
         finally:
             control.running = False
 
@@ -166,30 +159,45 @@ class Handlers:
         views: Views,
         template: str,
         system: str,
+        branch: inspector.Branch | None = None,
         why: WhyProbe | None = None,
     ) -> Iterator[tuple[Any, ...]]:
+        """Text at most every stream_interval_s and figures when ready, each in its own
+        update (ui/live.py); the last update carries the reply's token record, and the Why
+        record (ui/why.py) goes out whenever the generation thread took a new snapshot."""
+        prefix = [s.token_id for s in branch.prefix_steps()] if branch is not None else []
+        turn = run_turn(
+            self.rt, history, settings, views, template, system, control, prefix, why
+        )
+        live = LiveTurn(
+            turn, views, control.cancel, self.rt.ranks, self.stream_interval_s, self.draw_fn
+        )
         update: TurnUpdate | None = None
-        sent = -math.inf
+        recorded = False
+        why_sent: Any = None
         try:
-            for i, update in enumerate(
-                run_turn(self.rt, history, settings, views, template, system, control, why)
-            ):
+            for frame in live.frames():
+                update = frame.update
+                if update.done and update.step is None and branch is not None:
+                    yield outputs(status="Stopped before the first token.")
+                    return
                 if update.done and update.step is None and not update.chat[-1]["content"]:
                     control.running = False
                     yield self._refused(history, "Stopped before the first token.", warn=False)
                     return
-                now = time.monotonic()
-                if (
-                    i == 0
-                    or update.done
-                    or update.figures is not None
-                    or (now - sent >= self.stream_interval_s)
-                ):
-                    sent = now
-                    # Free the session before the last update reaches the page: a message
-                    # sent the moment the reply shows as finished must not be refused.
-                    control.running = control.running and not update.done
-                    yield self._outputs(update, why_record(update, settings))
+                # Free the session before the last update reaches the page: a message
+                # sent the moment the reply shows as finished must not be refused.
+                control.running = control.running and not update.done
+                record = None
+                if update.done and not recorded:
+                    recorded = True
+                    record = inspector.record_of(
+                        update, live.steps, settings, views, template, system, branch
+                    )
+                why_new = update.why is not None and update.why is not why_sent
+                why_sent = update.why if why_new else why_sent
+                why = why_record(update, settings) if why_new else None
+                yield self._outputs(update, frame, record, why)
         except Exception as exc:
             control.running = False
             if update is None and isinstance(exc, INPUT_ERRORS):
@@ -201,63 +209,40 @@ class Handlers:
                 return
             # Keep the partial reply: the history already holds it.
             gr.Warning(f"Generation failed: {exc}")
-            skip = gr.skip()
-            yield (
-                skip,
-                skip,
-                *([skip] * len(FIGURE_KEYS)),
-                f"⚠ Generation failed: {exc}",
-                skip,
-                skip,
-                skip,
-                skip,
-                skip,
-                skip,
-            )
+            yield outputs(status=f"⚠ Generation failed: {exc}")
 
-    def _outputs(self, u: TurnUpdate, why: Any = None) -> tuple[Any, ...]:
-        """(chatbot, history, 4 figures, status, prompt text, prompt ids, seed used, last
-        trace, Why record (ui/why.py; skip when None), text box); figures, prompt, seed and
-        trace only when they changed."""
-        skip = gr.skip()
-        figs = [skip] * len(FIGURE_KEYS)
-        if u.figures is not None:
-            figs = [u.figures.get(k, skip) for k in FIGURE_KEYS]
+    def _outputs(
+        self,
+        u: TurnUpdate,
+        frame: Frame,
+        record: inspector.ReplyRecord | None,
+        why: Any = None,
+    ) -> tuple[Any, ...]:
+        """Text and status always; figures and the last trace when a new set was drawn;
+        prompt and seed on the first and last update; the token record at the end;
+        the Why record (ui/why.py) when one is given."""
         first = u.step is not None and u.step.position == len(u.prompt.ids)
-        prompt = (
-            (u.prompt.text, " ".join(map(str, u.prompt.ids))) if first or u.done else (skip, skip)
-        )
-        trace = (u.trace, u.step) if u.figures is not None else skip
-        return (
-            display(u.chat),
-            u.chat,
-            *figs,
-            u.status,
-            *prompt,
-            str(u.seed) if first else skip,
-            trace,
-            skip if why is None else why,
-            skip,
-        )
+        values: dict[str, Any] = {"chatbot": display(u.chat), "history": u.chat}
+        values["status"] = u.status
+        if frame.figures is not None:
+            values.update({f"plot_{k}": v for k, v in frame.figures.items()})
+            values["last"] = (frame.trace, frame.step)
+        if first or u.done:
+            values.update(prompt_text=u.prompt.text, prompt_ids=" ".join(map(str, u.prompt.ids)))
+        if first:
+            values["seed_used"] = str(u.seed)
+        if record is not None:
+            values.update(inspector.record_outputs(self.rt, record))
+        if why is not None:
+            values["why"] = why
+        return outputs(**values)
 
     def _refused(self, history: list[Message], why: str, warn: bool = True) -> tuple[Any, ...]:
         """Outputs that undo the pending message: history back, the text in the box."""
         if warn:
             gr.Warning(why)
-        skip = gr.skip()
         kept, text = history[:-1], history[-1]["content"]
-        return (
-            display(kept),
-            kept,
-            *([skip] * len(FIGURE_KEYS)),
-            f"⚠ {why}",
-            skip,
-            skip,
-            skip,
-            skip,
-            skip,
-            text,
-        )
+        return outputs(chatbot=display(kept), history=kept, status=f"⚠ {why}", message=text)
 
     def stop(self, control: SessionControl) -> None:
         """Ask the running reply to end after its current token (pressing twice is harmless)."""
@@ -276,10 +261,9 @@ class Handlers:
         control.cancel.clear()
         return history, display(history)
 
-    def undo(
-        self, history: list[Message], control: SessionControl
-    ) -> tuple[str, list[Message], list[Message]]:
-        """Remove the last exchange and put its message back in the box for editing."""
+    def undo(self, history: list[Message], control: SessionControl) -> tuple[Any, ...]:
+        """Remove the last exchange and put its message back in the box for editing; the
+        status, figures and inspector forget the removed reply (OUTPUT_KEYS order)."""
         self._refuse_while_running(control)
         if not history:
             raise gr.Error("Nothing to undo: the chat is empty.")
@@ -287,22 +271,26 @@ class Handlers:
             history = history[:-1]
         text = history[-1]["content"]
         history = history[:-1]
-        return text, history, display(history)
+        return self._emptied(history, text)
 
     def clear(self, control: SessionControl) -> tuple[Any, ...]:
         """Empty chat, figures back to their placeholders, status back to the model line."""
         self._refuse_while_running(control)
+        return self._emptied([], "")
+
+    def _emptied(self, history: list[Message], message: str) -> tuple[Any, ...]:
         empty = draw(None, None, Views())
-        return (
-            [],
-            [],
-            *[empty[k] for k in FIGURE_KEYS],
-            self.rt.describe(),
-            "",
-            "",
-            "",
-            None,
-            "",
+        return outputs(
+            chatbot=display(history),
+            history=history,
+            **{f"plot_{k}": empty[k] for k in FIGURE_KEYS},
+            status=self.rt.describe(),
+            prompt_text="",
+            prompt_ids="",
+            seed_used="",
+            last=None,
+            message=message,
+            **inspector.cleared(),
         )
 
     @staticmethod

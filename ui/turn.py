@@ -1,20 +1,18 @@
 """One chat turn, without gradio: history in, a stream of updates (chat, figures, status) out.
 
 `run_turn` encodes the dialog (llama.chat), runs `llama.generate.generate` under the runtime's
-generation slot with an optional Probe, and yields a `TurnUpdate` per generated token. Figures
-are redrawn on the first token, every `Views.every` tokens and on the last one; in between
-`TurnUpdate.figures` is None (the UI keeps what it shows). Drawing is paced so that it never
-takes more than about 1 / (1 + Views.pace) of the time: on a busy CPU a scheduled redraw is
-skipped until the generation has run `pace` times as long as the previous redraw took. With
-every probe-backed view switched off no Probe is built, so the model runs its fast path
-untouched.
+generation slot with an optional Probe, and yields a `TurnUpdate` per generated token. It draws
+nothing: the update carries the probe, which the caller may snapshot between two updates (the
+model is idle then); ui/live.py does that in its own thread, so figures never hold text back.
+`draw` turns a snapshot into the figures. With every probe-backed view switched off no Probe is
+built, so the model runs its fast path untouched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +30,7 @@ FIGURE_KEYS = ("attention", "probs", "rope", "kv")
 PROBE_VIEWS = frozenset({"attention", "rope", "kv"})
 PROBE_WINDOW = 48  # positions a probe keeps: bounds the figures' size and the trace's memory
 ALL_LAYERS_UP_TO = 12  # models this shallow have every layer traced, so any layer can be shown
+WHY_EVERY = 16  # tokens between two snapshots of the Why views (taken in the generation thread)
 
 
 @dataclass(frozen=True)
@@ -43,8 +42,8 @@ class Views:
     head: int | None = None
     mode: str = "heads"
     every: int = 8
-    pace: float = 2.0  # after a redraw that took d s, the next waits >= pace * d s (0 = off)
-    min_interval_s: float = 2.0  # the browser redraws 4 plots (react + resize) per update
+    pace: float = 3.0  # after a redraw that took d s, the next waits >= pace * d s (0 = off)
+    min_interval_s: float = 3.0  # the browser redraws 4 plots per update: 1-3 s of a busy renderer
 
     @property
     def needs_probe(self) -> bool:
@@ -68,18 +67,22 @@ class SessionControl:
 
 @dataclass
 class TurnUpdate:
-    """What the UI shows after one step. figures None = unchanged since the last update."""
+    """What the UI shows after one step. probe: the turn's Probe (None with no probe-backed
+    view on); snapshot it only before asking for the next update. step: the newest step
+    that carries a token (None before the first)."""
 
     chat: list[Message]
-    figures: dict[str, Any] | None
     status: str
     prompt: Prompt
     seed: int
-    trace: Trace | None = None
     step: Step | None = None
     done: bool = False
     notices: list[str] = field(default_factory=list)
-    why: WhyTrace | None = None  # the Why views' snapshot (ui/why.py), at redraws
+    probe: Probe | None = None
+    index: int = 0  # 0-based number of this update (one per generated step)
+    # The Why views' newest snapshot (ui/why.py): taken in the generation thread every
+    # WHY_EVERY tokens and at the end; the same object rides on the updates in between.
+    why: WhyTrace | None = None
 
 
 def build_prompt(
@@ -122,7 +125,7 @@ def draw(trace: Trace | None, step: Step | None, views: Views, ranks: int = 1) -
     if "probs" in views.shown:
         has_top = step is not None and step.top
         out["probs"] = (
-            figures.token_probabilities(step)
+            figures.token_probabilities(step, trace.label(step.position) if trace else None)
             if has_top
             else figures.empty_figure("Token probabilities appear with the first generated token")
         )
@@ -139,6 +142,14 @@ def draw(trace: Trace | None, step: Step | None, views: Views, ranks: int = 1) -
             else figures.empty_figure("KV-cache growth appears once the model runs")
         )
     return out
+
+
+def draw_json(
+    trace: Trace | None, step: Step | None, views: Views, ranks: int = 1
+) -> dict[str, str]:
+    """`draw`, each figure as plotly JSON (what ui/live.py's drawing process sends back;
+    this module imports no gradio, so that process stays light)."""
+    return {k: fig.to_json() for k, fig in draw(trace, step, views, ranks).items()}
 
 
 def _attention(trace: Trace | None, views: Views) -> Any:
@@ -159,9 +170,13 @@ def run_turn(
     template: str,
     system: str,
     control: SessionControl | None = None,
+    prefix: Sequence[int] = (),
     why: WhyProbe | None = None,
 ) -> Iterator[TurnUpdate]:
     """Answer the last user message of `history`, streaming.
+
+    prefix: reply tokens taken as already written (the token inspector's "continue from
+    here"): the model reads them after the prompt and the reply's text starts with them.
 
     Raises ChatError / SamplingError / TokenizerError before the first update when the dialog
     or the settings are invalid. The last update has done=True and its status says why the
@@ -174,53 +189,53 @@ def run_turn(
     figure_probe = make_probe(rt, views)
     probe = figure_probe if why is None else ProbeGroup(figure_probe, why)
     cancel = control.cancel if control is not None else None
-    reply: Message = {"role": "assistant", "content": ""}
+    reply: Message = {"role": "assistant", "content": rt.tokenizer.decode(list(prefix))}
+    junction = _Junction(rt.tokenizer, prefix)
+    if prefix:
+        prompt = dataclasses.replace(prompt, ids=[*prompt.ids, *prefix])
     last_real: Step | None = None
+    why_trace: WhyTrace | None = None
     notices: list[str] = []
-    pacer = _Pacer(views, rt.ranks)
     with rt.slot:
         steps = generate(rt.model, rt.tokenizer, prompt, params, probe=probe, cancel=cancel)
         for i, step in enumerate(steps):
-            reply["content"] += step.text
+            reply["content"] += junction.text(step)
             last_real = step if step.token_id != NO_TOKEN else last_real
             if step.notice:
                 notices.append(step.notice)
             done = step.finish_reason is not None
-            redraw = (bool(views.shown) or why is not None) and pacer.due(i, done)
-            trace = figure_probe.snapshot() if figure_probe is not None and redraw else None
+            if why is not None and (done or i % WHY_EVERY == 0):
+                why_trace = why.snapshot()
             yield TurnUpdate(
                 [*history, dict(reply)],
-                pacer.draw(trace, last_real) if redraw else None,
                 status_text(rt, prompt, step, i + (step.token_id != NO_TOKEN), seed, notices),
                 prompt,
                 seed,
-                trace,
                 last_real,
                 done,
                 list(notices),
-                why.snapshot() if why is not None and redraw else None,
+                figure_probe,
+                i,
+                why_trace,
             )
 
 
-class _Pacer:
-    """When to redraw: first token, every N tokens (paced by the cost of drawing), last."""
+class _Junction:
+    """The first new token's text after a prefix. The stream decoder starts afresh after
+    the prefix, so a SentencePiece word piece would lose its leading space: decoding the
+    prefix with that token gives the text a whole-reply decode would have."""
 
-    def __init__(self, views: Views, ranks: int = 1) -> None:
-        self.views, self.ranks = views, ranks
-        self.next_at = 0.0
+    def __init__(self, tok: Any, prefix: Sequence[int]) -> None:
+        self.tok, self.prefix, self.pending = tok, list(prefix), bool(prefix)
 
-    def due(self, i: int, done: bool) -> bool:
-        if done or i == 0:
-            return True
-        scheduled = (i + 1) % max(1, self.views.every) == 0
-        return scheduled and time.perf_counter() >= self.next_at
-
-    def draw(self, trace: Trace | None, step: Step | None) -> dict[str, Any]:
-        start = time.perf_counter()
-        figs = draw(trace, step, self.views, self.ranks)
-        end = time.perf_counter()
-        self.next_at = end + max(self.views.pace * (end - start), self.views.min_interval_s)
-        return figs
+    def text(self, step: Step) -> str:
+        if not self.pending or not step.text or step.token_id == NO_TOKEN:
+            return step.text
+        self.pending = False
+        head = self.tok.decode(self.prefix)
+        joined = self.tok.decode([*self.prefix, step.token_id])
+        tail = joined[len(head) :] if joined.startswith(head) else ""
+        return tail if tail.endswith(step.text) and len(tail) > len(step.text) else step.text
 
 
 def status_text(
