@@ -175,6 +175,7 @@ class Handlers(InspectorCallbacks):
         update: TurnUpdate | None = None
         recorded = False
         why_sent: Any = None
+        first = True  # the reader may skip updates: prompt and seed go out on the first frame
         try:
             for frame in live.frames():
                 update = frame.update
@@ -197,7 +198,8 @@ class Handlers(InspectorCallbacks):
                 why_new = update.why is not None and update.why is not why_sent
                 why_sent = update.why if why_new else why_sent
                 why = why_record(update, settings) if why_new else None
-                yield self._outputs(update, frame, record, why)
+                yield self._outputs(update, frame, record, why, first)
+                first = False
         except Exception as exc:
             control.running = False
             if update is None and isinstance(exc, INPUT_ERRORS):
@@ -217,11 +219,11 @@ class Handlers(InspectorCallbacks):
         frame: Frame,
         record: inspector.ReplyRecord | None,
         why: Any = None,
+        first: bool = False,
     ) -> tuple[Any, ...]:
         """Text and status always; figures and the last trace when a new set was drawn;
         prompt and seed on the first and last update; the token record at the end;
         the Why record (ui/why.py) when one is given."""
-        first = u.step is not None and u.step.position == len(u.prompt.ids)
         values: dict[str, Any] = {"chatbot": display(u.chat), "history": u.chat}
         values["status"] = u.status
         if frame.figures is not None:
