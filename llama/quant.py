@@ -20,8 +20,6 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from llama.model import Transformer
-
 THRESHOLD = 6.0  # LLM.int8's outlier threshold (the paper's and bitsandbytes' default)
 INSTALL_HINT = "pip install bitsandbytes"
 
@@ -80,8 +78,9 @@ def is_block_linear(model: nn.Module, name: str) -> bool:
 def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
-    if isinstance(model, Transformer):
-        model.invalidate_routes()
+    invalidate = getattr(model, "invalidate_routes", None)  # a Transformer's fast route
+    if invalidate is not None:
+        invalidate()
 
 
 def make_quantiser(device: torch.device) -> Callable[[nn.Module, str, Tensor], bool]:

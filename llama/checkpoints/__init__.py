@@ -117,6 +117,7 @@ def load(
     tokenizer_path: str | Path | None = None,
     progress: bool = True,
     fuse: bool = True,
+    weights: str | None = None,
 ) -> LoadedModel:
     """Load the checkpoint at `path` (any format `detect` knows) ready for inference.
 
@@ -127,11 +128,14 @@ def load(
     *.model file there). The model's vocab_size must equal the tokenizer's.
     fuse: `Transformer.prepare_for_decode` (fused projections, output layout), dropping the
     mapped pages of the weights it replaces; False leaves the modules as the file has them.
+    weights: "fp32", "bf16" or "fp16" (the same as that dtype), or "int8": every Linear
+    weight (blocks, untied output) becomes llama.int8.Int8Linear, quantised while loading;
+    the rest stays in `dtype`.
     """
     path = Path(path)
     fmt = detect(path)
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    dtype = _weights_dtype(weights, dtype, load_in_8bit) or default_dtype(device)
     tokenizer = _tokenizer(path, fmt, tokenizer_path)
     source = _open(fmt, path, tokenizer)
     if max_seq_len is not None:
@@ -142,12 +146,37 @@ def load(
         from llama.quant import make_quantiser
 
         quantise = make_quantiser(device)
+    elif weights == "int8":
+        from llama.int8 import make_quantiser as int8_quantiser
+
+        quantise = int8_quantiser(device)
     stream = progress_bar(source.tensors, source.count, f"loading {path.name}", progress)
     model = assemble(source.args, stream, source.origin or path, device, dtype,
                      tie_allowed=source.tie_allowed, quantise=quantise)
     if fuse:
         model.prepare_for_decode(release=release_pages)
     return LoadedModel(model, tokenizer, fmt, path, dtype, device, load_in_8bit)
+
+
+WEIGHTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
+
+
+def _weights_dtype(
+    weights: str | None, dtype: torch.dtype | None, load_in_8bit: bool
+) -> torch.dtype | None:
+    """The dtype `weights` implies (None: `dtype` as given); ValueError on a conflict."""
+    if weights is None:
+        return dtype
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights: expected one of {', '.join(WEIGHTS)}, found {weights!r}")
+    if weights == "int8" and load_in_8bit:
+        raise ValueError("weights='int8' and load_in_8bit=True: choose one 8-bit mode")
+    implied = WEIGHTS[weights]
+    if implied is None:
+        return dtype
+    if dtype is not None and dtype != implied:
+        raise ValueError(f"weights={weights!r} means dtype {implied}, but dtype={dtype} was given")
+    return implied
 
 
 def _open(fmt: str, path: Path, tokenizer: Path | None) -> Source:
