@@ -6,6 +6,8 @@ directory's name):
 - "hf":      config.json + model*.safetensors (index json when sharded) or pytorch_model*.bin
 - "llama2c": one llama2.c .bin (legacy or v1 "ak42"); the path may be the file itself
 - "native":  params.json + model.safetensors (+ tokenizer.model), what `save` writes
+- "gguf":    one llama.cpp .gguf file (weights, shape and tokenizer in one); the path may be
+             the file itself or a directory holding exactly one
 
 `load` builds the model on the meta device, streams memory-mapped tensors into it (converting
 or quantising each as it arrives), and returns a `LoadedModel`.
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 
-from llama.checkpoints import hf, llama2c, meta, native
+from llama.checkpoints import gguf, hf, llama2c, meta, native
 from llama.checkpoints.common import (
     TOKENIZER_NAME,
     CheckpointError,
@@ -37,21 +39,24 @@ __all__ = ["CheckpointError", "LoadedModel", "detect", "load", "save"]
 
 save = native.save
 
-FORMATS = ("meta", "hf", "llama2c", "native")
+FORMATS = ("meta", "hf", "llama2c", "native", "gguf")
 
 
 def detect(path: str | Path) -> str:
-    """Name the checkpoint format at `path` (a directory, or a llama2.c .bin file).
+    """Name the checkpoint format at `path` (a directory, a .gguf or a llama2.c .bin file).
 
     Raises CheckpointError when nothing matches or when one directory holds two formats.
     """
     path = Path(path)
     if path.is_file():
+        # A .gguf file without GGUF's magic is a damaged GGUF: gguf.open_source says so.
+        if gguf.is_gguf(path) or path.suffix == gguf.SUFFIX:
+            return "gguf"
         try:
             llama2c.read_header(path)
         except CheckpointError as exc:
             raise CheckpointError(
-                f"{exc} (only a llama2.c checkpoint is loaded from a single file; for Meta, "
+                f"{exc} (only GGUF and llama2.c checkpoints load from a single file; for Meta, "
                 "Hugging Face and native checkpoints pass their directory)"
             ) from None
         return "llama2c"
@@ -79,6 +84,8 @@ def _formats_in(d: Path) -> list[str]:
         found.append("llama2c")
     if params and (d / native.WEIGHTS_NAME).is_file():
         found.append("native")
+    if gguf.gguf_files(d):
+        found.append("gguf")
     return found
 
 
@@ -91,7 +98,7 @@ def _why_nothing(d: Path) -> str:
         return "a config file but no weights (consolidated.*.pth, *.safetensors, *.bin)"
     return ("no checkpoint found: expected params.json + consolidated.*.pth (Meta), "
             "config.json + *.safetensors (Hugging Face), params.json + model.safetensors "
-            "(native) or a llama2.c .bin")
+            "(native), a .gguf file or a llama2.c .bin")
 
 
 def llama2c_files(d: Path) -> list[Path]:
@@ -125,7 +132,8 @@ def load(
     load_in_8bit: the block Linears become bitsandbytes Linear8bitLt, quantised one by one
     while loading. max_seq_len: overrides the config's (it sizes RoPE tables and KV caches).
     tokenizer_path: default tokenizer.model beside the weights (llama2.c: also the single
-    *.model file there). The model's vocab_size must equal the tokenizer's.
+    *.model file there; GGUF: the .gguf file itself, whose metadata holds the tokenizer).
+    The model's vocab_size must equal the tokenizer's.
     fuse: `Transformer.prepare_for_decode` (fused projections, output layout), dropping the
     mapped pages of the weights it replaces; False leaves the modules as the file has them.
     weights: "fp32", "bf16" or "fp16" (the same as that dtype), or "int8": every Linear
@@ -140,7 +148,8 @@ def load(
     source = _open(fmt, path, tokenizer)
     if max_seq_len is not None:
         source.args = _with_seq_len(source.args, max_seq_len, path)
-    check_vocab(source.args, tokenizer, path)
+    if tokenizer != source.origin:  # a GGUF file's own vocabulary was checked on opening
+        check_vocab(source.args, tokenizer, path)
     quantise = None
     if load_in_8bit:
         from llama.quant import make_quantiser
@@ -155,7 +164,8 @@ def load(
                      tie_allowed=source.tie_allowed, quantise=quantise)
     if fuse:
         model.prepare_for_decode(release=release_pages)
-    return LoadedModel(model, tokenizer, fmt, path, dtype, device, load_in_8bit)
+    return LoadedModel(model, tokenizer, fmt, path, dtype, device, load_in_8bit,
+                       metadata=source.metadata)
 
 
 WEIGHTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
@@ -183,6 +193,8 @@ def _open(fmt: str, path: Path, tokenizer: Path | None) -> Source:
     if fmt == "llama2c":
         file = path if path.is_file() else _single_llama2c(path)
         return llama2c.open_source(file)
+    if fmt == "gguf":
+        return gguf.open_source(_gguf_file(path))
     return {"meta": meta.open_source, "hf": hf.open_source,
             "native": native.open_source}[fmt](path, tokenizer)
 
@@ -195,9 +207,21 @@ def _single_llama2c(d: Path) -> Path:
     return files[0]
 
 
+def _gguf_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    files = gguf.gguf_files(path)
+    if len(files) != 1:
+        names = ", ".join(p.name for p in files)
+        raise CheckpointError(f"{path}: expected one .gguf file, found {len(files)}: {names}")
+    return files[0]
+
+
 def _tokenizer(path: Path, fmt: str, explicit: str | Path | None) -> Path | None:
     if explicit is not None:
         return require_file(Path(explicit), "tokenizer")
+    if fmt == "gguf":
+        return _gguf_file(path)
     root = path.parent if path.is_file() else path
     if (root / TOKENIZER_NAME).is_file():
         return root / TOKENIZER_NAME

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +47,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     load_in_8bit: bool
+    metadata: dict[str, Any] | None = None  # a GGUF file's metadata (gguf.read_metadata)
 
 
 TensorStream = Iterable[tuple[str, Tensor]]
@@ -232,3 +234,4 @@ class Source:
     count: int
     tie_allowed: bool
     origin: Path | None = None  # the file named in errors, when there is a single one
+    metadata: dict[str, Any] | None = None  # GGUF: the file's metadata, for LoadedModel
