@@ -116,7 +116,7 @@ def quantise_model(model: nn.Module) -> nn.Module:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by parameters and the int8 layers' row scales (SCB, which bitsandbytes
+    """Bytes held by parameters, buffers and the int8 layers' row scales (SCB, which bitsandbytes
     moves from the weight to the layer state on the first forward), counting shared (tied)
     storage once."""
     scales = []
@@ -125,7 +125,8 @@ def weight_bytes(model: nn.Module) -> int:
         scales += [getattr(weight, "SCB", None), getattr(getattr(m, "state", None), "SCB", None)]
     seen: set[int] = set()
     total = 0
-    for t in [*model.parameters(), *scales]:
+    # Buffers hold llama.int8's int8 weights and scales.
+    for t in [*model.parameters(), *model.buffers(), *scales]:
         if t is None or t.device.type == "meta" or t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())

@@ -195,6 +195,7 @@ def load_runtime(
     tokenizer_path: str | Path | None = None,
     template: str | None = None,
     progress: bool = True,
+    weights: str | None = None,
 ) -> Runtime:
     """Load a checkpoint (any format llama.checkpoints knows) into a Runtime.
 
@@ -208,5 +209,6 @@ def load_runtime(
         max_seq_len=max_seq_len,
         tokenizer_path=tokenizer_path,
         progress=progress,
+        weights=weights,
     )
     return from_loaded(loaded, template)
