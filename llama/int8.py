@@ -11,9 +11,9 @@ Which kernel (bench/ops.py "int8" rows, on this 2-core AVX-512 machine):
   and scales (int8 x bf16, fp32 accumulation). With fp32 activations the same op is several
   times slower than fp32 `F.linear` (it converts inside its inner loop), so activations are
   rounded to bf16 first;
-- many rows (prefill): dequantise to the compute dtype once per call (`gemm_dtype`) and one
-  dense product: a GEMM is compute-bound, and the int8 kernel runs it at a fraction of the
-  dense one's speed.
+- many rows (prefill): dequantise once per call and one dense product, in bf16 where the CPU
+  multiplies bf16 in hardware, else fp32 (`gemm_dtype`): a GEMM is compute-bound, and the
+  int8 kernel runs it at a fraction of the dense one's speed.
 On devices other than the CPU the weight is dequantised for every product (a memory mode).
 
 Quantisation happens while the checkpoint streams in (`make_quantiser`), so no
@@ -51,8 +51,8 @@ def quantise(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def dequantise(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """q * scale[:, None] in `dtype` (out, in)."""
-    return (q.to(torch.float32) * scale[:, None]).to(dtype)
+    """q * scale[:, None] in `dtype` (out, in), rounded once (|q| <= 127 is exact in bf16)."""
+    return q.to(dtype) * scale.to(dtype)[:, None]
 
 
 @cache
@@ -107,7 +107,7 @@ class Int8Linear(nn.Module):
             flat = x.reshape(rows, self.in_features).to(torch.bfloat16)
             out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self._scale_bf16)
             return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        dtype = gemm_dtype(x.dtype, x.device)
+        dtype = gemm_dtype(torch.bfloat16 if x.device.type == "cpu" else x.dtype, x.device)
         w = dequantise(self.weight, self.scale, dtype)
         return F.linear(x.to(dtype), w).to(x.dtype)
 
