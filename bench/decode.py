@@ -115,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="llamacpp: ours fp32/bf16/int8 against llama.cpp F32/F16/Q8_0 (bench/llamacpp.py; "
         "needs llama-cpp-python), its own section of RESULTS.md",
     )
+    p.add_argument(
+        "--precisions",
+        default="fp32,bf16,int8",
+        help="--peer llamacpp: ours' weights to pair with llama.cpp (fp32-F32, bf16-F16, "
+        "int8-Q8_0), comma-separated (fewer fit a big preset in memory)",
+    )
     return p.parse_args(argv)
 
 

@@ -53,12 +53,14 @@ def available() -> str | None:
     return None
 
 
-def write_ggufs(ckpt: Path, preset: BenchPreset, workdir: Path) -> dict[str, Path]:
+def write_ggufs(
+    ckpt: Path, preset: BenchPreset, workdir: Path, qtypes: list[str]
+) -> dict[str, Path]:
     """{GGUF type: file} of the weights at `ckpt` (reused when already written)."""
     from llama.checkpoints import load
     from llama.checkpoints.gguf_writer import write_gguf
 
-    out = {q: workdir / f"{preset.name}-{q}.gguf" for _, q in PAIRS}
+    out = {q: workdir / f"{preset.name}-{q}.gguf" for q in qtypes}
     if all(p.is_file() for p in out.values()):
         return out
     loaded = load(ckpt, device="cpu", dtype=torch.float32, progress=False, fuse=False)
@@ -143,9 +145,10 @@ def runners(
     ckpt: Path, preset: BenchPreset, threads: int, a: argparse.Namespace
 ) -> list[tuple[Runtime, Runtime]]:
     """(ours, llama.cpp) per precision, each loaded and warmed up."""
-    files = write_ggufs(ckpt, preset, a.workdir)
+    wanted = [(w, q) for w, q in PAIRS if w in a.precisions.split(",")]
+    files = write_ggufs(ckpt, preset, a.workdir, [q for _, q in wanted])
     pairs = []
-    for weights, qtype in PAIRS:
+    for weights, qtype in wanted:
         ours = Ours(ckpt, preset, torch.device("cpu"), torch.float32, a, weights=weights)
         pairs.append((ours, LlamaCpp(files[qtype], qtype, threads, a)))
     return pairs
