@@ -68,8 +68,15 @@ def write_ggufs(
     metadata = _gguf_tokenizer_metadata(loaded)
     for qtype, path in out.items():
         t0 = time.perf_counter()
-        write_gguf(state, loaded.model.args, path, qtype, tokenizer=None if metadata else
-                   preset.tokenizer, tied=tied, metadata=metadata)
+        write_gguf(
+            state,
+            loaded.model.args,
+            path,
+            qtype,
+            tokenizer=None if metadata else preset.tokenizer,
+            tied=tied,
+            metadata=metadata,
+        )
         print(f"  wrote {path.name} in {time.perf_counter() - t0:.0f} s", flush=True)
     return out
 
@@ -79,8 +86,9 @@ def _gguf_tokenizer_metadata(loaded: Any) -> dict[str, Any] | None:
     meta = getattr(loaded, "metadata", None)
     if not meta:
         return None
-    return {k: v for k, v in meta.items() if not k.startswith("general.") or
-            k == "general.architecture"}
+    return {
+        k: v for k, v in meta.items() if not k.startswith("general.") or k == "general.architecture"
+    }
 
 
 class LlamaCpp(Runtime):
@@ -94,17 +102,27 @@ class LlamaCpp(Runtime):
         self._lib = llama_cpp
         before = rss_mb()
         self.llm = llama_cpp.Llama(
-            model_path=str(gguf), n_ctx=a.prompt_len + a.new_tokens + 8, n_batch=a.prompt_len,
-            n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False,
+            model_path=str(gguf),
+            n_ctx=a.prompt_len + a.new_tokens + 8,
+            n_batch=a.prompt_len,
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=False,
+            verbose=False,
         )
         self.n_vocab = self.llm.n_vocab()
-        self._loaded(before, _prompt(self.n_vocab, a.prompt_len),
-                     _prompt(self.n_vocab, a.ttft_prompt), a.new_tokens)
+        self._loaded(
+            before,
+            _prompt(self.n_vocab, a.prompt_len),
+            _prompt(self.n_vocab, a.ttft_prompt),
+            a.new_tokens,
+        )
 
     def _argmax(self) -> int:
         ptr = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
-        logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)),
-                                       shape=(self.n_vocab,))
+        logits = np.ctypeslib.as_array(
+            ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,)
+        )
         return int(logits.argmax())
 
     def _generate(self, prompt: list[int], n: int) -> tuple[float, float, list[int]]:

@@ -30,24 +30,32 @@ BYTES_PER_PARAM = {"fp32": 4 + 4, "bf16": 2 + 2, "int8": 1 + 1.1}
 
 def skip_reason(preset: BenchPreset, precisions: str) -> str | None:
     if preset.tokenizer == LLAMA2_TOKENIZER and not LLAMA2_TOKENIZER.is_file():
-        return (f"needs the Llama-2 tokenizer at {LLAMA2_TOKENIZER} (../shared/data, beside "
-                "the repo), absent here")
+        return (
+            f"needs the Llama-2 tokenizer at {LLAMA2_TOKENIZER} (../shared/data, beside "
+            "the repo), absent here"
+        )
     per_param = sum(BYTES_PER_PARAM[w] for w in precisions.split(","))
     need = preset.args.n_params() * per_param * 1.05
     if need > mem_available_bytes():
-        return (f"needs ~{need / 2**30:.1f} GiB for the six runtimes at once; MemAvailable is "
-                f"{mem_available_bytes() / 2**30:.1f} GiB")
+        return (
+            f"needs ~{need / 2**30:.1f} GiB for the six runtimes at once; MemAvailable is "
+            f"{mem_available_bytes() / 2**30:.1f} GiB"
+        )
     return None
 
 
-def run_preset(
-    a: argparse.Namespace, preset: BenchPreset
-) -> list[tuple[str, Runtime, Runtime]]:
-    threads = int(a.threads) if a.threads != "auto" else recommended_threads(
-        preset.args.n_params(), "cpu")
+def run_preset(a: argparse.Namespace, preset: BenchPreset) -> list[tuple[str, Runtime, Runtime]]:
+    threads = (
+        int(a.threads)
+        if a.threads != "auto"
+        else recommended_threads(preset.args.n_params(), "cpu")
+    )
     torch.set_num_threads(threads)
-    print(f"\n== {preset.name} ({preset.note}, {preset.args.n_params() / 1e6:.1f}M params, "
-          f"{threads} thread(s))", flush=True)
+    print(
+        f"\n== {preset.name} ({preset.note}, {preset.args.n_params() / 1e6:.1f}M params, "
+        f"{threads} thread(s))",
+        flush=True,
+    )
     ckpt = runs.write_hf_checkpoint(preset.args, a.workdir / f"{preset.name}-fp32")
     pairs = llamacpp.runners(ckpt, preset, threads, a)
     everyone = [rt for pair in pairs for rt in pair]
@@ -57,8 +65,11 @@ def run_preset(
     for r in range(1, rounds + 1):
         for runner in everyone if r % 2 else reversed(everyone):
             runner.round(prompt, short, a.new_tokens, record=True)
-        print(f"  round {r} ({load_average()}): " + " | ".join(
-            f"{x.name} {x.decode[-1]:.1f}" for x in everyone), flush=True)
+        print(
+            f"  round {r} ({load_average()}): "
+            + " | ".join(f"{x.name} {x.decode[-1]:.1f}" for x in everyone),
+            flush=True,
+        )
     return [(preset.name, o, t) for o, t in pairs]
 
 
@@ -91,13 +102,21 @@ def main(a: argparse.Namespace, argv: list[str]) -> int:
     if a.write_results:
         from bench.decode import RESULTS
 
-        ctx = dict(cmd="python bench/decode.py " + " ".join(argv), started=started,
-                   machine=machine_line(torch.device("cpu")), load_before=load_before,
-                   load_after=load_average(), skipped=skipped, rounds=a.rounds,
-                   prompt_len=a.prompt_len, new_tokens=a.new_tokens,
-                   version=llama_cpp.__version__)
+        ctx = dict(
+            cmd="python bench/decode.py " + " ".join(argv),
+            started=started,
+            machine=machine_line(torch.device("cpu")),
+            load_before=load_before,
+            load_after=load_average(),
+            skipped=skipped,
+            rounds=a.rounds,
+            prompt_len=a.prompt_len,
+            new_tokens=a.new_tokens,
+            version=llama_cpp.__version__,
+        )
         old = RESULTS.read_text() if RESULTS.is_file() else ""
-        RESULTS.write_text(llamacpp_report.replace_section(
-            old, llamacpp_report.section(results, ctx)))
+        RESULTS.write_text(
+            llamacpp_report.replace_section(old, llamacpp_report.section(results, ctx))
+        )
         print(f"wrote {RESULTS}")
     return 0

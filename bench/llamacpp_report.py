@@ -24,21 +24,30 @@ def table(pairs: list[tuple[str, Runtime, Runtime]]) -> str:
     for preset, o, t in pairs:
         same = len(_common_prefix(o.tokens, t.tokens))
         rss = f"{o.resident_mb + o.transient_mb:.0f} / {t.resident_mb + t.transient_mb:.0f}"
-        lines.append(" | ".join([
-            f"| {preset}", f"{o.name} / {t.name}", _pair(o.prefill, t.prefill),
-            _pair(o.decode, t.decode, fmt=".1f"),
-            _pair(o.ttft, t.ttft, 1e3, ".1f", higher_better=False),
-            _pair(o.ttft_short, t.ttft_short, 1e3, ".1f", higher_better=False),
-            rss, f"{same}/{len(o.tokens)} |",
-        ]))
+        lines.append(
+            " | ".join(
+                [
+                    f"| {preset}",
+                    f"{o.name} / {t.name}",
+                    _pair(o.prefill, t.prefill),
+                    _pair(o.decode, t.decode, fmt=".1f"),
+                    _pair(o.ttft, t.ttft, 1e3, ".1f", higher_better=False),
+                    _pair(o.ttft_short, t.ttft_short, 1e3, ".1f", higher_better=False),
+                    rss,
+                    f"{same}/{len(o.tokens)} |",
+                ]
+            )
+        )
     return "\n".join(lines)
 
 
 def spreads(pairs: list[tuple[str, Runtime, Runtime]]) -> str:
     lines = ["| preset | runtime | prefill tok/s | decode tok/s |", "|---|---|---|---|"]
     for preset, o, t in pairs:
-        lines += [f"| {preset} | {rt.name} | {spread(rt.prefill)} | {spread(rt.decode)} |"
-                  for rt in (o, t)]
+        lines += [
+            f"| {preset} | {rt.name} | {spread(rt.prefill)} | {spread(rt.decode)} |"
+            for rt in (o, t)
+        ]
     return "\n".join(lines)
 
 
@@ -50,17 +59,20 @@ def targets(pairs: list[tuple[str, Runtime, Runtime]]) -> str:
         dec, pre = median(o.decode) / median(t.decode), median(o.prefill) / median(t.prefill)
         want = DECODE_TARGET.get(preset)
         if want is not None and not o.name.endswith("int8"):
-            lines.append(_check(f"{preset}: {o.name} decode >= {want}x {t.name}", dec >= want,
-                                f"{dec:.2f}x"))
+            lines.append(
+                _check(f"{preset}: {o.name} decode >= {want}x {t.name}", dec >= want, f"{dec:.2f}x")
+            )
         if o.name.endswith("int8"):
             lines.append(f"- reported: {preset}: {o.name} decode / {t.name} = {dec:.2f}x")
-        lines.append(_check(f"{preset}: {o.name} prefill >= 0.8x {t.name}", pre >= 0.8,
-                            f"{pre:.2f}x"))
+        lines.append(
+            _check(f"{preset}: {o.name} prefill >= 0.8x {t.name}", pre >= 0.8, f"{pre:.2f}x")
+        )
     for preset, ours in by_preset.items():
         if "ours int8" in ours and "ours bf16" in ours and preset == "tinyllama-1.1b":
             r = median(ours["ours int8"].decode) / median(ours["ours bf16"].decode)
-            lines.append(_check(f"{preset}: ours int8 decode faster than ours bf16", r > 1,
-                                f"{r:.2f}x"))
+            lines.append(
+                _check(f"{preset}: ours int8 decode faster than ours bf16", r > 1, f"{r:.2f}x")
+            )
     return "\n".join(lines)
 
 

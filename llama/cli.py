@@ -121,11 +121,15 @@ def check_model_flags(ns: argparse.Namespace) -> None:
     if not ns.compile:
         return
     if getattr(ns, "tp", None) is not None:
-        raise UsageError("--compile: not available under torchrun (tensor-parallel ranks "
-                         "decode eagerly); leave it out")
+        raise UsageError(
+            "--compile: not available under torchrun (tensor-parallel ranks "
+            "decode eagerly); leave it out"
+        )
     if ns.load_in_8bit:
-        raise UsageError("--compile: not available with --load-in-8bit (bitsandbytes' "
-                         "8-bit layers decode eagerly); leave one of them out")
+        raise UsageError(
+            "--compile: not available with --load-in-8bit (bitsandbytes' "
+            "8-bit layers decode eagerly); leave one of them out"
+        )
 
 
 def _check_weights(ns: argparse.Namespace) -> None:

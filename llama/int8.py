@@ -124,8 +124,9 @@ def fuse_int8(module: nn.Module, parts: tuple[str, ...], fused_name: str) -> boo
         return False
     if len({layer.in_features for layer in layers}) != 1:
         return False
-    fused = Int8Linear(torch.cat([layer.weight for layer in layers]),
-                       torch.cat([layer.scale for layer in layers]))
+    fused = Int8Linear(
+        torch.cat([layer.weight for layer in layers]), torch.cat([layer.scale for layer in layers])
+    )
     for name in parts:
         delattr(module, name)
     setattr(module, fused_name, fused)
@@ -158,6 +159,7 @@ def quantise_model(model: nn.Module) -> nn.Module:
     names = [n for n, _ in model.named_parameters() if is_linear_weight(model, n)]
     for name in names:
         weight = model.get_parameter(name)
-        replace_module(model, name.removesuffix(".weight"),
-                       Int8Linear.from_weight(weight).to(weight.device))
+        replace_module(
+            model, name.removesuffix(".weight"), Int8Linear.from_weight(weight).to(weight.device)
+        )
     return model

@@ -103,8 +103,11 @@ class Attention(nn.Module):
     def fuse(self, release: Release | None = None) -> bool:
         """wq|wk|wv -> wqkv (llama/fusion.py; llama/int8.py for int8). False for bitsandbytes."""
         parts = ("wq", "wk", "wv")
-        return (self.wqkv is not None or fuse_linears(self, parts, "wqkv", release)
-                or fuse_int8(self, parts, "wqkv"))
+        return (
+            self.wqkv is not None
+            or fuse_linears(self, parts, "wqkv", release)
+            or fuse_int8(self, parts, "wqkv")
+        )
 
     def _project(self, x: Tensor, rot: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """q_raw (B,T,H,D), k_raw (B,T,H_kv,D) before RoPE; q, k after; v (B,T,H_kv,D)."""
@@ -151,8 +154,11 @@ class FeedForward(nn.Module):
 
     def fuse(self, release: Release | None = None) -> bool:
         """w1|w3 -> w13 (llama/fusion.py; llama/int8.py for int8). False for bitsandbytes."""
-        return (self.w13 is not None or fuse_linears(self, ("w1", "w3"), "w13", release)
-                or fuse_int8(self, ("w1", "w3"), "w13"))
+        return (
+            self.w13 is not None
+            or fuse_linears(self, ("w1", "w3"), "w13", release)
+            or fuse_int8(self, ("w1", "w3"), "w13")
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w13 is None:

@@ -62,8 +62,10 @@ def test_logits_stay_close_to_fp32(saved: Path, weights: str) -> None:
     ref, got = logits(saved, tokens), logits(saved, tokens, weights=weights)
     err = (got - ref).abs().max().item()
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    print(f"{weights}: max |logit err| {err:.4f} (max |logit| {ref.abs().max():.2f}), "
-          f"top-1 agreement {agree:.1%}")
+    print(
+        f"{weights}: max |logit err| {err:.4f} (max |logit| {ref.abs().max():.2f}), "
+        f"top-1 agreement {agree:.1%}"
+    )
     assert err <= 0.05 * ref.abs().max().item()
     assert agree >= 0.9
 
@@ -76,8 +78,9 @@ def test_cached_int8_decode_follows_the_full_forward(saved: Path) -> None:
         full = model(tokens)
         steps = [model(tokens[:, :12], torch.arange(12))]
         steps += [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(12, 20)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0.02,
-                               atol=0.02 * full.abs().max().item())
+    torch.testing.assert_close(
+        torch.cat(steps, 1), full, rtol=0.02, atol=0.02 * full.abs().max().item()
+    )
 
 
 def test_every_linear_is_int8_fused_and_a_quarter_of_fp32(tmp_path: Path) -> None:
@@ -86,13 +89,22 @@ def test_every_linear_is_int8_fused_and_a_quarter_of_fp32(tmp_path: Path) -> Non
     fp32 = load(saved, device="cpu", progress=False).model
     model = load(saved, device="cpu", weights="int8", progress=False).model
     block = model.layers[0]
-    for layer in (block.attention.wqkv, block.attention.wo, block.feed_forward.w13,
-                  block.feed_forward.w2, model.output):
+    for layer in (
+        block.attention.wqkv,
+        block.attention.wo,
+        block.feed_forward.w13,
+        block.feed_forward.w2,
+        model.output,
+    ):
         assert type(layer) is Int8Linear and layer.weight.dtype == torch.int8
     assert model._fast_layers() is not None, "int8 blocks must stay on the fast route"
     assert model.tok_embeddings.weight.dtype == torch.float32
-    linear = [n for n, _ in fp32.named_parameters() if n.endswith(".weight")
-              and type(fp32.get_submodule(n.removesuffix(".weight"))) is nn.Linear]
+    linear = [
+        n
+        for n, _ in fp32.named_parameters()
+        if n.endswith(".weight")
+        and type(fp32.get_submodule(n.removesuffix(".weight"))) is nn.Linear
+    ]
     fp32_bytes = sum(fp32.get_parameter(n).numel() * 4 for n in linear)
     int8_bytes = sum(weight_bytes(m) for m in model.modules() if type(m) is Int8Linear)
     # one byte per weight plus one fp32 scale per output row
@@ -145,20 +157,26 @@ def test_an_int8_model_cannot_be_saved(saved: Path, tmp_path: Path) -> None:
         save(model, tmp_path / "out")
 
 
-@pytest.mark.parametrize(("kw", "match"), [
-    ({"weights": "int4"}, "weights: expected one of fp32, bf16, fp16, int8, found 'int4'"),
-    ({"weights": "int8", "load_in_8bit": True}, "choose one 8-bit mode"),
-    ({"weights": "bf16", "dtype": torch.float32}, "means dtype torch.bfloat16"),
-])
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"weights": "int4"}, "weights: expected one of fp32, bf16, fp16, int8, found 'int4'"),
+        ({"weights": "int8", "load_in_8bit": True}, "choose one 8-bit mode"),
+        ({"weights": "bf16", "dtype": torch.float32}, "means dtype torch.bfloat16"),
+    ],
+)
 def test_bad_weights_are_named(saved: Path, kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         load(saved, device="cpu", progress=False, **kw)
 
 
-@pytest.mark.parametrize(("argv", "match"), [
-    (["--weights", "int8", "--load-in-8bit"], "two 8-bit modes"),
-    (["--weights", "bf16", "--dtype", "float32"], "means --dtype bfloat16"),
-])
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--weights", "int8", "--load-in-8bit"], "two 8-bit modes"),
+        (["--weights", "bf16", "--dtype", "float32"], "means --dtype bfloat16"),
+    ],
+)
 def test_cli_refuses_conflicting_weight_flags(argv: list[str], match: str) -> None:
     p = argparse.ArgumentParser()
     model_flags(p)
