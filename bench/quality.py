@@ -13,8 +13,7 @@ Usage: python bench/quality.py [--ours assets/tinychat] [--teacher PATH] [--limi
 
 --weights W (repeatable): ours loaded with load(weights=W) against fp32 on the same text;
 the issue's target for int8 is a bpb within 1% of fp32's. --smollm2 adds the same comparison
-for ../shared/data/smollm2 (its byte-level BPE tokenizer read from the GGUF by the
-`tokenizers` package through transformers: bench only).
+for ../shared/data/smollm2 (its byte-level BPE tokenizer read from the GGUF).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from llama.assets import SHIPPED_MODEL_DIR  # noqa: E402
 from llama.checkpoints import load  # noqa: E402
 from llama.model import Transformer  # noqa: E402
-from llama.tokenizer import Tokenizer  # noqa: E402
+from llama.tokenizer import Tokenizer, open_tokenizer  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 VALID = SHARED / "corpus" / "tinystories" / "tinystories_v1_valid_sample.txt"
@@ -98,25 +97,9 @@ def score(model: Transformer, tok: Tokenizer, texts: list[str], batch_size: int 
 SMOLLM2 = SHARED / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class HFTokenizer:
-    """encode(text, bos) over a GGUF file's tokenizer as transformers reads it (bench only)."""
-
-    def __init__(self, gguf_file: Path) -> None:
-        from transformers import AutoTokenizer
-
-        self._tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-        self.vocab_size = len(self._tok)
-
-    def encode(self, text: str, bos: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False)
-        return [self._tok.bos_token_id, *ids] if bos else ids
-
-
-def evaluate(
-    path: Path, texts: list[str], label: str, weights: str = "fp32", tok: object = None
-) -> Score:
+def evaluate(path: Path, texts: list[str], label: str, weights: str = "fp32") -> Score:
     loaded = load(path, device="cpu", weights=weights, progress=False)
-    tok = tok or Tokenizer(loaded.tokenizer_path)
+    tok = open_tokenizer(loaded)
     t0 = time.time()
     s = score(loaded.model, tok, texts)
     print(f"{label:<12} {loaded.model.args.n_params(tied=True) / 1e6:>6.2f}M  vocab "
@@ -144,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.weights:
         compare_weights(a.ours, texts, a.weights, "ours")
         if a.smollm2:
-            compare_weights(SMOLLM2, texts, a.weights, "SmolLM2", HFTokenizer(SMOLLM2))
+            compare_weights(SMOLLM2, texts, a.weights, "SmolLM2")
         return
     ours = evaluate(a.ours, texts, "ours")
     ref = evaluate(a.teacher, texts, "stories260K")
@@ -153,16 +136,14 @@ def main(argv: list[str] | None = None) -> None:
           "(ours <= stories260K)")
 
 
-def compare_weights(
-    path: Path, texts: list[str], modes: list[str], label: str, tok: object = None
-) -> None:
+def compare_weights(path: Path, texts: list[str], modes: list[str], label: str) -> None:
     """bpb of `path` in fp32 and in each of `modes`, with the relative change."""
     if not path.exists():
         print(f"{label}: skipped, {path} is absent")
         return
-    base = evaluate(path, texts, f"{label} fp32", tok=tok)
+    base = evaluate(path, texts, f"{label} fp32")
     for mode in modes:
-        s = evaluate(path, texts, f"{label} {mode}", mode, tok)
+        s = evaluate(path, texts, f"{label} {mode}", mode)
         change = s.bpb / base.bpb - 1
         verdict = "within" if abs(change) <= 0.01 else "OUTSIDE"
         print(f"{label} {mode}: bpb {s.bpb:.4f} vs fp32 {base.bpb:.4f}: {change:+.2%} "

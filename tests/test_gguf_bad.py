@@ -15,6 +15,8 @@ from llama.checkpoints.gguf_writer import gguf_metadata, write_gguf
 from llama.checkpoints.writers import meta_state, random_transformer
 from tests.conftest import TINY_CONFIGS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ARGS = TINY_CONFIGS["gqa"]
 
 
@@ -160,3 +162,13 @@ def test_absurd_counts_fail_fast_as_truncation(tmp_path: Path) -> None:
         bad = tmp_path / "absurd.gguf"
         bad.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(8) + tail)
         fails(bad, "truncated GGUF file")
+
+
+def test_cli_model_flag_reaches_the_gguf_loader(tmp_path: Path, state: dict) -> None:
+    """`--model FILE.gguf` goes through load(): the loader's one-line error comes out."""
+    from tests.test_cli import run_main
+
+    bad = edited(tmp_path, state, general__architecture="gemma")
+    code, out, err = run_main("complete", "--model", str(bad), "--prompt", "x")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert str(bad) in err and "general.architecture is 'gemma'" in err

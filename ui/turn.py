@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from llama.chat import Prompt, encode_completion, encode_dialog
+from llama.chat import Prompt, encode_chat
 from llama.generate import NO_TOKEN, Step, generate, prompt_budget
 from llama.probes import Probe, Trace
 from llama.sampling import SamplingParams
@@ -83,17 +83,14 @@ class TurnUpdate:
 def build_prompt(
     rt: Runtime, history: list[Message], template: str, system: str, max_new_tokens: int
 ) -> Prompt:
-    """The exact ids for the model: the dialog (chat) or the running text (completion).
-
-    history ends with the user message to answer. Older turns (or, in completion mode, older
-    tokens) are dropped to leave room for the reply; the Prompt says how many.
+    """The exact ids for the model: the dialog with a chat template ("own" or "chat"), or the
+    running text (completion). history ends with the user message to answer. Older turns (or,
+    in completion mode, older tokens) are dropped to leave room for the reply; the Prompt says
+    how many.
     """
     budget = prompt_budget(rt.max_seq_len, max_new_tokens)
-    if template == "chat":
-        messages = [{"role": "system", "content": system}] if system.strip() else []
-        return encode_dialog(rt.tokenizer, [*messages, *history], max_tokens=budget)
-    text = "".join(m["content"] for m in history)
-    return encode_completion(rt.tokenizer, text, max_tokens=budget)
+    messages = [{"role": "system", "content": system}] if system.strip() else []
+    return encode_chat(rt.tokenizer, template, [*messages, *history], max_tokens=budget)
 
 
 def make_probe(rt: Runtime, views: Views) -> Probe | None:

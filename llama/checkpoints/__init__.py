@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from llama import memory
 from llama.checkpoints import gguf, hf, llama2c, meta, native
 from llama.checkpoints.common import (
     TOKENIZER_NAME,
@@ -33,7 +34,7 @@ from llama.checkpoints.common import (
     release_pages,
     require_file,
 )
-from llama.config import ConfigError
+from llama.config import ConfigError, ModelArgs
 
 __all__ = ["CheckpointError", "LoadedModel", "detect", "load", "save"]
 
@@ -110,9 +111,15 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA, fp16 on MPS, fp32 on CPU (bf16 matmuls are slow on AVX2 CPUs)."""
-    return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+def default_dtype(device: torch.device, load_in_8bit: bool = False) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls are slow on AVX2 CPUs); fp16 on MPS; on CUDA bf16 where the
+    GPU computes it natively (Ampere and later), else fp16 (T4, V100: bf16 there is emulated;
+    Meta's reference runs in fp16). 8-bit on CUDA: fp16, the dtype LLM.int8 computes in
+    (bitsandbytes casts any other activation dtype at every int8 product)."""
+    if device.type == "cuda":
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native_bf16 and not load_in_8bit else torch.float16
+    return torch.float16 if device.type == "mps" else torch.float32
 
 
 def load(
@@ -125,31 +132,40 @@ def load(
     progress: bool = True,
     fuse: bool = True,
     weights: str | None = None,
+    fit_context: bool = False,
 ) -> LoadedModel:
     """Load the checkpoint at `path` (any format `detect` knows) ready for inference.
 
-    device: default cuda when available, else cpu. dtype: default `default_dtype(device)`.
+    device: default cuda when available, else cpu. dtype: default `default_dtype`.
     load_in_8bit: the block Linears become bitsandbytes Linear8bitLt, quantised one by one
     while loading. max_seq_len: overrides the config's (it sizes RoPE tables and KV caches).
-    tokenizer_path: default tokenizer.model beside the weights (llama2.c: also the single
-    *.model file there; GGUF: the .gguf file itself, whose metadata holds the tokenizer).
+    tokenizer_path: default tokenizer.model, else tokenizer.json, beside the weights (llama2.c:
+    also the single *.model file there; GGUF: the .gguf file itself, whose metadata holds the
+    tokenizer).
     The model's vocab_size must equal the tokenizer's.
     fuse: `Transformer.prepare_for_decode` (fused projections, output layout), dropping the
     mapped pages of the weights it replaces; False leaves the modules as the file has them.
     weights: "fp32", "bf16" or "fp16" (the same as that dtype), or "int8": every Linear
     weight (blocks, untied output) becomes llama.int8.Int8Linear, quantised while loading;
     the rest stays in `dtype`.
+    Before reading any weights, weights + KV cache + RoPE tables + workspace are checked
+    against the device's free memory (llama/memory.py): CheckpointError saying what fits.
+    fit_context: instead, when max_seq_len is not given, shorten the context to the longest
+    that fits (LoadedModel.notice says so).
     """
     path = Path(path)
     fmt = detect(path)
     device = torch.device(device) if device is not None else default_device()
-    dtype = _weights_dtype(weights, dtype, load_in_8bit) or default_dtype(device)
+    dtype = _weights_dtype(weights, dtype, load_in_8bit) or default_dtype(device, load_in_8bit)
     tokenizer = _tokenizer(path, fmt, tokenizer_path)
     source = _open(fmt, path, tokenizer)
     if max_seq_len is not None:
         source.args = _with_seq_len(source.args, max_seq_len, path)
     if tokenizer != source.origin:  # a GGUF file's own vocabulary was checked on opening
         check_vocab(source.args, tokenizer, path)
+    eight_bit = load_in_8bit or weights == "int8"  # one byte per Linear weight either way
+    source.args, notice = _fit_memory(source.args, dtype, device, eight_bit, path,
+                                      fit_context and max_seq_len is None)
     quantise = None
     if load_in_8bit:
         from llama.quant import make_quantiser
@@ -161,10 +177,10 @@ def load(
         quantise = int8_quantiser(device)
     stream = progress_bar(source.tensors, source.count, f"loading {path.name}", progress)
     model = assemble(source.args, stream, source.origin or path, device, dtype,
-                     tie_allowed=source.tie_allowed, quantise=quantise)
+                     tie_allowed=source.tie_allowed, quantise=quantise, fuse=fuse)
     if fuse:
         model.prepare_for_decode(release=release_pages)
-    return LoadedModel(model, tokenizer, fmt, path, dtype, device, load_in_8bit,
+    return LoadedModel(model, tokenizer, fmt, path, dtype, device, load_in_8bit, notice,
                        metadata=source.metadata)
 
 
@@ -187,6 +203,23 @@ def _weights_dtype(
     if dtype is not None and dtype != implied:
         raise ValueError(f"weights={weights!r} means dtype {implied}, but dtype={dtype} was given")
     return implied
+def _fit_memory(
+    args: ModelArgs, dtype: torch.dtype, device: torch.device, load_in_8bit: bool, path: Path,
+    shorten: bool,
+) -> tuple[ModelArgs, str | None]:
+    """args as they fit the device's free memory (shortened context when `shorten`)."""
+    free = memory.free_bytes(device)
+    try:
+        memory.check_fits(args, dtype, device, load_in_8bit, free)
+        return args, None
+    except memory.MemoryBudgetError as exc:
+        assert free is not None
+        n = memory.fitting_context(args, dtype, load_in_8bit, free) if shorten else 0
+        if not n:
+            raise CheckpointError(f"{path}: {exc}") from None
+    note = (f"context shortened from {args.max_seq_len} to {n} positions to fit the "
+            f"{memory.gib(free)} free on {device} (--max-seq-len sets it)")
+    return args.replace(max_seq_len=n), note
 
 
 def _open(fmt: str, path: Path, tokenizer: Path | None) -> Source:
@@ -223,8 +256,9 @@ def _tokenizer(path: Path, fmt: str, explicit: str | Path | None) -> Path | None
     if fmt == "gguf":
         return _gguf_file(path)
     root = path.parent if path.is_file() else path
-    if (root / TOKENIZER_NAME).is_file():
-        return root / TOKENIZER_NAME
+    for name in (TOKENIZER_NAME, "tokenizer.json"):  # SentencePiece first, as Meta ships it
+        if (root / name).is_file():
+            return root / name
     if fmt == "llama2c":
         models = sorted(root.glob("*.model"))
         if len(models) == 1:

@@ -7,9 +7,10 @@ type (F32, F16, BF16 or a ggml block quantisation). We parse the container ourse
 stays near the size of the dequantised model.
 
 Q/K layout: llama.cpp's converter permutes Hugging Face's wq/wk rows back to Meta's
-interleaved-pair order, so GGUF tensors need no permutation here. Tested, not assumed:
-tests/test_gguf_parity.py matches transformers (which un-permutes GGUF q/k for its
-half-rotation form) on SmolLM2 and llama.cpp's own greedy ids on files its converter wrote.
+interleaved-pair order, so GGUF tensors need no permutation here. Tested, not assumed: we load
+them unchanged and match transformers, which un-permutes GGUF q/k for its half-rotation RoPE
+(tests/test_gguf_parity.py: random MHA/GQA/MQA files and SmolLM2), and llama.cpp's own greedy
+ids on files its converter wrote (tests/test_gguf.py).
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     key being read) on a truncated file, a wrong magic or an unsupported version.
     """
     return parse(Path(path), with_tensors=False).metadata
+
+
+def model_args(path: str | Path) -> ModelArgs:
+    """The ModelArgs a GGUF file describes, without reading its tensors."""
+    f = parse(Path(path))
+    return read_args(f, {t.name: t for t in f.tensors})
 
 
 def is_gguf(path: Path) -> bool:

@@ -99,18 +99,22 @@ def _bits(packed: Tensor, width: int) -> Tensor:
     return _unpack(packed, tuple(range(8)), 1, width).view(n, -1, width)
 
 
+# Each kernel scales its fresh fp32 values in place: a second tensor-sized buffer would raise
+# the load's peak (SmolLM2's Q8_0 embedding is 113 MB in fp32).
+
+
 def _q8_0(b: Tensor) -> Tensor:
-    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b, 0)
+    return b[:, 2:].contiguous().view(torch.int8).float().mul_(_f16(b, 0))
 
 
 def _q4_0(b: Tensor) -> Tensor:
     q = _nibbles(b[:, 2:], 16).view(b.shape[0], 32)
-    return _f16(b, 0) * (q.to(torch.int8) - 8).float()
+    return (q.to(torch.int8) - 8).float().mul_(_f16(b, 0))
 
 
 def _q4_1(b: Tensor) -> Tensor:
     q = _nibbles(b[:, 4:], 16).view(b.shape[0], 32)
-    return _f16(b, 0) * q.float() + _f16(b, 2)
+    return q.float().mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _five_bit(low: Tensor, high: Tensor) -> Tensor:
@@ -121,12 +125,12 @@ def _five_bit(low: Tensor, high: Tensor) -> Tensor:
 
 def _q5_0(b: Tensor) -> Tensor:
     q = _five_bit(b[:, 6:], b[:, 2:6])
-    return _f16(b, 0) * (q.to(torch.int8) - 16).float()
+    return (q.to(torch.int8) - 16).float().mul_(_f16(b, 0))
 
 
 def _q5_1(b: Tensor) -> Tensor:
     q = _five_bit(b[:, 8:], b[:, 4:8])
-    return _f16(b, 0) * q.float() + _f16(b, 2)
+    return q.float().mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _q2_k(b: Tensor) -> Tensor:
@@ -135,7 +139,7 @@ def _q2_k(b: Tensor) -> Tensor:
     dl = (d * (scales & 0x0F).float()).view(n, 16, 1)
     ml = (dmin * (scales >> 4).float()).view(n, 16, 1)
     q = _unpack(b[:, 16:80], (0, 2, 4, 6), 3, 32).reshape(n, 16, 16).float()
-    return (dl * q - ml).view(n, QK_K)
+    return q.mul_(dl).sub_(ml).view(n, QK_K)
 
 
 def _q3_k(b: Tensor) -> Tensor:
@@ -147,7 +151,7 @@ def _q3_k(b: Tensor) -> Tensor:
     ql = _unpack(b[:, 32:96], (0, 2, 4, 6), 3, 32).reshape(n, 16, 16)
     # The high bit is a "not set means subtract 4" flag.
     qh = (_bits(b[:, :32], 32).reshape(n, 16, 16) ^ 1) << 2
-    return (dl * (ql.to(torch.int8) - qh.to(torch.int8)).float()).view(n, QK_K)
+    return (ql.to(torch.int8) - qh.to(torch.int8)).float().mul_(dl).view(n, QK_K)
 
 
 def _k_scales(packed: Tensor) -> tuple[Tensor, Tensor]:
@@ -165,7 +169,7 @@ def _k_affine(b: Tensor, q: Tensor) -> Tensor:
     sc, mn = _k_scales(b[:, 4:16])
     d = (_f16(b, 0) * sc.float()).view(n, 8, 1)
     dm = (_f16(b, 2) * mn.float()).view(n, 8, 1)
-    return (d * q.float() - dm).view(n, QK_K)
+    return q.float().mul_(d).sub_(dm).view(n, QK_K)
 
 
 def _q4_k(b: Tensor) -> Tensor:
@@ -185,7 +189,7 @@ def _q6_k(b: Tensor) -> Tensor:
     low = _nibbles(b[:, :128], 64).reshape(n, 8, 32)
     high = _unpack(b[:, 128:192], (0, 2, 4, 6), 3, 32).reshape(n, 8, 32)
     q = ((low | (high << 4)).to(torch.int8) - 32).view(n, 16, 16).float()
-    return (d * q).view(n, QK_K)
+    return q.mul_(d).view(n, QK_K)
 
 
 _KERNELS: dict[int, Callable[[Tensor], Tensor]] = {

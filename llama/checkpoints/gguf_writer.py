@@ -10,7 +10,6 @@ quantiser (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0); `blocks` writes ready-made bytes of an
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -57,16 +56,17 @@ def gguf_metadata(args: ModelArgs, tokenizer: Path | None = None) -> dict[str, A
 
 
 def sentencepiece_metadata(path: Path) -> dict[str, Any]:
-    """tokenizer.ggml.* for a SentencePiece model, as llama.cpp's converter writes them."""
+    """tokenizer.ggml.* for a SentencePiece model: tokens, scores and types as llama.cpp's
+    converter writes them, plus the BOS/EOS/unknown ids and add_bos_token."""
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
-    pieces = sentencepiece_pieces(path)
+    ids = range(sp.vocab_size())
     out = {
         "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.tokens": [p for p, _, _ in pieces],
-        "tokenizer.ggml.scores": [s for _, s, _ in pieces],
-        "tokenizer.ggml.token_type": [t for _, _, t in pieces],
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in ids],
+        "tokenizer.ggml.scores": [sp.get_score(i) for i in ids],
+        "tokenizer.ggml.token_type": [_token_type(sp, i) for i in ids],
         "tokenizer.ggml.add_bos_token": True,
         "tokenizer.ggml.add_eos_token": False,
     }
@@ -76,48 +76,11 @@ def sentencepiece_metadata(path: Path) -> dict[str, Any]:
     return out
 
 
-def sentencepiece_pieces(path: Path) -> list[tuple[str, float, int]]:
-    """(piece, score, type) of every piece of a tokenizer.model, read from its protobuf.
-
-    ModelProto field 1 repeats SentencePiece {1: piece, 2: score (float), 3: type}; the types
-    (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte) are GGUF's token types.
-    """
-    pieces = []
-    for field, value in _proto_fields(path.read_bytes()):
-        if field == 1:
-            piece = dict(_proto_fields(value))
-            score = struct.unpack("<f", piece[2])[0] if 2 in piece else 0.0
-            pieces.append((piece[1].decode("utf-8"), score, piece.get(3, 1)))
-    return pieces
-
-
-def _proto_fields(data: bytes) -> list[tuple[int, Any]]:
-    """(field number, value) pairs of one protobuf message: ints, bytes or 4/8 raw bytes."""
-    out, pos = [], 0
-    while pos < len(data):
-        key, pos = _varint(data, pos)
-        wire = key & 7
-        if wire == 0:
-            value, pos = _varint(data, pos)
-        elif wire == 2:
-            n, pos = _varint(data, pos)
-            value, pos = data[pos : pos + n], pos + n
-        else:
-            size = {1: 8, 5: 4}[wire]
-            value, pos = data[pos : pos + size], pos + size
-        out.append((key >> 3, value))
-    return out
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, pos
+def _token_type(sp: Any, i: int) -> int:
+    """GGUF's token type as llama.cpp's converter assigns it: 2 unknown, 3 control, 5 unused,
+    6 byte, else 1 normal (user-defined pieces too: the converter does not tell them apart)."""
+    kinds = ((sp.is_unknown, 2), (sp.is_control, 3), (sp.is_unused, 5), (sp.is_byte, 6))
+    return next((kind for test, kind in kinds if test(i)), 1)
 
 
 def write_gguf(
