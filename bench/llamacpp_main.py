@@ -22,7 +22,7 @@ from bench.common import (
 from bench.decode_runs import Runtime
 from llama.runtime_opts import recommended_threads
 
-DEFAULT_PRESETS = ("shipped", "stories15M", "tinyllama-1.1b")
+DEFAULT_PRESETS = ("shipped", "stories15M", "tinyllama-1.1b", "smollm2")
 # bytes per parameter resident at once per precision, ours + llama.cpp (llama.cpp maps its
 # files: page cache the kernel can drop, hence a small margin)
 BYTES_PER_PARAM = {"fp32": 4 + 4, "bf16": 2 + 2, "int8": 1 + 1.1}
@@ -56,7 +56,7 @@ def run_preset(a: argparse.Namespace, preset: BenchPreset) -> list[tuple[str, Ru
         f"{threads} thread(s))",
         flush=True,
     )
-    ckpt = runs.write_hf_checkpoint(preset.args, a.workdir / f"{preset.name}-fp32")
+    ckpt = preset.gguf or runs.write_hf_checkpoint(preset.args, a.workdir / f"{preset.name}-fp32")
     pairs = llamacpp.runners(ckpt, preset, threads, a)
     everyone = [rt for pair in pairs for rt in pair]
     prompt = runs.prompt_ids(preset.args.vocab_size, a.prompt_len)
@@ -84,7 +84,7 @@ def main(a: argparse.Namespace, argv: list[str]) -> int:
     started, load_before = today(), load_average()
     print(machine_line(torch.device("cpu")), flush=True)
     results, skipped = [], []
-    for name in a.preset or DEFAULT_PRESETS:
+    for name in a.preset or [n for n in DEFAULT_PRESETS if n in presets]:
         reason = skip_reason(presets[name], a.precisions)
         if reason:
             print(f"\n== {name}: skipped: {reason}", flush=True)

@@ -138,9 +138,9 @@ def test_shipped_model_greedy_text_is_the_same_in_int8_and_bf16() -> None:
     if not SHIPPED.is_dir():
         pytest.skip(f"{SHIPPED} is absent")
     from llama.generate import generate_text
-    from llama.tokenizer import Tokenizer
+    from llama.tokenizer import load_tokenizer
 
-    tok = Tokenizer(SHIPPED / "tokenizer.model")
+    tok = load_tokenizer(SHIPPED / "tokenizer.model")
     prompt = tok.encode("Once upon a time", bos=True)
     out = {}
     for weights in ("fp32", "int8", "bf16"):
