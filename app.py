@@ -29,6 +29,7 @@ from llama.cli import (
     join_torchrun,
     model_flags,
     rank_failure,
+    weights_arg,
 )
 
 EXIT_BAD_INPUT = 2
@@ -136,6 +137,7 @@ def load(args: argparse.Namespace):  # -> ui.runtime.Runtime
         tokenizer_path=args.tokenizer,
         template=template,
         progress=True,
+        weights=weights_arg(args),
     )
     from llama.runtime_opts import apply_threads
 

@@ -23,6 +23,8 @@ Medians over rounds with (min-max); the machine may be shared, so the spread is 
     python bench/decode.py --write-results       # ... and rewrite bench/RESULTS.md
     python bench/decode.py --preset shipped --rounds 7
     python bench/decode.py --device cuda --dtype bf16 --compile --preset llama2-7b
+    python bench/decode.py --peer llamacpp --write-results   # ours vs llama.cpp, see
+                                                             # bench/llamacpp.py
 """
 
 from __future__ import annotations
@@ -109,6 +111,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="random checkpoints are written (and reused) here",
     )
     p.add_argument("--write-results", action="store_true", help=f"rewrite {RESULTS.name}")
+    p.add_argument(
+        "--peer",
+        choices=("transformers", "llamacpp"),
+        default="transformers",
+        help="llamacpp: ours fp32/bf16/int8 against llama.cpp F32/F16/Q8_0 (bench/llamacpp.py; "
+        "needs llama-cpp-python), its own section of RESULTS.md",
+    )
+    p.add_argument(
+        "--precisions",
+        default="fp32,bf16,int8",
+        help="--peer llamacpp: ours' weights to pair with llama.cpp (fp32-F32, bf16-F16, "
+        "int8-Q8_0), comma-separated (fewer fit a big preset in memory)",
+    )
     return p.parse_args(argv)
 
 
@@ -178,6 +193,10 @@ def run_preset(
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.peer == "llamacpp":
+        from bench import llamacpp_main
+
+        return llamacpp_main.main(a, argv if argv is not None else sys.argv[1:])
     device = torch.device(a.device)
     dtype = DTYPES[a.dtype] if a.dtype else default_dtype(device)
     a.dtype_name = {v: k for k, v in DTYPES.items()}[dtype]

@@ -141,9 +141,12 @@ class Ours(Runtime):
         dtype: torch.dtype,
         a: argparse.Namespace,
         compiled: bool = False,
+        weights: str | None = None,
     ) -> None:
         super().__init__()
         self.name = "ours, compiled" if compiled else "ours"
+        if weights is not None:  # load(weights=...): bf16 sets the dtype itself
+            self.name, dtype = f"ours {weights}", dtype if weights in ("fp32", "int8") else None
         from llama.checkpoints import load
         from llama.runtime_opts import compile_decode
         from llama.tokenizer import load_tokenizer
@@ -159,6 +162,7 @@ class Ours(Runtime):
             tokenizer_path=preset.tokenizer,
             progress=False,
             fuse=not a.no_fuse,  # prepare_for_decode: fused projections, output layout
+            weights=weights,
         )
         self.model, self.device = loaded.model, device
         fused = self.model.layers[0].attention.wqkv is not None

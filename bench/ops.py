@@ -12,13 +12,19 @@ One decode step (T = 1) of the shipped model's shape and of TinyLlama-1.1B's, on
 - the output projection's decode product, weight row-major (as loaded) against column-major
   (llama.fusion.store_column_major), for dims 288 to 4096, vocab 32000, on one thread and on
   every physical core: where llama.model.COLUMN_MAJOR_MAX_DIM comes from;
+- weight precisions for one TinyLlama-1.1B layer's four products (176 MB in fp32: larger
+  than the L3 cache, as in a real decode), on every physical core: fp32, bf16, our int8
+  (llama.int8.Int8Linear) and the int8 candidates behind its choice (_weight_int8pack_mm
+  with fp32 activations, a compiled dequantise-in-the-product, fbgemm's dynamic int8 that
+  also rounds activations to 8 bits), at decode (1 row) and prefill (128 rows; there also
+  bf16 weights upcast to fp32 per product, what CPUs without hardware bf16 do);
 - the floor of a decode step, on every physical core: all its matrix products back to back
   (weights as `load()` prepares them) and nothing else, for the shipped and stories15M
   shapes. No decode step of either runtime can take less.
 
 Alternatives run interleaved, round after round; per call: min and median microseconds.
 
-    python bench/ops.py [--rounds 20] [--markdown]
+    python bench/ops.py [--rounds 20] [--markdown] [--only precision]
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import bench_presets
 from llama.config import PRESETS, ModelArgs
 from llama.functional import rms_norm, rotate_heads_
+from llama.int8 import Int8Linear, gemm_dtype
 from llama.model import Transformer
 from llama.rope import apply_rope, rope_tables
 from llama.runtime_opts import physical_cores
@@ -132,6 +139,66 @@ def floor_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
     return {"all matrix products, nothing else": products}
 
 
+def layer_weights(a: ModelArgs) -> list[torch.Tensor]:
+    """One layer's fused products (wqkv, wo, w13, w2) as `load()` makes them, fp32 (out, in)."""
+    D = a.head_dim
+    shapes = [((a.n_heads + 2 * a.kv_heads) * D, a.dim), (a.dim, a.n_heads * D),
+              (2 * a.ffn_hidden_dim, a.dim), (a.dim, a.ffn_hidden_dim)]
+    return [torch.randn(o, i) * 0.02 for o, i in shapes]
+
+
+def _deq_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.unsqueeze(-2) * q.to(x.dtype)).sum(-1) * scale
+
+
+def precision_cases(a: ModelArgs, rows: int) -> dict[str, Callable[[], object]]:
+    """The layer's four products at `rows` rows of activations, in each weight precision."""
+    fp32 = layer_weights(a)
+    bf16 = [w.bfloat16() for w in fp32]
+    ours = [Int8Linear.from_weight(w) for w in fp32]
+    xs = [torch.randn(rows, w.shape[1]) for w in fp32]
+    xb = [x.bfloat16() for x in xs]
+
+    def run(fn: Callable, ws: list, inputs: list) -> Callable[[], None]:
+        return lambda: [fn(x, w) for x, w in zip(inputs, ws, strict=True)]
+
+    cases = {
+        "fp32": run(F.linear, fp32, xs),
+        "bf16": run(F.linear, bf16, xb),
+        "int8 (ours)": run(lambda x, m: m(x), ours, xs),
+    }
+    if rows == 1:
+        compiled = torch.compile(_deq_product, dynamic=False)
+        cases["int8pack_mm, fp32 activations"] = run(
+            lambda x, m: torch.ops.aten._weight_int8pack_mm(x, m.weight, m.scale), ours, xs)
+        cases["compiled dequantise-in-product, bf16"] = run(
+            lambda x, m: compiled(x, m.weight, m.scale.bfloat16()), ours, xb)
+        cases["fbgemm dynamic int8 (W8A8)"] = run(
+            torch.ops.quantized.linear_dynamic, [_fbgemm(w) for w in fp32], xs)
+    else:
+        up = gemm_dtype(torch.bfloat16, torch.device("cpu")) == torch.float32
+        cases["bf16 upcast to fp32 per product" + (" (this CPU's choice)" if up else "")] = run(
+            lambda x, w: F.linear(x, w.float()), bf16, xs)
+    return cases
+
+
+def _fbgemm(w: torch.Tensor) -> object:
+    scale, zero = w.abs().amax(1).double() / 127, torch.zeros(w.shape[0], dtype=torch.long)
+    q = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(q, None)
+
+
+def precision_rows(rounds: int, verbose: bool) -> list[tuple[str, str, str, float, float]]:
+    threads = physical_cores()
+    torch.set_num_threads(threads)
+    args, rows = PRESETS["tinyllama-1.1b"], []
+    for n in (1, 128):
+        rows += _measure(f"tinyllama layer, {threads} thread(s)",
+                         f"weights, {n} row(s)" if n == 1 else f"weights, {n} rows (prefill)",
+                         precision_cases(args, n), rounds, 5 if n == 1 else 1, verbose)
+    return rows
+
+
 def step_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
     """A whole decode step at position 128: plain modules against fused + fast route."""
     plain, fused = Transformer(a), Transformer(a)
@@ -147,9 +214,17 @@ def step_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
     return out
 
 
-def run(rounds: int, verbose: bool = True) -> list[tuple[str, str, str, float, float]]:
-    """(shape, what, variant, min us, median us) for every comparison, on one thread."""
+def run(
+    rounds: int, verbose: bool = True, only: str | None = None
+) -> list[tuple[str, str, str, float, float]]:
+    """(shape, what, variant, min us, median us) for every comparison, on one thread unless
+    named; only="precision": just the weight-precision rows."""
     before = torch.get_num_threads()
+    if only == "precision":
+        with torch.inference_mode():
+            rows = precision_rows(rounds, verbose)
+        torch.set_num_threads(before)
+        return rows
     torch.set_num_threads(1)
     shapes = {"shipped": bench_presets()["shipped"].args, "tinyllama": PRESETS["tinyllama-1.1b"]}
     rows = []
@@ -160,6 +235,7 @@ def run(rounds: int, verbose: bool = True) -> list[tuple[str, str, str, float, f
                     rows += _measure(shape, what, cases, rounds, 50, verbose)
             rows += layout_rows(rounds, verbose)
             rows += floor_rows(rounds, verbose)
+            rows += precision_rows(rounds, verbose)
     finally:
         torch.set_num_threads(before)
     return rows
@@ -215,8 +291,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
+    p.add_argument("--only", choices=("precision",), help="one group of rows")
     a = p.parse_args()
-    rows = run(a.rounds, verbose=not a.markdown)
+    rows = run(a.rounds, verbose=not a.markdown, only=a.only)
     if a.markdown:
         print(markdown(rows))
 

@@ -40,6 +40,8 @@ EXIT_BAD_INPUT = 2
 # stories15M: below this size compiling is warned about.
 SMALL_FOR_COMPILE = 100_000_000
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHTS = ("auto", "fp32", "bf16", "fp16", "int8")
+_WEIGHT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class UsageError(ValueError):
@@ -104,6 +106,13 @@ def model_flags(p: argparse.ArgumentParser) -> None:
         "carries its own)",
     )
     p.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes LLM.int8 weights")
+    p.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="auto",
+        help="weight precision: bf16/fp16/fp32 (as --dtype), or int8: our weight-only int8 "
+        "(per-channel scales; on CPU fewer bytes per token than bf16, see README Speed)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
     p.add_argument(
         "--dtype",
@@ -138,6 +147,7 @@ def check_model_flags(ns: argparse.Namespace) -> None:
     decodes only eagerly."""
     if ns.threads is not None and ns.threads < 1:
         raise UsageError(f"--threads: expected a positive int, found {ns.threads}")
+    _check_weights(ns)
     if not ns.compile:
         return
     if getattr(ns, "tp", None) is not None:
@@ -150,6 +160,27 @@ def check_model_flags(ns: argparse.Namespace) -> None:
             "--compile: not available with --load-in-8bit (bitsandbytes' "
             "8-bit layers decode eagerly); leave one of them out"
         )
+
+
+def _check_weights(ns: argparse.Namespace) -> None:
+    """--weights against --load-in-8bit, --dtype and torchrun; a float choice sets ns.dtype
+    (so every loader, tensor-parallel included, sees one dtype)."""
+    weights = getattr(ns, "weights", "auto")
+    if weights == "int8" and ns.load_in_8bit:
+        raise UsageError("--weights int8 and --load-in-8bit are two 8-bit modes; choose one")
+    if weights == "int8" and getattr(ns, "tp", None) is not None:
+        raise UsageError("--weights int8: not available under torchrun; leave it out")
+    implied = _WEIGHT_DTYPES.get(weights)
+    if implied and ns.dtype not in ("auto", implied):
+        raise UsageError(f"--weights {weights} means --dtype {implied}, found --dtype {ns.dtype}")
+    if implied:
+        ns.dtype = implied
+
+
+def weights_arg(ns: argparse.Namespace) -> str | None:
+    """--weights as llama.checkpoints.load's `weights`: "int8", or None (the float choices
+    are in ns.dtype once check_model_flags ran)."""
+    return "int8" if getattr(ns, "weights", "auto") == "int8" else None
 
 
 def compile_if_asked(ns: argparse.Namespace, model) -> None:
@@ -237,6 +268,7 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
                 max_seq_len=ns.max_seq_len,
                 tokenizer_path=ns.tokenizer,
                 progress=sys.stderr.isatty(),
+                weights=weights_arg(ns),
             )
             apply_threads(ns.threads, loaded.model.args.n_params(), loaded.device)
             compile_if_asked(ns, loaded.model)

@@ -13,9 +13,13 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from llama.cache import KVCache
+from llama.int8 import gemm_dtype
+
+# What a fast block multiplies by: a weight tensor, or a module (llama.int8.Int8Linear).
+Product = Tensor | nn.Module
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,23 +130,37 @@ class FastLayer(NamedTuple):
 
     norm1: Tensor
     eps1: float
-    wqkv: Tensor
+    wqkv: Product
     cache: KVCache | None
-    wo: Tensor
+    wo: Product
     norm2: Tensor
     eps2: float
-    w13: Tensor
-    w2: Tensor
+    w13: Product
+    w2: Product
     n_heads: int
     n_kv_heads: int
     head_dim: int
+
+
+def linear(x: Tensor, w: Product) -> Tensor:
+    """x (..., in) times w (out, in)^T, or an int8 module's product.
+
+    bf16 weights with many rows of x on a CPU without hardware bf16 run in fp32 (a prefill
+    GEMM there is several times faster upcast; see llama.int8.gemm_dtype)."""
+    if not isinstance(w, Tensor):
+        return w(x)
+    if w.dtype == torch.bfloat16 and x.shape[-2] > 1:
+        dtype = gemm_dtype(w.dtype, w.device)
+        if dtype != w.dtype:
+            return F.linear(x.to(dtype), w.to(dtype)).to(x.dtype)
+    return F.linear(x, w)
 
 
 def fast_block(x: Tensor, L: FastLayer, s: StepInputs) -> Tensor:
     """TransformerBlock.forward for a fused block: x (B, T, dim) -> (B, T, dim)."""
     B, T, _ = x.shape
     H, H_kv, D = L.n_heads, L.n_kv_heads, L.head_dim
-    qkv = F.linear(rms_norm(x, L.norm1, L.eps1), L.wqkv).view(B, T, -1, D)
+    qkv = linear(rms_norm(x, L.norm1, L.eps1), L.wqkv).view(B, T, -1, D)
     rotate_heads_(qkv, s.rot, H + H_kv)  # (B, T, H + 2 H_kv, D): q, k rotated; v as is
     kv = qkv[:, :, H:].transpose(1, 2)  # (B, 2 H_kv, T, D)
     if s.input_pos is not None:
@@ -151,6 +169,6 @@ def fast_block(x: Tensor, L: FastLayer, s: StepInputs) -> Tensor:
         if s.kv_len is not None:
             kv = kv[:, :, : s.kv_len]  # (B, 2 H_kv, T_kv, D)
     out = attend(qkv[:, :, :H], kv[:, :H_kv], kv[:, H_kv:], s.mask)  # (B, T, H, D)
-    h = x + F.linear(out.reshape(B, T, -1), L.wo)
-    gate, up = F.linear(rms_norm(h, L.norm2, L.eps2), L.w13).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, L.w2)
+    h = x + linear(out.reshape(B, T, -1), L.wo)
+    gate, up = linear(rms_norm(h, L.norm2, L.eps2), L.w13).chunk(2, dim=-1)
+    return h + linear(F.silu(gate) * up, L.w2)

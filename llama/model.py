@@ -31,6 +31,7 @@ from llama.cache import CacheOverflowError, KVCache
 from llama.config import ModelArgs
 from llama.functional import (
     FastLayer,
+    Product,
     StepInputs,
     attend,
     fast_block,
@@ -38,6 +39,7 @@ from llama.functional import (
     rotate,
 )
 from llama.fusion import Release, fuse_linears, store_column_major
+from llama.int8 import Int8Linear, fuse_int8
 from llama.memory import check_cache
 from llama.rope import complex_rope, rope_tables
 
@@ -122,8 +124,13 @@ class Attention(nn.Module):
         self.observer: AttentionObserver | None = None
 
     def fuse(self, release: Release | None = None) -> bool:
-        """wq|wk|wv -> wqkv (see llama/fusion.py). False when not plain nn.Linear (8-bit)."""
-        return self.wqkv is not None or fuse_linears(self, ("wq", "wk", "wv"), "wqkv", release)
+        """wq|wk|wv -> wqkv (llama/fusion.py; llama/int8.py for int8). False for bitsandbytes."""
+        parts = ("wq", "wk", "wv")
+        return (
+            self.wqkv is not None
+            or fuse_linears(self, parts, "wqkv", release)
+            or fuse_int8(self, parts, "wqkv")
+        )
 
     def _project(self, x: Tensor, rot: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """q_raw (B,T,H,D), k_raw (B,T,H_kv,D) before RoPE; q, k after; v (B,T,H_kv,D)."""
@@ -169,8 +176,12 @@ class FeedForward(nn.Module):
         self.w13: nn.Linear | None = None  # set by fuse(); then w1, w3 are gone
 
     def fuse(self, release: Release | None = None) -> bool:
-        """w1|w3 -> w13 (see llama/fusion.py). False when not plain nn.Linear (8-bit)."""
-        return self.w13 is not None or fuse_linears(self, ("w1", "w3"), "w13", release)
+        """w1|w3 -> w13 (llama/fusion.py; llama/int8.py for int8). False for bitsandbytes."""
+        return (
+            self.w13 is not None
+            or fuse_linears(self, ("w1", "w3"), "w13", release)
+            or fuse_int8(self, ("w1", "w3"), "w13")
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.w13 is None:
@@ -207,23 +218,33 @@ class TransformerBlock(nn.Module):
         att, ffn = self.attention, self.feed_forward
         if att.observer is not None or att.wqkv is None or ffn.w13 is None:
             return None
-        if type(att.wo) is not nn.Linear or type(ffn.w2) is not nn.Linear:
-            return None  # e.g. 8-bit or tensor-parallel subclasses: their forward must run
+        products = [_product(m) for m in (att.wqkv, att.wo, ffn.w13, ffn.w2)]
+        if any(p is None for p in products):
+            return None  # e.g. bitsandbytes or tensor-parallel subclasses: their forward must run
+        wqkv, wo, w13, w2 = products
         n1, n2 = self.attention_norm, self.ffn_norm
         return FastLayer(
             n1.weight,
             n1.eps,
-            att.wqkv.weight,
+            wqkv,
             att.cache,
-            att.wo.weight,
+            wo,
             n2.weight,
             n2.eps,
-            ffn.w13.weight,
-            ffn.w2.weight,
+            w13,
+            w2,
             att.n_heads,
             att.n_kv_heads,
             att.head_dim,
         )
+
+
+def _product(linear: nn.Module) -> Product | None:
+    """What fast_block multiplies by for this module: a plain Linear's weight, an Int8Linear
+    itself, None for anything else."""
+    if type(linear) is nn.Linear:
+        return linear.weight
+    return linear if type(linear) is Int8Linear else None
 
 
 class Transformer(nn.Module):

@@ -22,8 +22,6 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from llama.model import Transformer
-
 THRESHOLD = 6.0  # LLM.int8's outlier threshold (the paper's and bitsandbytes' default)
 INSTALL_HINT = "pip install bitsandbytes"
 
@@ -89,8 +87,9 @@ def is_block_linear(model: nn.Module, name: str) -> bool:
 def replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
-    if isinstance(model, Transformer):
-        model.invalidate_routes()
+    invalidate = getattr(model, "invalidate_routes", None)  # a Transformer's fast route
+    if invalidate is not None:
+        invalidate()
 
 
 def make_quantiser(device: torch.device) -> Callable[[nn.Module, str, Tensor], bool]:
@@ -124,7 +123,7 @@ def quantise_model(model: nn.Module) -> nn.Module:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes held by parameters and the int8 layers' row scales (SCB, which bitsandbytes
+    """Bytes held by parameters, buffers and the int8 layers' row scales (SCB, which bitsandbytes
     moves from the weight to the layer state on the first forward), counting shared (tied)
     storage once."""
     scales = []
@@ -133,7 +132,8 @@ def weight_bytes(model: nn.Module) -> int:
         scales += [getattr(weight, "SCB", None), getattr(getattr(m, "state", None), "SCB", None)]
     seen: set[int] = set()
     total = 0
-    for t in [*model.parameters(), *scales]:
+    # Buffers hold llama.int8's int8 weights and scales.
+    for t in [*model.parameters(), *model.buffers(), *scales]:
         if t is None or t.device.type == "meta" or t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())

@@ -239,6 +239,7 @@ def load_runtime(
     tokenizer_path: str | Path | None = None,
     template: str | None = None,
     progress: bool = True,
+    weights: str | None = None,
 ) -> Runtime:
     """Load a checkpoint (any format llama.checkpoints knows) into a Runtime.
 
@@ -254,6 +255,7 @@ def load_runtime(
         max_seq_len=max_seq_len,
         tokenizer_path=tokenizer_path,
         progress=progress,
+        weights=weights,
         fit_context=True,
     )
     if loaded.notice:

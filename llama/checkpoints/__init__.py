@@ -131,6 +131,7 @@ def load(
     tokenizer_path: str | Path | None = None,
     progress: bool = True,
     fuse: bool = True,
+    weights: str | None = None,
     fit_context: bool = False,
 ) -> LoadedModel:
     """Load the checkpoint at `path` (any format `detect` knows) ready for inference.
@@ -144,6 +145,9 @@ def load(
     The model's vocab_size must equal the tokenizer's.
     fuse: `Transformer.prepare_for_decode` (fused projections, output layout), dropping the
     mapped pages of the weights it replaces; False leaves the modules as the file has them.
+    weights: "fp32", "bf16" or "fp16" (the same as that dtype), or "int8": every Linear
+    weight (blocks, untied output) becomes llama.int8.Int8Linear, quantised while loading;
+    the rest stays in `dtype`.
     Before reading any weights, weights + KV cache + RoPE tables + workspace are checked
     against the device's free memory (llama/memory.py): CheckpointError saying what fits.
     fit_context: instead, when max_seq_len is not given, shorten the context to the longest
@@ -152,20 +156,25 @@ def load(
     path = Path(path)
     fmt = detect(path)
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device, load_in_8bit)
+    dtype = _weights_dtype(weights, dtype, load_in_8bit) or default_dtype(device, load_in_8bit)
     tokenizer = _tokenizer(path, fmt, tokenizer_path)
     source = _open(fmt, path, tokenizer)
     if max_seq_len is not None:
         source.args = _with_seq_len(source.args, max_seq_len, path)
     if tokenizer != source.origin:  # a GGUF file's own vocabulary was checked on opening
         check_vocab(source.args, tokenizer, path)
-    source.args, notice = _fit_memory(source.args, dtype, device, load_in_8bit, path,
+    eight_bit = load_in_8bit or weights == "int8"  # one byte per Linear weight either way
+    source.args, notice = _fit_memory(source.args, dtype, device, eight_bit, path,
                                       fit_context and max_seq_len is None)
     quantise = None
     if load_in_8bit:
         from llama.quant import make_quantiser
 
         quantise = make_quantiser(device)
+    elif weights == "int8":
+        from llama.int8 import make_quantiser as int8_quantiser
+
+        quantise = int8_quantiser(device)
     stream = progress_bar(source.tensors, source.count, f"loading {path.name}", progress)
     model = assemble(source.args, stream, source.origin or path, device, dtype,
                      tie_allowed=source.tie_allowed, quantise=quantise, fuse=fuse)
@@ -175,6 +184,25 @@ def load(
                        metadata=source.metadata)
 
 
+WEIGHTS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
+
+
+def _weights_dtype(
+    weights: str | None, dtype: torch.dtype | None, load_in_8bit: bool
+) -> torch.dtype | None:
+    """The dtype `weights` implies (None: `dtype` as given); ValueError on a conflict."""
+    if weights is None:
+        return dtype
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights: expected one of {', '.join(WEIGHTS)}, found {weights!r}")
+    if weights == "int8" and load_in_8bit:
+        raise ValueError("weights='int8' and load_in_8bit=True: choose one 8-bit mode")
+    implied = WEIGHTS[weights]
+    if implied is None:
+        return dtype
+    if dtype is not None and dtype != implied:
+        raise ValueError(f"weights={weights!r} means dtype {implied}, but dtype={dtype} was given")
+    return implied
 def _fit_memory(
     args: ModelArgs, dtype: torch.dtype, device: torch.device, load_in_8bit: bool, path: Path,
     shorten: bool,
