@@ -9,6 +9,7 @@ A session keeps one exported file; it is deleted when replaced and when the sess
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -92,8 +93,9 @@ class ChatFileHandlers:
         if path is None:
             raise gr.Error("No file was uploaded.")
         try:
-            chat = chat_io.read_chat(getattr(path, "name", path))
-            self._check_system(chat)
+            path = Path(getattr(path, "name", path))
+            chat = chat_io.read_chat(path)
+            self._check_system(chat, path.name)
         except chat_io.ChatFileError as exc:
             raise gr.Error(f"Cannot import: {exc}") from None
         s = chat.settings
@@ -108,7 +110,7 @@ class ChatFileHandlers:
             format_stop(s.stop),
         )
 
-    def _check_system(self, chat: chat_io.ChatFile) -> None:
+    def _check_system(self, chat: chat_io.ChatFile, name: str) -> None:
         """A system prompt the template refuses would make every later turn fail: refuse it
         at import (ChatFileError naming the field)."""
         if chat.template != "chat" or not chat.system.strip():
@@ -118,7 +120,7 @@ class ChatFileHandlers:
             build_prompt(self.rt, probe, "chat", chat.system, 1)
         except (ChatError, TokenizerError) as exc:
             why = str(exc).partition(": ")[2] or str(exc)
-            raise chat_io.ChatFileError(f"system: {why}") from None
+            raise chat_io.ChatFileError(f"{name}: system: {why}") from None
 
 
 def forget_export(control: SessionControl) -> None:

@@ -17,7 +17,6 @@ file may not be the user's own.
 from __future__ import annotations
 
 import atexit
-import functools
 import json
 import shutil
 import tempfile
@@ -80,12 +79,21 @@ def write_chat(text: str, directory: str | Path) -> Path:
     return Path(f.name)
 
 
-@functools.cache
+_export_dir: list[Path] = []  # created on the first export
+
+
 def export_dir() -> Path:
-    """This process's own folder for exported chats, removed when it exits."""
-    path = Path(tempfile.mkdtemp(prefix="llama-playground-chats-"))
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return path
+    """This process's own folder for exported chats (remove_exports deletes it)."""
+    if not _export_dir:
+        _export_dir.append(Path(tempfile.mkdtemp(prefix="llama-playground-chats-")))
+        atexit.register(remove_exports)
+    return _export_dir[0]
+
+
+def remove_exports() -> None:
+    """Delete the folder of exported chats, if one was made (at exit)."""
+    while _export_dir:
+        shutil.rmtree(_export_dir.pop(), ignore_errors=True)
 
 
 def read_chat(path: str | Path) -> ChatFile:
@@ -134,8 +142,11 @@ def parse_chat(raw: Any) -> ChatFile:
     sampling = raw.get("sampling")
     if not isinstance(sampling, dict):
         raise _error("sampling", "an object", sampling)
+    stop = sampling.get("stop", [])
+    if not isinstance(stop, list):  # a text box's text is split into lines; a file has a list
+        raise _error("sampling.stop", "a list of strings", stop)
     try:
-        settings = settings_from_values(sampling, sampling.get("seed"), sampling.get("stop", []))
+        settings = settings_from_values(sampling, sampling.get("seed"), stop)
     except SettingsError as exc:
         raise ChatFileError(f"sampling.{exc.safe}") from None
     for i, stop in enumerate(settings.stop):
