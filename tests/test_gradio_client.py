@@ -309,25 +309,34 @@ def test_stop_takes_back_a_message_whose_reply_was_refused(
     client.close()
 
 
+def raw_call(server: AppServer, api_name: str, *data: Any) -> str:
+    """Call an endpoint over plain HTTP: gradio_client would upload a local file it is given
+    (from the client's own disk), which is not what a hostile client sends."""
+    import httpx
+
+    call = f"{server.url}gradio_api/call/{api_name}"
+    event = httpx.post(call, json={"data": list(data)}, timeout=60).json()["event_id"]
+    with httpx.stream("GET", f"{call}/{event}", timeout=120) as stream:
+        return stream.read().decode()
+
+
 def test_import_reads_no_server_file(server: AppServer, tmp_path: Path) -> None:
-    """The repro: a FileData naming a server path, no upload. Neither a valid chat nor another
-    JSON file is read, and nothing of their contents comes back."""
+    """The repro: a FileData naming a server path (or a URL), no upload. Nothing is read and
+    nothing of the file comes back; an uploaded bad file is named by field, not by value."""
     from gradio_client import handle_file
 
-    client = Client(server.url, verbose=False)
     secret = tmp_path / "secret.json"
     chat = {"format": "llama-playground-chat", "version": 1, "template": "chat", "system": "",
             "messages": [{"role": "user", "content": "SECRET-CONTENT"}],
             "sampling": {"temperature": "SECRET-VALUE"}}  # fmt: skip
     secret.write_text(json.dumps(chat))
-    for path in (str(secret), "/etc/hostname"):
-        with pytest.raises(Exception) as info:
-            client.predict(
-                {"path": path, "meta": {"_type": "gradio.FileData"}}, api_name="/import_chat"
-            )
-        assert "uploaded through this page" in str(info.value), info.value
-        assert "SECRET" not in str(info.value)
-    # The same file uploaded is read; its bad field is named, its value is not echoed.
+    for path in (str(secret), "/etc/hostname", "http://127.0.0.1:9/chat.json"):
+        answer = raw_call(
+            server, "import_chat", {"path": path, "meta": {"_type": "gradio.FileData"}}
+        )
+        assert "event: error" in answer and "upload" in answer, answer
+        assert "SECRET" not in answer and "complete" not in answer, answer
+    client = Client(server.url, verbose=False)
     with pytest.raises(Exception) as info:
         client.predict(handle_file(str(secret)), api_name="/import_chat")
     assert "sampling.temperature" in str(info.value) and "SECRET" not in str(info.value)

@@ -206,3 +206,25 @@ def test_a_session_keeps_one_exported_file(h: Handlers) -> None:
     assert not second.exists() and other.exists()
     forget_export(b)
     assert list(chat_io.export_dir().iterdir()) == []
+
+
+def test_upload_widget_refuses_paths_outside_the_upload_folder(tmp_path: Path) -> None:
+    import asyncio
+
+    from ui.chat_handlers import uploads_only
+
+    button = uploads_only(gr.UploadButton("Import"))
+    outside = tmp_path / "chat.json"
+    outside.write_text("{}")
+    for move in (button.move_resource_to_block_cache, button.async_move_resource_to_block_cache):
+        with pytest.raises(gr.Error, match="uploaded through this page"):
+            result = move(str(outside))
+            if asyncio.iscoroutine(result):
+                asyncio.run(result)
+    inside = Path(button.GRADIO_CACHE) / "test-upload" / "chat.json"
+    inside.parent.mkdir(parents=True, exist_ok=True)
+    inside.write_text("{}")
+    try:
+        assert asyncio.run(button.async_move_resource_to_block_cache(str(inside))) == str(inside)
+    finally:
+        inside.unlink()

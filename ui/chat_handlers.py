@@ -135,14 +135,25 @@ def uploads_only(button: gr.UploadButton) -> gr.UploadButton:
     """Make `button` accept only files in gradio's upload folder, where the page's uploads
     land: gradio would otherwise copy any server path (or download any URL) a client names
     in the FileData it sends. Done per instance, like layout.named_errors."""
-    plain = button.move_resource_to_block_cache
+    plain, plain_async = (
+        button.move_resource_to_block_cache,
+        button.async_move_resource_to_block_cache,
+    )
 
-    def checked(path: Any) -> str | None:
+    def check(path: Any) -> None:
         if path is not None and not _in_folder(str(path), button.GRADIO_CACHE):
             raise gr.Error("Import: only a file uploaded through this page can be read.")
+
+    def moved(path: Any) -> str | None:
+        check(path)
         return plain(path)
 
-    button.move_resource_to_block_cache = checked
+    async def moved_async(path: Any) -> str | None:  # what gradio's routes call
+        check(path)
+        return await plain_async(path)
+
+    button.move_resource_to_block_cache = moved
+    button.async_move_resource_to_block_cache = moved_async
     return button
 
 
