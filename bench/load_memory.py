@@ -113,6 +113,7 @@ def write_meta_from_hf(args: ModelArgs, hf: Path, meta: Path, shards: dict, safe
     import torch
 
     from llama.checkpoints.hf import meta_name, unpermute
+    from llama.rope import rope_frequencies
 
     state = {}
     handles = [safe_open(str(hf / f), "pt") for f in shards]
@@ -124,7 +125,7 @@ def write_meta_from_hf(args: ModelArgs, hf: Path, meta: Path, shards: dict, safe
             elif name.endswith("attention.wk.weight"):
                 t = unpermute(t, args.kv_heads)
             state[name] = t
-    state["rope.freqs"] = torch.ones(args.head_dim // 2)
+    state["rope.freqs"] = rope_frequencies(args.head_dim, args.rope_theta)  # as Meta's
     torch.save(state, meta / "consolidated.00.pth")
     params = {k: v for k, v in args.to_params_json().items() if k != "max_seq_len"}
     if TOKENIZER.is_file() and args.vocab_size == 32000:

@@ -1,8 +1,8 @@
 """Model hyper-parameters, named exactly as in Meta's params.json.
 
 `ModelArgs` is the one description of a model shape in the project. The constructors below
-read the three header formats people have on disk (Meta params.json, Hugging Face
-config.json, llama2.c's binary header) and raise `ConfigError` naming the file and field
+read Meta's params.json and llama2.c's binary header (Hugging Face config.json: see
+llama/hf_config.py) and raise `ConfigError` naming the file and field
 when something is missing or inconsistent.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,13 @@ class ModelArgs:
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name}: expected a positive integer, found {value!r}")
+            _check_positive_int(name, getattr(self, name))
+        if self.hidden_dim is not None:
+            _check_positive_int("hidden_dim", self.hidden_dim)
+        for name in ("norm_eps", "rope_theta"):
+            _check_positive_number(name, getattr(self, name))
+        if self.ffn_dim_multiplier is not None:
+            _check_positive_number("ffn_dim_multiplier", self.ffn_dim_multiplier)
         if self.dim % self.n_heads:
             raise ConfigError(
                 f"dim: expected a multiple of n_heads={self.n_heads}, found {self.dim}"
@@ -51,15 +56,15 @@ class ModelArgs:
         if self.head_dim % 2:
             raise ConfigError(f"head_dim: RoPE needs an even head size, found {self.head_dim}")
         kv = self.kv_heads
-        if not isinstance(kv, int) or kv <= 0 or self.n_heads % kv:
+        if not isinstance(kv, int) or isinstance(kv, bool) or kv <= 0 or self.n_heads % kv:
             raise ConfigError(
                 f"n_kv_heads: expected a positive divisor of n_heads={self.n_heads}, "
                 f"found {self.n_kv_heads!r}"
             )
-        if self.norm_eps <= 0 or self.rope_theta <= 0:
+        if self.ffn_hidden_dim <= 0:
             raise ConfigError(
-                f"norm_eps and rope_theta must be positive, found {self.norm_eps}, "
-                f"{self.rope_theta}"
+                f"ffn_dim_multiplier: gives a feed-forward width of {self.ffn_hidden_dim}, "
+                "expected a positive one"
             )
 
     # Derived sizes -------------------------------------------------------------------------
@@ -118,10 +123,16 @@ class ModelArgs:
 
     @classmethod
     def from_params_json(cls, path: str | Path, **overrides: Any) -> ModelArgs:
-        """Read Meta's params.json. vocab_size -1 (Meta's placeholder) must be overridden."""
+        """Read Meta's params.json. vocab_size -1 (Meta's placeholder) must be overridden.
+
+        Fields that are not ModelArgs fields are refused by name (they may change the maths:
+        Llama 3.1's `use_scaled_rope: true`), except `max_batch_size` (Meta's generation
+        setting) and a false `use_scaled_rope`.
+        """
         path = Path(path)
-        raw = _read_json(path)
+        raw = read_json_object(path)
         fields = {f.name for f in dataclasses.fields(cls)}
+        _check_params_extras(path, {k: v for k, v in raw.items() if k not in fields})
         kwargs = {k: v for k, v in raw.items() if k in fields}
         kwargs.update(overrides)
         for key in ("dim", "n_layers", "n_heads"):
@@ -131,40 +142,6 @@ class ModelArgs:
             raise ConfigError(
                 f"{path}: vocab_size is -1; pass the tokenizer's vocabulary size instead"
             )
-        return _build(cls, kwargs, path)
-
-    @classmethod
-    def from_hf_config(cls, path: str | Path, **overrides: Any) -> ModelArgs:
-        """Read a Hugging Face LlamaForCausalLM config.json."""
-        path = Path(path)
-        raw = _read_json(path)
-        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-        missing = [k for k in required if k not in raw]
-        if missing:
-            raise ConfigError(f"{path}: missing required field(s) {', '.join(missing)}")
-        head_dim = raw.get("head_dim")
-        if head_dim is not None and head_dim * raw["num_attention_heads"] != raw["hidden_size"]:
-            raise ConfigError(
-                f"{path}: head_dim {head_dim} x num_attention_heads must equal hidden_size "
-                f"{raw['hidden_size']}"
-            )
-        scaling = raw.get("rope_scaling")
-        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-            raise ConfigError(
-                f"{path}: rope_scaling {scaling!r} is not supported (LLaMA-2 has none)"
-            )
-        kwargs = dict(
-            dim=raw["hidden_size"],
-            n_layers=raw["num_hidden_layers"],
-            n_heads=raw["num_attention_heads"],
-            n_kv_heads=raw.get("num_key_value_heads"),
-            vocab_size=raw["vocab_size"],
-            norm_eps=raw.get("rms_norm_eps", 1e-6),
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
-            max_seq_len=raw.get("max_position_embeddings", 4096),
-            hidden_dim=raw.get("intermediate_size"),
-        )
-        kwargs.update(overrides)
         return _build(cls, kwargs, path)
 
     @classmethod
@@ -188,7 +165,39 @@ class ModelArgs:
         return _build(cls, kwargs, source)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _check_positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name}: expected a positive integer, found {value!r}")
+
+
+def _check_positive_number(name: str, value: object) -> None:
+    """A finite number above zero: NaN compares false with everything, so say it outright."""
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(f"{name}: expected a finite positive number, found {value!r}")
+
+
+def _check_params_extras(path: Path, extras: dict[str, Any]) -> None:
+    for key, value in extras.items():
+        if key == "max_batch_size" or (key == "use_scaled_rope" and value is False):
+            continue
+        if key == "use_scaled_rope":
+            raise ConfigError(
+                f"{path}: use_scaled_rope: expected false (Llama 3.1's scaled RoPE is not "
+                f"implemented), found {value!r}"
+            )
+        raise ConfigError(
+            f"{path}: field {key!r} is not a LLaMA setting this runtime knows (found "
+            f"{str(value)[:80]}); it may change the model's maths, so it is refused"
+        )
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object, or ConfigError naming the file."""
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:

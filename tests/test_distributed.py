@@ -42,6 +42,7 @@ from llama.parallel.runtime import (
 )
 from llama.probes import Probe
 from llama.quant import weight_bytes
+from llama.rope import rope_frequencies
 
 KINDS = ("mha", "gqa", "mqa")
 PROMPT = [1, 5, 9, 13, 2]
@@ -65,7 +66,7 @@ def _meta_shards(model: Transformer, directory: Path, n: int) -> None:
         for shard, part in zip(shards, parts, strict=True):
             shard[name] = part.clone()
     for i, shard in enumerate(shards):
-        shard["rope.freqs"] = torch.ones(model.args.head_dim // 2)
+        shard["rope.freqs"] = rope_frequencies(model.args.head_dim, model.args.rope_theta)
         torch.save(shard, directory / f"consolidated.{i:02d}.pth")
     (directory / "params.json").write_text(json.dumps(model.args.to_params_json()))
 

@@ -12,6 +12,7 @@ import torch
 from llama.cache import CacheOverflowError
 from llama.checkpoints.writers import random_transformer
 from llama.config import PRESETS, ConfigError, ModelArgs
+from llama.hf_config import load_hf_config
 from llama.rope import apply_rope, apply_rope_complex, apply_rope_matrix, rope_tables
 
 ATOL = 1e-5
@@ -146,12 +147,12 @@ def test_hf_config_errors(tmp_path: Path) -> None:
             "vocab_size": 97, "intermediate_size": 96}
     path.write_text(json.dumps({k: v for k, v in good.items() if k != "vocab_size"}))
     with pytest.raises(ConfigError, match="vocab_size"):
-        ModelArgs.from_hf_config(path)
+        load_hf_config(path)
     path.write_text(json.dumps(good | {"rope_scaling": {"rope_type": "linear", "factor": 2}}))
     with pytest.raises(ConfigError, match="rope_scaling"):
-        ModelArgs.from_hf_config(path)
+        load_hf_config(path)
     path.write_text(json.dumps(good | {"num_key_value_heads": 3}))
-    with pytest.raises(ConfigError, match="n_kv_heads"):
-        ModelArgs.from_hf_config(path)
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        load_hf_config(path)
     path.write_text(json.dumps(good))
-    assert ModelArgs.from_hf_config(path).ffn_hidden_dim == 96
+    assert load_hf_config(path)[0].ffn_hidden_dim == 96

@@ -157,13 +157,22 @@ def assemble(
     shapes = expected_shapes(model)
     state: dict[str, Tensor] = {}
     seen: set[str] = set()
-    for name, raw in tensors:
-        if name in IGNORABLE_KEYS:
-            continue
-        _check_entry(name, raw, shapes, seen, source)
-        seen.add(name)
-        if quantise is None or not quantise(model, name, raw):
-            state[name] = raw.to(device=device, dtype=dtype)
+    try:
+        for name, raw in tensors:
+            if name in IGNORABLE_KEYS:
+                continue
+            _check_entry(name, raw, shapes, seen, source)
+            seen.add(name)
+            if quantise is not None and quantise(model, name, raw):
+                check_finite(raw, name, source)
+            else:
+                state[name] = check_finite(raw.to(device=device, dtype=dtype), name, source, raw)
+    finally:
+        # A refusal mid-stream: close the stream now (its files, and a progress bar that
+        # would otherwise stay on screen in front of the one-line error).
+        close = getattr(tensors, "close", None)
+        if close is not None:
+            close()
     _tie_or_fail(state, seen, shapes, source, tie_allowed)
     _bind(model, state, strict=quantise is None, source=source)
     return finish(model, device)
@@ -182,6 +191,33 @@ def _check_entry(
         raise CheckpointError(f"{source}: tensor {name!r} has dtype {t.dtype}, expected floats")
     if name in seen:
         raise CheckpointError(f"{source}: key {name!r} appears twice")
+
+
+def check_finite(t: Tensor, name: str, source: Path, read: Tensor | None = None) -> Tensor:
+    """`t` itself, or CheckpointError when it holds NaN or infinity (corrupt weights would
+    otherwise load and only show as garbage text or a sampling error).
+
+    One reduction per tensor, no temporary: a sum is finite whenever every element is (it
+    runs at memory speed, ~50x cheaper than isfinite().all() on this CPU); only a non-finite
+    sum pays for the exact count. `read`: the tensor as read from the file, to tell a corrupt
+    file from values beyond the range of the dtype `t` was converted to.
+    """
+    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
+        return t
+    bad = ~torch.isfinite(t)
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return t  # the sum overflowed on finite values
+    if read is not None and read is not t and bool(torch.isfinite(read).all()):
+        raise CheckpointError(
+            f"{source}: tensor {name!r}: {n_bad} value(s) overflow {t.dtype} (largest "
+            f"|value| {read.abs().max().item():.3g}); load it in a wider dtype"
+        )
+    n_nan = int(torch.isnan(t).sum())
+    raise CheckpointError(
+        f"{source}: tensor {name!r} holds {n_nan} NaN and {n_bad - n_nan} infinite value(s) "
+        f"out of {t.numel()}: the weights are corrupt"
+    )
 
 
 def _tie_or_fail(

@@ -33,14 +33,24 @@ from llama.checkpoints.io import (
     safetensors_keys,
 )
 from llama.config import ConfigError, ModelArgs
+from llama.hf_config import load_hf_config
 
-_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-        "lm_head.weight": "output.weight"}
-_LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-          "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-          "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-          "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
-          "post_attention_layernorm": "ffn_norm"}
+_TOP = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 _INV_FREQ = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 ST_INDEX = "model.safetensors.index.json"
@@ -48,8 +58,12 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 
 def weight_files_present(d: Path) -> bool:
-    return any(d.glob("*.safetensors")) or any(d.glob("pytorch_model*.bin")) or \
-        (d / ST_INDEX).is_file() or (d / BIN_INDEX).is_file()
+    return (
+        any(d.glob("*.safetensors"))
+        or any(d.glob("pytorch_model*.bin"))
+        or (d / ST_INDEX).is_file()
+        or (d / BIN_INDEX).is_file()
+    )
 
 
 def meta_name(hf_name: str) -> str | None:
@@ -81,14 +95,12 @@ def permute(w: Tensor, n_heads: int) -> Tensor:
 
 
 def read_config(directory: Path) -> tuple[ModelArgs, bool]:
-    """config.json -> (args, tie_word_embeddings)."""
+    """config.json -> (args, tie_word_embeddings); fields we cannot honour are refused."""
     path = require_file(directory / "config.json", "config.json")
     try:
-        args = ModelArgs.from_hf_config(path)
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        return load_hf_config(path)
     except ConfigError as exc:
         raise config_error(exc) from None
-    return args, bool(raw.get("tie_word_embeddings", False))
 
 
 def open_source(directory: Path, tokenizer: Path | None) -> Source:
@@ -100,7 +112,10 @@ def open_source(directory: Path, tokenizer: Path | None) -> Source:
     else:
         keys = {f: list(load_pth(f)) for f in files}
     count = sum(len(k) for k in keys.values())
-    return Source(args, _stream(files, keys, args, shapes, tied), count, tie_allowed=tied)
+    origin = files[0] if len(files) == 1 else None
+    return Source(
+        args, _stream(files, keys, args, shapes, tied), count, tie_allowed=tied, origin=origin
+    )
 
 
 def _safetensors_keys(path: Path) -> list[str]:
@@ -138,23 +153,31 @@ def _indexed_files(index: Path) -> list[Path]:
 
 
 def _stream(
-    files: list[Path], keys: dict[Path, list[str]], args: ModelArgs,
-    shapes: dict[str, tuple[int, ...]], tied: bool,
+    files: list[Path],
+    keys: dict[Path, list[str]],
+    args: ModelArgs,
+    shapes: dict[str, tuple[int, ...]],
+    tied: bool,
 ) -> TensorStream:
     for path in files:
         if path.suffix == ".safetensors":
             with open_safetensors(path) as handle:
                 for key in keys[path]:
-                    yield from _convert(path, key, read_safetensor(handle, path, key),
-                                        args, shapes, tied)
+                    yield from _convert(
+                        path, key, read_safetensor(handle, path, key), args, shapes, tied
+                    )
         else:
             for key, t in load_pth(path).items():
                 yield from _convert(path, key, t, args, shapes, tied)
 
 
 def _convert(
-    path: Path, key: str, t: Tensor, args: ModelArgs,
-    shapes: dict[str, tuple[int, ...]], tied: bool,
+    path: Path,
+    key: str,
+    t: Tensor,
+    args: ModelArgs,
+    shapes: dict[str, tuple[int, ...]],
+    tied: bool,
 ) -> TensorStream:
     """Rename one HF tensor and un-permute it when it is wq/wk; nothing for ignored ones."""
     if _INV_FREQ.fullmatch(key) or (tied and key == "lm_head.weight"):

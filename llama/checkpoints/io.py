@@ -46,7 +46,11 @@ def read_safetensor(handle: object, path: Path, key: str) -> Tensor:
 
 
 def check_safetensors_size(path: Path) -> None:
-    """safetensors only checks offsets lazily; a file cut short must fail before loading."""
+    """safetensors only checks offsets lazily; a file cut short must fail before loading.
+
+    The header is checked here too (a JSON object of name -> {"data_offsets": [start, end],
+    ...}), so a malformed one is refused naming the entry instead of failing deep inside.
+    """
     with path.open("rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
@@ -56,13 +60,36 @@ def check_safetensors_size(path: Path) -> None:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
             raise CheckpointError(f"{path}: corrupt safetensors header") from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header: expected a JSON object of tensor name -> "
+            f"entry, found a JSON {type(header).__name__}"
+        )
+    ends = [_data_end(path, k, v) for k, v in header.items() if k != "__metadata__"]
     expected = 8 + n + max(ends, default=0)
     found = path.stat().st_size
     if found < expected:
         raise CheckpointError(
             f"{path}: truncated safetensors file: expected {expected} bytes, found {found}"
         )
+
+
+def _data_end(path: Path, key: str, entry: object) -> int:
+    """End offset of one header entry, which must hold "data_offsets": [start, end]."""
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    valid = (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+        and offsets[0] <= offsets[1]
+    )
+    if not valid:
+        found = json.dumps(entry)[:80]
+        raise CheckpointError(
+            f'{path}: corrupt safetensors header: entry {key!r} needs "data_offsets": '
+            f"[start, end] (integers, start <= end), found {found}"
+        )
+    return offsets[1]
 
 
 def load_pth(path: Path) -> dict[str, Tensor]:

@@ -3,8 +3,9 @@
 Legacy (v0): a 7 x int32 header (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size,
 seq_len), vocab_size negative when the classifier is separate; then, each stacked over layers:
 tok_embeddings, attention_norm, wq, wk, wv, wo, ffn_norm, w1, w2, w3, the final norm, the
-RoPE cos/sin tables (seq_len x head_dim/2 each, ignored: we recompute them), and
-output.weight when not shared.
+RoPE cos/sin tables (seq_len x head_dim/2 each: we recompute them, after checking that they
+are the ones theta 10000 gives, as llama2.c's header has no theta), and output.weight when
+not shared.
 
 Versioned v1: uint32 magic 0x616b3432 ("ak42"), int32 version, the same 7 ints, a uint8
 "classifier shared" flag, zero padding to 256 bytes; then attention_norm (all layers),
@@ -29,12 +30,20 @@ from llama.checkpoints.common import (
     release_pages,
 )
 from llama.config import ConfigError, ModelArgs
+from llama.rope import rope_tables
 
 MAGIC = 0x616B3432
 V1_HEADER_BYTES = 256
 LEGACY_HEADER_BYTES = 28
-_PER_LAYER = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-              "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+_PER_LAYER = (
+    "attention.wq",
+    "attention.wk",
+    "attention.wv",
+    "attention.wo",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+)
 
 
 def read_header(path: Path) -> tuple[ModelArgs, bool, int, int]:
@@ -87,9 +96,15 @@ def tensor_layout(args: ModelArgs, shared: bool, version: int) -> list[tuple[str
     """(name, shape) of every stored tensor in file order; name "" marks skipped RoPE tables."""
     L, d = args.n_layers, args.dim
     kv, hd, hid = args.kv_heads * args.head_dim, args.head_dim, args.ffn_hidden_dim
-    shapes = {"attention.wq": (d, d), "attention.wk": (kv, d), "attention.wv": (kv, d),
-              "attention.wo": (d, d), "feed_forward.w1": (hid, d),
-              "feed_forward.w2": (d, hid), "feed_forward.w3": (hid, d)}
+    shapes = {
+        "attention.wq": (d, d),
+        "attention.wk": (kv, d),
+        "attention.wv": (kv, d),
+        "attention.wo": (d, d),
+        "feed_forward.w1": (hid, d),
+        "feed_forward.w2": (d, hid),
+        "feed_forward.w3": (hid, d),
+    }
 
     def stacked(key: str, shape: tuple) -> list[tuple[str, tuple]]:
         return [(f"layers.{i}.{key}.weight", shape) for i in range(L)]
@@ -100,8 +115,11 @@ def tensor_layout(args: ModelArgs, shared: bool, version: int) -> list[tuple[str
         out += [e for key in _PER_LAYER[:4] for e in stacked(key, shapes[key])]
         out += stacked("ffn_norm", (d,))
         out += [e for key in _PER_LAYER[4:] for e in stacked(key, shapes[key])]
-        out += [("norm.weight", (d,)), ("", (args.max_seq_len, hd // 2)),
-                ("", (args.max_seq_len, hd // 2))]
+        out += [
+            ("norm.weight", (d,)),
+            ("", (args.max_seq_len, hd // 2)),
+            ("", (args.max_seq_len, hd // 2)),
+        ]
     else:
         out = stacked("attention_norm", (d,)) + stacked("ffn_norm", (d,))
         out += [("norm.weight", (d,)), *emb]
@@ -130,7 +148,33 @@ def read(path: Path) -> tuple[ModelArgs, TensorStream, int, bool]:
     # Copy-on-write mapping: writable tensors without copying, the file is never modified.
     data = np.memmap(path, dtype="<f4", mode="c", offset=offset, shape=(n_floats,))
     named = [(n, s) for n, s in layout if n]
-    return args, _stream(torch.from_numpy(data), layout), len(named), shared
+    flat = torch.from_numpy(data)
+    _check_rope_tables(path, flat, layout, args)
+    return args, _stream(flat, layout), len(named), shared
+
+
+def _check_rope_tables(
+    path: Path, flat: Tensor, layout: list[tuple[str, tuple]], args: ModelArgs
+) -> None:
+    """A legacy file's cos/sin tables must be theta 10000's (a model exported with another
+    base would otherwise load silently with the wrong rotation). Tolerance: fp32 angles of
+    positions up to seq_len differ by ~1e-4 between implementations; other bases by ~0.1+."""
+    start, found = 0, []
+    for name, shape in layout:
+        n = int(np.prod(shape))
+        if not name:
+            found.append(flat[start : start + n].view(shape))
+        start += n
+    if not found:
+        return  # v1 files carry no tables
+    cos, sin = rope_tables(args.max_seq_len, args.head_dim, args.rope_theta)
+    worst = max((t - ref).abs().max().item() for t, ref in zip(found, (cos, sin), strict=True))
+    if not worst <= 1e-2:  # NaN fails too
+        raise CheckpointError(
+            f"{path}: the RoPE cos/sin tables stored after the final norm differ from "
+            f"rope_theta {args.rope_theta:g}'s by up to {worst:.3g}: the model was trained "
+            "with another RoPE base or scaling, which a llama2.c header cannot state"
+        )
 
 
 def _stream(flat: Tensor, layout: list[tuple[str, tuple]]) -> TensorStream:
@@ -138,7 +182,7 @@ def _stream(flat: Tensor, layout: list[tuple[str, tuple]]) -> TensorStream:
     for name, shape in layout:
         n = int(np.prod(shape))
         if name:
-            t = flat[start:start + n].view(shape)
+            t = flat[start : start + n].view(shape)
             yield name, t
             release_pages(t)
         start += n

@@ -28,6 +28,7 @@ from llama.checkpoints.common import (
 from llama.checkpoints.io import load_pth
 from llama.checkpoints.native import read_args
 from llama.config import ModelArgs
+from llama.rope import rope_frequencies
 
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 _DIM1 = ("tok_embeddings.weight", "attention.wo.weight", "feed_forward.w2.weight")
@@ -59,6 +60,7 @@ def open_source(directory: Path, tokenizer: Path | None) -> Source:
     args = _args(directory, tokenizer)
     shards = [load_pth(p) for p in files]
     _check_shards(directory, files, shards, args)
+    check_rope_freqs(files[0], shards[0].get("rope.freqs"), args)
     count = len([k for k in shards[0] if k not in IGNORABLE_KEYS])
     origin = files[0] if len(files) == 1 else None
     return Source(args, _stream(shards), count, tie_allowed=False, origin=origin)
@@ -97,6 +99,29 @@ def _check_shards(
             _check_slices(name, [tuple(s[name].shape) for s in shards], shapes[name], files)
 
 
+def check_rope_freqs(path: Path, freqs: Tensor | None, args: ModelArgs) -> None:
+    """Meta's rope.freqs records the frequencies the model was trained with: they must be the
+    ones params.json's rope_theta gives (a params.json without the 1e6 of a CodeLlama, or
+    frequencies rescaled as Llama 3.1 does, would otherwise load silently)."""
+    if freqs is None:
+        return
+    expected = rope_frequencies(args.head_dim, args.rope_theta)
+    found = freqs.float()
+    # rtol: Meta stores the table in bf16 (3 significant digits).
+    if found.shape == expected.shape and torch.allclose(found, expected, rtol=1e-2, atol=0):
+        return
+    implied = ""
+    if found.dim() == 1 and len(found) > 1 and 0 < found[1].item() < 1:
+        implied = (
+            f" (the file's table implies rope_theta ~{found[1].item() ** (-args.head_dim / 2):.3g})"
+        )
+    raise CheckpointError(
+        f"{path}: tensor 'rope.freqs' does not match params.json's rope_theta "
+        f"{args.rope_theta:g} for head_dim {args.head_dim}{implied}; set rope_theta in "
+        "params.json (scaled RoPE is not implemented)"
+    )
+
+
 def _check_slices(
     name: str, slices: list[tuple[int, ...]], expected: tuple[int, ...], files: list[Path]
 ) -> None:
@@ -107,8 +132,7 @@ def _check_slices(
     elif any(len(s) != 2 or s[1 - axis] != slices[0][1 - axis] for s in slices):
         found = slices
     else:
-        found = tuple(sum(s[axis] for s in slices) if d == axis else slices[0][d]
-                      for d in range(2))
+        found = tuple(sum(s[axis] for s in slices) if d == axis else slices[0][d] for d in range(2))
     if found != expected:
         raise CheckpointError(
             f"{files[0].parent}: tensor {name!r}: {len(files)} shard(s) with slices "

@@ -26,6 +26,7 @@ from llama.checkpoints.common import (
     TOKENIZER_NAME,
     CheckpointError,
     build_on_meta,
+    check_finite,
     expected_shapes,
     require_file,
     tokenizer_vocab_size,
@@ -107,6 +108,7 @@ def _meta(d: Path, tokenizer: Path | None) -> SlicedSource:
         emb = load_pth(files[0]).get("tok_embeddings.weight")
         vocab = int(emb.shape[0]) if emb is not None else None
     args = native.read_args(d, vocab)
+    meta.check_rope_freqs(files[0], load_pth(files[0]).get("rope.freqs"), args)
     return SlicedSource("meta", args, lambda plan: _meta_stream(files, args, plan))
 
 
@@ -281,7 +283,7 @@ def bind(model: torch.nn.Module, stream: Stream, source: Path, device: torch.dev
             raise CheckpointError(f"{source}: tensor {name!r} has dtype {t.dtype}, "
                                   "expected floats")
         seen.add(name)
-        t = t.to(device=device, dtype=dtype).contiguous()
+        t = check_finite(t.to(device=device, dtype=dtype).contiguous(), name, source)
         if quantise is None or not quantise(model, name, t):
             state[name] = t
     missing = [n for n in shapes if n not in seen]
