@@ -9,8 +9,11 @@
 to stdout (each followed by a newline); prompts, notices and --stats go to stderr. Bad flags or
 files end with one "error: ..." line on stderr and exit status 2, never a traceback. In chat,
 a message the template rejects (e.g. special tags) is reported and the REPL goes on; Ctrl-C
-stops the current reply, Ctrl-C or EOF at the prompt ends the session. "/reset" forgets the
-dialog.
+stops the current reply, Ctrl-C or EOF at the prompt ends the session. Chat starts with a banner
+(the model, how to quit, the commands) on stderr; lines starting with "/" are commands, never
+sent to the model: /help, /reset (forget the dialog), /system [TEXT] (show or set the system
+prompt; "/system -" clears it), /quit. "//text" sends "/text". `complete` writes the prompt
+before its continuation (--no-echo: the continuation only).
 
 Under torchrun (`torchrun --nproc-per-node N -m llama chat --model PATH`) the model is split
 over the N processes (llama/parallel/runtime.py): rank 0 runs the chat, the other ranks replay its
@@ -30,6 +33,15 @@ from pathlib import Path
 from typing import NoReturn, TextIO
 
 EXIT_BAD_INPUT = 2
+# bench/RESULTS.md: compiled decode 183 vs 176 tok/s on the shipped 3.9M model, 80 vs 71 on
+# stories15M: below this size compiling is warned about.
+SMALL_FOR_COMPILE = 100_000_000
+CHAT_HELP = """commands (a line starting with / is never sent to the model):
+  /help           this list
+  /reset          forget the dialog (the system prompt stays)
+  /system [TEXT]  show the system prompt, or set it to TEXT ("/system -" clears it)
+  /quit           leave (also /exit, Ctrl-D; Ctrl-C stops a reply, or leaves at the prompt)
+  //text          send "/text" to the model"""
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -49,10 +61,14 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m llama", description="LLaMA-2 in the terminal")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    chat = sub.add_parser("chat", help="multi-turn Llama-2-chat REPL on stdin")
+    helpful = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+    chat = sub.add_parser("chat", help="multi-turn Llama-2-chat REPL on stdin", **helpful)
     chat.add_argument("--system", default=None, help="system prompt")
-    complete = sub.add_parser("complete", help="continue a raw prompt (base models)")
+    complete = sub.add_parser("complete", help="continue a raw prompt (base models)", **helpful)
     complete.add_argument("--prompt", required=True, help='text to continue ("-": read stdin)')
+    complete.add_argument(
+        "--no-echo", action="store_true", help="print only the continuation, not the prompt"
+    )
     for p in (chat, complete):
         model_flags(p)
         p.add_argument("--stats", action="store_true", help="tokens, speed, finish on stderr")
@@ -111,11 +127,15 @@ def check_model_flags(ns: argparse.Namespace) -> None:
     if not ns.compile:
         return
     if getattr(ns, "tp", None) is not None:
-        raise UsageError("--compile: not available under torchrun (tensor-parallel ranks "
-                         "decode eagerly); leave it out")
+        raise UsageError(
+            "--compile: not available under torchrun (tensor-parallel ranks "
+            "decode eagerly); leave it out"
+        )
     if ns.load_in_8bit:
-        raise UsageError("--compile: not available with --load-in-8bit (bitsandbytes' "
-                         "8-bit layers decode eagerly); leave one of them out")
+        raise UsageError(
+            "--compile: not available with --load-in-8bit (bitsandbytes' "
+            "8-bit layers decode eagerly); leave one of them out"
+        )
 
 
 def compile_if_asked(ns: argparse.Namespace, model) -> None:
@@ -124,6 +144,14 @@ def compile_if_asked(ns: argparse.Namespace, model) -> None:
         return
     from llama.runtime_opts import compile_decode
 
+    n_params = model.args.n_params()
+    if n_params < SMALL_FOR_COMPILE:
+        print(
+            f"warning: --compile: a model of {n_params / 1e6:.1f}M parameters gains little or "
+            "nothing from compiling (its step is framework overhead, which compiling keeps); "
+            "it mostly adds start-up time",
+            file=sys.stderr,
+        )
     print("compiling the decode step (--compile) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     compile_decode(model)
@@ -131,7 +159,7 @@ def compile_if_asked(ns: argparse.Namespace, model) -> None:
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
-    from llama.sampling import SamplingParams
+    from llama.sampling_params import SamplingParams  # no torch: --help stays fast
 
     d = SamplingParams()
     p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
@@ -148,7 +176,7 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
 
 def sampling_params(ns: argparse.Namespace):  # -> SamplingParams
     """SamplingParams from the flags; a SamplingError becomes a UsageError naming the flag."""
-    from llama.sampling import SamplingError, SamplingParams
+    from llama.sampling_params import SamplingError, SamplingParams
 
     names = (
         "temperature",
@@ -251,6 +279,7 @@ def stream_reply(model, tok, prompt, params, out: TextIO, err: TextIO, stats: bo
 
     cancel = threading.Event()
     parts: list[str] = []
+    notices: list[str] = []
     last = None
     with _sigint_sets(cancel):
         for step in generate(model, tok, prompt, params, cancel=cancel, n_top=1):
@@ -259,9 +288,11 @@ def stream_reply(model, tok, prompt, params, out: TextIO, err: TextIO, stats: bo
             parts.append(step.text)
             last = step
             if step.notice:
-                print(f"\n[{step.notice}]", file=err)
+                notices.append(step.notice)
     out.write("\n")
     out.flush()
+    for notice in notices:  # after the reply: on a terminal it would split the reply's text
+        print(f"[{notice}]", file=err)
     if stats and last is not None:
         n = last.position - len(prompt.ids) + (last.token_id >= 0)
         rate = n / last.elapsed_s if last.elapsed_s > 0 else 0.0
@@ -299,6 +330,9 @@ def run_complete(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         prompt = encode_completion(tok, text, max_tokens=budget)
     except ChatError as exc:
         raise UsageError(f"--prompt: {exc}") from None
+    if not ns.no_echo:
+        out.write(text)
+        out.flush()
     stream_reply(model, tok, prompt, params, out, err, ns.stats)
     return 0
 
@@ -310,24 +344,77 @@ def run_chat(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     params = sampling_params(ns)
     model, tok = load_model(ns)
     budget = prompt_budget(model.args.max_seq_len, params.max_new_tokens)
-    system = [{"role": "system", "content": ns.system}] if ns.system else []
-    history: list[dict[str, str]] = []
+    session = _ChatSession(ns.system or "")
+    print(_banner(ns, model), file=err)
     for line in _lines(sys.stdin, err):
-        if line.strip() == "/reset":
-            history.clear()
-            continue
         if not line.strip():
             continue
-        messages = [*system, *history, {"role": "user", "content": line}]
+        if line.startswith("/") and not line.startswith("//"):
+            if session.command(line, err):
+                continue
+            break
+        message = line[1:] if line.startswith("//") else line
         try:
-            prompt = encode_dialog(tok, messages, max_tokens=budget)
+            prompt = encode_dialog(tok, session.messages(message), max_tokens=budget)
         except ChatError as exc:
             print(f"error: {exc}", file=err)
             continue
         reply = stream_reply(model, tok, prompt, params, out, err, ns.stats)
-        history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
-        history = history[2 * prompt.dropped_turns :]  # what no longer fits stays dropped
+        session.add(message, reply, prompt.dropped_turns)
     return 0
+
+
+def _banner(ns: argparse.Namespace, model) -> str:
+    name = ns.model.name if ns.model is not None else "the shipped model"
+    a = model.args
+    return (
+        f"Chatting with {name} ({a.n_params() / 1e6:.1f}M parameters, context "
+        f"{a.max_seq_len} tokens). Type a message and press Enter; /quit or Ctrl-D leaves.\n"
+        f"{CHAT_HELP}"
+    )
+
+
+class _ChatSession:
+    """The dialog so far and the system prompt; the slash commands act on them."""
+
+    def __init__(self, system: str) -> None:
+        self.system = system
+        self.history: list[dict[str, str]] = []
+
+    def messages(self, message: str) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return [*system, *self.history, {"role": "user", "content": message}]
+
+    def add(self, message: str, reply: str, dropped_turns: int) -> None:
+        self.history += [
+            {"role": "user", "content": message},
+            {"role": "assistant", "content": reply},
+        ]
+        self.history = self.history[2 * dropped_turns :]  # what no longer fits stays dropped
+
+    def command(self, line: str, err: TextIO) -> bool:
+        """Run a /command; False = leave the chat."""
+        name, _, arg = line.strip().partition(" ")
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/help":
+            print(CHAT_HELP, file=err)
+        elif name == "/reset":
+            self.history.clear()
+            print("[dialog forgotten]", file=err)
+        elif name == "/system":
+            if arg.strip():
+                self.system = "" if arg.strip() == "-" else arg.strip()
+                self.history.clear()  # the system prompt sits in the first turn
+                print(
+                    f"[system prompt {'cleared' if not self.system else 'set'}; dialog restarted]",
+                    file=err,
+                )
+            else:
+                print(f"[system prompt: {self.system or '(none)'}]", file=err)
+        else:
+            print(f"unknown command {name}; /help lists them (//text sends /text)", file=err)
+        return True
 
 
 def _lines(stdin: TextIO, err: TextIO) -> Iterator[str]:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.app_server import AppServer, start_app
+from tests.browser_kit import clear_chat
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.browser
@@ -235,7 +236,7 @@ def open_accordion(pg: Any, title: str) -> None:
 
 
 # The tests -------------------------------------------------------------------------------------
-def test_chat_stream_figures_stop_regenerate_pickers_export_import(page: Any) -> None:
+def test_chat_stream_figures_regenerate_pickers_export_import(page: Any) -> None:
     pg = page
     shot(pg, "start", full_page=True)
     placeholders = {k: figure_state(pg, k) for k in FIGURES}
@@ -258,27 +259,6 @@ def test_chat_stream_figures_stop_regenerate_pickers_export_import(page: Any) ->
     else:
         pytest.fail(f"no streaming seen: (text lengths, figure states) per try: {seen}")
     shot(pg, "reply")
-
-    # 2. Stop mid-reply (twice: harmless); the partial reply stays. The views are off here:
-    #    drawing four plots can keep a busy machine's browser from clicking for seconds. (A
-    #    reply that ends by itself before Stop lands does not count; then we ask again.)
-    set_views(pg, on=False)
-    for _ in range(6):
-        n_before = len(bot_texts(pg))
-        send(pg, "Tell me a long story about a big red ball.")
-        wait_until(lambda: len(bot_texts(pg)) > n_before and bot_texts(pg)[-1], "a reply")
-        pg.click("#stop")
-        pg.click("#stop")
-        final_status = wait_finished(pg)
-        if "finished: cancelled" in final_status and bot_texts(pg)[-1]:
-            break
-    else:
-        pytest.fail(f"every reply ended before Stop: {status(pg)}")
-    stopped = last_reply(pg)
-    assert stopped and pg.input_value("#message textarea") == ""
-    time.sleep(1)
-    assert bot_texts(pg)[-1] == stopped  # nothing more arrives after Stop
-    shot(pg, "stopped")
 
     # 3. Temperature and seed changed, then Regenerate: the same seed gives the same reply.
     set_views(pg, on=True)
@@ -335,6 +315,70 @@ def test_chat_stream_figures_stop_regenerate_pickers_export_import(page: Any) ->
     pg.locator(".rope-lab-figure .js-plotly-plot").first.wait_for()
     assert pg.locator(".rope-lab-figure .js-plotly-plot").count() >= 3
     shot(pg, "rope_lab", full_page=True)
+
+
+LONG_PROMPT = "Tell me a long story about a dog named Max."
+LONG_SEED = "0"  # the shipped model answers LONG_PROMPT with 337 tokens (ends by itself)
+
+
+def token_spans(pg: Any) -> Any:
+    return pg.locator("#tokens .token")
+
+
+def test_inspector_branching_and_stop(page: Any) -> None:
+    """A whole reply, then: click a token and see its step; continue from there with another
+    candidate (both versions stay reachable); then the same reply again, stopped early: what
+    the page shows is a strict prefix of the whole reply and nothing arrives after the status
+    says cancelled. No timing luck: the seed fixes a reply far longer than Stop needs."""
+    pg = page
+    set_number(pg, "max-new-tokens", 1024)
+    pg.fill("#seed textarea, #seed input", LONG_SEED)
+    act_and_wait_reply(pg, lambda: send(pg, LONG_PROMPT))
+    full = last_reply(pg)
+    assert "finished: eos" in status(pg) and len(full) > 300
+
+    # 1. The reply as tokens; a click shows that step (candidates, views at that step).
+    wait_until(lambda: token_spans(pg).count() > 50, "the reply as tokens")
+    n_tokens = token_spans(pg).count()
+    before = figure_state(pg, "probs")
+    token_spans(pg).nth(4).click()
+    info = pg.locator("#inspect-info")
+    wait_until(lambda: f"Token 5 of {n_tokens}" in info.inner_text(), "token 5's step")
+    assert "before samplers" in info.inner_text()
+    wait_until(lambda: figure_state(pg, "probs") != before, "the probabilities at token 5")
+    position = int(info.inner_text().split("at position ")[1].split(":")[0])
+    assert f"position {position}" in figure_state(pg, "probs")
+    assert f"position {position - 1}" in figure_state(pg, "rope")  # what the model had read
+    pg.locator("#inspector").scroll_into_view_if_needed()
+    shot(pg, "inspector", top=False)
+
+    # 2. Continue from token 5 with another candidate: a new version; the old one stays.
+    candidate = pg.locator("#candidate input").input_value()
+    assert candidate  # the first other candidate is preselected
+    act_and_wait_reply(pg, lambda: pg.click("#branch"))
+    branched = last_reply(pg)
+    assert branched != full and len(bot_texts(pg)) == 1
+    versions = pg.locator("#versions")
+    wait_until(versions.is_visible, "the versions picker")
+    versions.get_by_label("version 1", exact=True).check()
+    wait_until(lambda: bot_texts(pg)[-1] == full, "the first version back")
+    shot(pg, "branches", top=False)
+
+    # 3. The same reply, stopped: a strict prefix of `full`, nothing after the status.
+    clear_chat(pg)
+    pg.evaluate("window.__log = []")
+    send(pg, LONG_PROMPT)
+    wait_until(lambda: bot_texts(pg) and bot_texts(pg)[-1], "the reply to start")
+    # A click dispatched in the page: Playwright's own click first waits for the page to be
+    # "stable", which a busy renderer drawing plots can delay for seconds.
+    pg.evaluate("document.querySelector('#stop').click()")
+    final = wait_finished(pg)
+    assert "finished: cancelled" in final
+    stopped = last_reply(pg)
+    assert stopped and full.startswith(stopped.rstrip()) and len(stopped) < len(full)
+    log = pg.evaluate("window.__log")
+    done_at = next(i for i, e in enumerate(log) if e["kind"] == "status" and e["finished"])
+    assert not [e for e in log[done_at:] if e["kind"] == "text" and e["len"] != len(stopped)]
 
 
 def test_closing_a_tab_mid_reply_frees_the_model(browser: Any, server: AppServer) -> None:

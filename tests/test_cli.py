@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ import pytest
 from llama.assets import SHIPPED_MODEL_DIR
 from llama.cli import main
 from tests.conftest import REPO, shared_file
+
+# --help's 3 s is for a quiet machine; on a shared one the wall clock stretches with the load.
+LOAD_FACTOR = max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
 
 
 def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
@@ -54,12 +58,23 @@ def test_complete_streams_the_reference_greedy_text(model_path: str) -> None:
 
 
 def test_compiled_decode_streams_the_same_reference_text(model_path: str) -> None:
-    res = cli("complete", "--model", model_path, "--prompt", "", "--temperature", "0",
-              "--max-new-tokens", "200", "--compile")
+    res = cli(
+        "complete",
+        "--model",
+        model_path,
+        "--prompt",
+        "",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "200",
+        "--compile",
+    )
     reference = shared_file("stories260K", "reference_greedy_200.txt").read_text("utf-8")
     assert res.returncode == 0, res.stderr.decode()
     assert res.stdout.decode("utf-8") == reference + "\n"
     assert "compiled in" in res.stderr.decode()
+    assert "gains little or nothing from compiling" in res.stderr.decode()  # 260K parameters
 
 
 def test_chat_reads_turns_until_eof(model_path: str) -> None:
@@ -86,6 +101,56 @@ def test_chat_reads_turns_until_eof(model_path: str) -> None:
     assert all(r and "Lily" not in r for r in replies[:2])
     err = res.stderr.decode()
     assert "special tag '[INST]'" in err and "Traceback" not in err
+
+
+def test_chat_banner_and_commands_never_reach_the_model(model_path: str) -> None:
+    stdin = "/help\n/system Be brief.\n/system\n/nonsense\n//slash\n/quit\nnever read\n"
+    res = cli(
+        "chat",
+        "--model",
+        model_path,
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "5",
+        "--threads",
+        "1",
+        stdin=stdin,
+    )
+    assert res.returncode == 0, res.stderr.decode()
+    err = res.stderr.decode()
+    assert err.startswith("Chatting with stories260K.bin") and "/quit" in err.splitlines()[0]
+    assert err.count("/system [TEXT]") == 2  # the banner and /help
+    assert "[system prompt set; dialog restarted]" in err
+    assert "[system prompt: Be brief.]" in err and "unknown command /nonsense" in err
+    assert res.stdout.decode("utf-8").count("\n") == 1  # one reply: "//slash"; none after /quit
+
+
+def test_complete_echoes_the_prompt_unless_told_not_to(model_path: str) -> None:
+    flags = (
+        "--model",
+        model_path,
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+        "--threads",
+        "1",
+        "--prompt",
+        "Once upon a time",
+    )
+    echoed = cli("complete", *flags).stdout.decode("utf-8")
+    bare = cli("complete", *flags, "--no-echo").stdout.decode("utf-8")
+    assert echoed == "Once upon a time" + bare and len(bare) > 1
+
+
+def test_help_is_quick_and_shows_defaults() -> None:
+    start = time.perf_counter()
+    res = cli("chat", "--help")
+    assert res.returncode == 0 and "(default: 0.6)" in res.stdout.decode()
+    assert time.perf_counter() - start < 3 * LOAD_FACTOR  # no torch import for --help
+    probe = "import sys, llama.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=REPO).returncode == 0
 
 
 def test_bad_path_is_one_line_no_traceback(tmp_path: Path) -> None:
@@ -116,8 +181,10 @@ def run_main(*argv: str) -> tuple[int, str, str]:
         (("complete",), "error: the following arguments are required: --prompt"),
         (("complete", "--prompt", "x", "--threads", "0"), "error: --threads:"),
         (("complete", "--prompt", "x", "--device", "toaster"), "error: --device: expected"),
-        (("complete", "--prompt", "x", "--compile", "--load-in-8bit"),
-         "error: --compile: not available with --load-in-8bit"),
+        (
+            ("complete", "--prompt", "x", "--compile", "--load-in-8bit"),
+            "error: --compile: not available with --load-in-8bit",
+        ),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv: tuple[str, ...], message: str) -> None:

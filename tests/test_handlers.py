@@ -16,16 +16,19 @@ import gradio as gr
 import plotly.graph_objects as go
 import pytest
 import torch
+from gradio.components.plot import PlotData
 
 from tests.app_server import model_path, model_template
 from ui import chat_io
-from ui.handlers import ALL_HEADS, VIEW_LABELS, Handlers, display
+from ui.handlers import ALL_HEADS, OUTPUT_KEYS, VIEW_LABELS, Handlers, display
+from ui.live import LiveTurn
 from ui.runtime import Runtime, load_runtime
 from ui.settings import SAMPLING_FIELDS, SLIDERS, defaults
 from ui.turn import FIGURE_KEYS, SessionControl, Views, make_probe, run_turn
 
 ALL_VIEWS = list(VIEW_LABELS)
-N_OUT = 12  # respond's outputs: chatbot, history, 4 plots, status, text, ids, seed, last, box
+N_OUT = len(OUTPUT_KEYS)  # chatbot, history, 4 plots, status, text, ids, seed, last, box, ...
+AT = {key: i for i, key in enumerate(OUTPUT_KEYS)}
 
 
 @pytest.fixture(scope="module")
@@ -96,27 +99,37 @@ def test_respond_yields_chat_figures_status_in_order(h: Handlers) -> None:
     outs, history = send(
         h, "Once upon a time", [], control, max_new_tokens=6, every=2, views=ALL_VIEWS
     )
-    assert len(outs) == 6 and all(len(o) == N_OUT for o in outs)
+    assert all(len(o) == N_OUT for o in outs)
     replies = [reply_of(o) for o in outs]
+    assert len(set(replies)) >= 2  # streamed: more than one text
     for earlier, later in itertools.pairwise(replies):
         assert later.startswith(earlier)  # the reply only grows while it streams
-    first, last = outs[0], outs[-1]
-    # chat: the user's message then the reply; figures on the first token, every 2nd, the last
+    first = outs[0]
     assert first[1][0] == {"role": "user", "content": "Once upon a time"}
     assert first[0][0] == {
         "role": "user",
         "content": [{"type": "text", "text": "Once upon a time"}],
     }
-    drawn = [i for i, o in enumerate(outs) if not is_skip(o[2])]
-    assert drawn[0] == 0 and drawn[-1] == 5 and set(drawn) <= {0, 1, 3, 5}  # paced by cost
-    for key, fig in zip(FIGURE_KEYS, last[2:6]):
-        assert isinstance(fig, go.Figure), key
+    # Figures arrive in their own updates, serialised, the last ones drawn at the reply's end.
+    drawn = [o for o in outs if not is_skip(o[2])]
+    assert drawn
+    for key, fig in zip(FIGURE_KEYS, drawn[-1][2:6]):
+        assert isinstance(fig, PlotData) and json.loads(fig.plot)["data"], key
+    trace, step = drawn[-1][AT["last"]]
+    assert trace is not None and trace.n_steps == 6 and step.finish_reason == "length"
+    ended = [o for o in outs if "finished:" in str(o[6])]
+    assert ended and ended[0] is not outs[0]
+    last = ended[0]
     # status: tokens, speed, TTFT, context, KV bytes, why it finished
     assert "6 tokens" in last[6] and "TTFT" in last[6] and "finished: length" in last[6]
     assert f"/ {h.rt.max_seq_len}" in last[6] and "KV cache" in last[6]
     assert h.rt.describe() in last[6]  # model name, shape, device, dtype, 8-bit
     assert last[7].startswith("<s>") and last[8].split()[0] == str(h.rt.tokenizer.bos_id)
     assert first[9] == "7"  # the seed used is shown
+    record = last[AT["record"]]
+    assert [s.position for s in record.steps] == list(
+        range(record.steps[0].position, record.steps[0].position + 6)
+    )
     assert history[-1]["role"] == "assistant" and history[-1]["content"] == replies[-1]
     assert not control.running and not h.rt.slot.locked()
 
@@ -132,17 +145,52 @@ def test_streamed_updates_are_coalesced(rt: Runtime) -> None:
     )
 
 
-def test_figures_every_n_tokens_and_paced_by_their_cost(rt: Runtime) -> None:
+def live_turn(rt: Runtime, views: Views, draw_fn, n: int = 7) -> LiveTurn:
     history = [{"role": "user", "content": "Once upon a time"}]
-    settings = defaults().__class__(max_new_tokens=7, seed=1)
+    settings = defaults().__class__(max_new_tokens=n, seed=1)
+    turn = run_turn(rt, history, settings, views, rt.default_template, "")
+    return LiveTurn(turn, views, threading.Event(), interval_s=0.0, draw_fn=draw_fn)
+
+
+def test_figures_every_n_tokens_from_snapshots(rt: Runtime) -> None:
+    drawn: list[int] = []
+
+    def record(trace, step, views, ranks):
+        drawn.append(trace.n_steps)
+        return {}
+
     views = Views(shown=frozenset({"kv"}), every=3, pace=0.0, min_interval_s=0.0)
-    updates = list(run_turn(rt, history, settings, views, rt.default_template, ""))
-    assert [i for i, u in enumerate(updates) if u.figures is not None] == [0, 2, 5, 6]
-    paced = Views(shown=frozenset({"kv"}), every=1, pace=1e6)  # drawing "costs" forever
-    updates = list(run_turn(rt, history, settings, paced, rt.default_template, ""))
-    assert [i for i, u in enumerate(updates) if u.figures is not None] == [0, 6]
-    off = list(run_turn(rt, history, settings, Views(shown=frozenset()), rt.default_template, ""))
-    assert all(u.figures is None and u.trace is None for u in off)
+    frames = list(live_turn(rt, views, record).frames())
+    assert drawn[0] == 1 and drawn[-1] == 7  # the first token and the last
+    assert set(drawn) <= {1, 3, 6, 7} and drawn == sorted(set(drawn))
+    assert frames[-1].update.done
+    off = live_turn(rt, Views(shown=frozenset()), record)
+    assert all(f.figures is None and f.update.probe is None for f in off.frames())
+
+
+def test_text_never_waits_for_figures_and_stale_ones_are_dropped(rt: Runtime) -> None:
+    """Drawing blocks until the reply has ended: the whole text still streams, then only the
+    newest snapshot (the last step) is drawn; those taken meanwhile were never drawn."""
+    release, drawn = threading.Event(), []
+
+    def slow(trace, step, views, ranks):
+        assert release.wait(120)
+        drawn.append(trace.n_steps)
+        return {"kv": go.Figure()}
+
+    views = Views(shown=frozenset({"kv"}), every=1, pace=0.0, min_interval_s=0.0)
+    frames = live_turn(rt, views, slow, n=12).frames()
+    texts = []
+    for frame in frames:
+        assert frame.figures is None  # nothing drawn yet
+        texts.append(frame.update)
+        if frame.update.done:
+            break
+    assert texts[-1].done and len({u.chat[-1]["content"] for u in texts}) >= 2
+    release.set()
+    rest = list(frames)
+    assert [f for f in rest if f.figures] and drawn == [1, 12]  # first, then the newest
+    assert isinstance(rest[-1].figures["kv"], PlotData)
 
 
 def test_stop_ends_the_reply_cleanly_and_twice_is_harmless(h: Handlers) -> None:
@@ -155,9 +203,9 @@ def test_stop_ends_the_reply_cleanly_and_twice_is_harmless(h: Handlers) -> None:
     for _ in range(2):  # while the reply runs, Stop leaves the chat to the stream
         assert all(is_skip(v) for v in h.stop(outs[-1][1], control))
     outs += list(stream)  # ends by itself after Stop
-    assert len(outs) <= 4
-    assert "finished: cancelled" in outs[-1][6]
-    assert all(isinstance(f, go.Figure) for f in outs[-1][2:6])  # final figures drawn
+    ended = [o for o in outs if "finished:" in str(o[6])]
+    assert "finished: cancelled" in ended[0][6]
+    assert all(isinstance(f, PlotData) for f in outs[-1][2:6])  # final figures drawn
     final = outs[-1][1]
     assert final[-1]["role"] == "assistant" and final[-1]["content"] == reply_of(outs[-1])
     assert not control.running and not h.rt.slot.locked()
@@ -173,7 +221,7 @@ def test_stop_before_the_first_token_gives_the_message_back(h: Handlers) -> None
     assert h.stop(history, control) == ("Once upon a time", [], [])
     outs = list(h.respond(history, control, *widgets(h.rt)))
     assert len(outs) == 1
-    assert outs[0][1] == [] and outs[0][-1] == "Once upon a time"
+    assert outs[0][1] == [] and outs[0][AT["message"]] == "Once upon a time"
 
 
 def test_same_seed_same_reply_and_random_seed_is_shown(h: Handlers) -> None:
@@ -256,7 +304,7 @@ def test_huge_message(h: Handlers, rt: Runtime) -> None:
     _, history, _ = h.add_message(huge, [], control)
     outs = list(h.respond(history, control, *widgets(rt, template="chat")))
     # Chat: the last message alone cannot fit, so it is refused and handed back intact.
-    assert outs[-1][1] == [] and outs[-1][-1] == huge and "⚠" in outs[-1][6]
+    assert outs[-1][1] == [] and outs[-1][AT["message"]] == huge and "⚠" in outs[-1][6]
     _, history, _ = h.add_message(huge, [], control)
     outs = list(h.respond(history, control, *widgets(rt, template="completion")))
     # Completion: the oldest tokens are dropped with a visible notice.
@@ -298,7 +346,7 @@ def test_out_of_range_values_are_refused_naming_the_field(h: Handlers, field, va
     _, history, _ = h.add_message("Once upon a time", [], control)
     outs = list(h.respond(history, control, *widgets(h.rt, **{field: value})))
     assert len(outs) == 1 and field in outs[0][6]
-    assert outs[0][1] == [] and outs[0][-1] == "Once upon a time"
+    assert outs[0][1] == [] and outs[0][AT["message"]] == "Once upon a time"
     assert not control.running
 
 
@@ -309,8 +357,12 @@ def test_regenerate_undo_clear(h: Handlers) -> None:
     assert history_r == history[:-1] and shown == display(history_r)
     outs = list(h.respond(history_r, control, *widgets(h.rt, temperature=1.5, seed=2)))
     assert outs[-1][1][:-1] == history[:-1]
-    text, history_u, _ = h.undo(outs[-1][1], control)
-    assert text == "Once upon a time" and history_u == []
+    undone = h.undo(outs[-1][1], control)
+    assert undone[AT["message"]] == "Once upon a time" and undone[AT["history"]] == []
+    # the removed reply's status, figures and tokens are gone too
+    assert undone[AT["status"]] == h.rt.describe() and undone[AT["last"]] is None
+    assert undone[AT["tokens"]] == [] and undone[AT["record"]] is None
+    assert not isinstance(undone[AT["plot_kv"]], dict)
     with pytest.raises(gr.Error, match="empty"):
         h.undo([], control)
     with pytest.raises(gr.Error, match="empty"):
@@ -323,7 +375,7 @@ def test_redraw_switches_layer_and_head(h: Handlers, rt: Runtime) -> None:
     outs, _ = send(
         h, "Once upon a time", [], SessionControl(), max_new_tokens=4, views=ALL_VIEWS, every=100
     )
-    last = outs[-1][10]
+    last = [o for o in outs if not is_skip(o[AT["last"]])][-1][AT["last"]]
     a = h.redraw(last, ALL_VIEWS, 0, ALL_HEADS, "heads")[0]
     b = h.redraw(last, ALL_VIEWS, rt.args.n_layers - 1, ALL_HEADS, "heads")[0]
     c = h.redraw(last, ALL_VIEWS, 0, 1, "heads")[0]

@@ -17,10 +17,9 @@ refusal leaves a session stuck.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gradio as gr
@@ -29,8 +28,9 @@ from llama.chat import ChatError
 from llama.generate import GenerateError
 from llama.sampling import SamplingError, SamplingParams
 from llama.tokenizer import TokenizerError, check_text
-from ui import figures
+from ui import figures, inspector
 from ui.chat_handlers import ChatFileHandlers, display
+from ui.live import Frame, LiveTurn
 from ui.runtime import Runtime
 from ui.settings import (
     SAMPLING_FIELDS,
@@ -58,8 +58,30 @@ VIEW_LABELS = {
 }
 ALL_HEADS = -1
 MAX_MESSAGE_CHARS = 100_000
-STREAM_INTERVAL_S = 0.05
+STREAM_INTERVAL_S = 0.1  # 10 text updates/s: the browser re-renders the whole message each time
 INPUT_ERRORS = (ChatError, SamplingError, SettingsError, TokenizerError, GenerateError)
+# What respond, clear and the token inspector's branch write, in this order (ui/layout.py
+# wires the components of the same names); `outputs` fills the ones not given with skip.
+OUTPUT_KEYS = (
+    "chatbot",
+    "history",
+    *(f"plot_{k}" for k in FIGURE_KEYS),
+    "status",
+    "prompt_text",
+    "prompt_ids",
+    "seed_used",
+    "last",
+    "message",
+    *inspector.OUTPUT_KEYS,
+)
+
+
+def outputs(**values: Any) -> tuple[Any, ...]:
+    """A tuple in OUTPUT_KEYS order; keys not given stay as they are on the page."""
+    unknown = set(values) - set(OUTPUT_KEYS)
+    if unknown:
+        raise KeyError(f"not an output: {sorted(unknown)}")
+    return tuple(values.get(k, gr.skip()) for k in OUTPUT_KEYS)
 
 
 def views_from(shown: list[str] | None, layer: Any, head: Any, mode: str, every: Any) -> Views:
@@ -72,14 +94,21 @@ def views_from(shown: list[str] | None, layer: Any, head: Any, mode: str, every:
 class Handlers(ChatFileHandlers):
     """The callbacks of one playground (one Runtime).
 
-    stream_interval_s: streamed text is sent at most this often (the first token, figure
-    redraws and the end always go out). Each update costs gradio a few milliseconds of
-    processing whatever its size, more than a small model takes per token.
+    stream_interval_s: streamed text is sent at most this often (the first token and the end
+    always go out). Each update costs gradio a few milliseconds of processing whatever its
+    size, more than a small model takes per token. draw_fn: draws the live figures
+    (ui.turn.draw in a thread of this process; the app passes a ui.live.DrawingProcess).
     """
 
-    def __init__(self, runtime: Runtime, stream_interval_s: float = STREAM_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        stream_interval_s: float = STREAM_INTERVAL_S,
+        draw_fn: Callable[..., dict[str, Any]] = draw,
+    ) -> None:
         self.rt = runtime
         self.stream_interval_s = stream_interval_s
+        self.draw_fn = draw_fn
 
     # Sending, answering, stopping ------------------------------------------------------------
     def add_message(
@@ -174,29 +203,37 @@ class Handlers(ChatFileHandlers):
         views: Views,
         template: str,
         system: str,
+        branch: inspector.Branch | None = None,
     ) -> Iterator[tuple[Any, ...]]:
+        """Text at most every stream_interval_s and figures when ready, each in its own
+        update (ui/live.py); the last update carries the reply's token record."""
+        prefix = [s.token_id for s in branch.prefix_steps()] if branch is not None else []
+        turn = run_turn(self.rt, history, settings, views, template, system, control, prefix)
+        live = LiveTurn(
+            turn, views, control.cancel, self.rt.ranks, self.stream_interval_s, self.draw_fn
+        )
         update: TurnUpdate | None = None
-        sent = -math.inf
+        recorded = False
         try:
-            for i, update in enumerate(
-                run_turn(self.rt, history, settings, views, template, system, control)
-            ):
+            for frame in live.frames():
+                update = frame.update
+                if update.done and update.step is None and branch is not None:
+                    yield outputs(status="Stopped before the first token.")
+                    return
                 if update.done and update.step is None and not update.chat[-1]["content"]:
                     control.running = False
                     yield self._refused(history, "Stopped before the first token.", warn=False)
                     return
-                now = time.monotonic()
-                if (
-                    i == 0
-                    or update.done
-                    or update.figures is not None
-                    or (now - sent >= self.stream_interval_s)
-                ):
-                    sent = now
-                    # Free the session before the last update reaches the page: a message
-                    # sent the moment the reply shows as finished must not be refused.
-                    control.running = control.running and not update.done
-                    yield self._outputs(update)
+                # Free the session before the last update reaches the page: a message
+                # sent the moment the reply shows as finished must not be refused.
+                control.running = control.running and not update.done
+                record = None
+                if update.done and not recorded:
+                    recorded = True
+                    record = inspector.record_of(
+                        update, live.steps, settings, views, template, system, branch
+                    )
+                yield self._outputs(update, frame, record)
         except Exception as exc:
             control.running = False
             if update is None and isinstance(exc, INPUT_ERRORS):
@@ -208,59 +245,33 @@ class Handlers(ChatFileHandlers):
                 return
             # Keep the partial reply: the history already holds it.
             gr.Warning(f"Generation failed: {exc}")
-            skip = gr.skip()
-            yield (
-                skip,
-                skip,
-                *([skip] * len(FIGURE_KEYS)),
-                f"⚠ Generation failed: {exc}",
-                skip,
-                skip,
-                skip,
-                skip,
-                skip,
-            )
+            yield outputs(status=f"⚠ Generation failed: {exc}")
 
-    def _outputs(self, u: TurnUpdate) -> tuple[Any, ...]:
-        """(chatbot, history, 4 figures, status, prompt text, prompt ids, seed used, last
-        trace, text box); figures, prompt, seed and trace only when they changed."""
-        skip = gr.skip()
-        figs = [skip] * len(FIGURE_KEYS)
-        if u.figures is not None:
-            figs = [u.figures.get(k, skip) for k in FIGURE_KEYS]
+    def _outputs(
+        self, u: TurnUpdate, frame: Frame, record: inspector.ReplyRecord | None
+    ) -> tuple[Any, ...]:
+        """Text and status always; figures and the last trace when a new set was drawn;
+        prompt and seed on the first and last update; the token record at the end."""
         first = u.step is not None and u.step.position == len(u.prompt.ids)
-        prompt = (
-            (u.prompt.text, " ".join(map(str, u.prompt.ids))) if first or u.done else (skip, skip)
-        )
-        trace = (u.trace, u.step) if u.figures is not None else skip
-        return (
-            display(u.chat),
-            u.chat,
-            *figs,
-            u.status,
-            *prompt,
-            str(u.seed) if first else skip,
-            trace,
-            skip,
-        )
+        values: dict[str, Any] = {"chatbot": display(u.chat), "history": u.chat}
+        values["status"] = u.status
+        if frame.figures is not None:
+            values.update({f"plot_{k}": v for k, v in frame.figures.items()})
+            values["last"] = (frame.trace, frame.step)
+        if first or u.done:
+            values.update(prompt_text=u.prompt.text, prompt_ids=" ".join(map(str, u.prompt.ids)))
+        if first:
+            values["seed_used"] = str(u.seed)
+        if record is not None:
+            values.update(inspector.record_outputs(self.rt, record))
+        return outputs(**values)
 
     def _refused(self, history: list[Message], why: str, warn: bool = True) -> tuple[Any, ...]:
         """Outputs that undo the pending message: history back, the text in the box."""
         if warn:
             gr.Warning(why)
-        skip = gr.skip()
         kept, text = history[:-1], history[-1]["content"]
-        return (
-            display(kept),
-            kept,
-            *([skip] * len(FIGURE_KEYS)),
-            f"⚠ {why}",
-            skip,
-            skip,
-            skip,
-            skip,
-            text,
-        )
+        return outputs(chatbot=display(kept), history=kept, status=f"⚠ {why}", message=text)
 
     def stop(
         self, history: list[Message], control: SessionControl
@@ -269,6 +280,87 @@ class Handlers(ChatFileHandlers):
         with none running, take back a message whose reply was refused or never started."""
         control.cancel.set()
         return self.release(history, control)
+
+    # The token inspector ---------------------------------------------------------------------
+    def inspect(
+        self,
+        record: inspector.ReplyRecord | None,
+        shown: list[str],
+        layer: Any,
+        head: Any,
+        mode: str,
+        evt: gr.SelectData,
+    ) -> tuple[Any, ...]:
+        """A token was clicked: its candidates and the views as they were at its step
+        (outputs: 4 plots, last trace, description, candidate dropdown, selected index)."""
+        index = evt.index if isinstance(evt.index, int) else None
+        if record is None or index is None or not 0 <= index < len(record.steps):
+            raise gr.Error("Click a token of the last reply (it is no longer shown).")
+        views = views_from(shown, layer, head, mode, 1)
+        step = record.steps[index]
+        trace = inspector.views_at(self.rt, record, index, views)
+        figs = draw(trace, step, views, self.rt.ranks)
+        inspector.run_hooks(self.rt, record, index)
+        choices = inspector.candidate_choices(self.rt, step)
+        return (
+            *(figs.get(k, gr.skip()) for k in FIGURE_KEYS),
+            (trace, step),
+            inspector.describe_step(self.rt, record, index),
+            gr.update(choices=choices, value=choices[0][1] if choices else None),
+            index,
+        )
+
+    def branch(
+        self,
+        record: inspector.ReplyRecord | None,
+        index: int | None,
+        token_id: int | None,
+        history: list[Message],
+        control: SessionControl,
+    ) -> Iterator[tuple[Any, ...]]:
+        """Continue the reply from token `index`, written as `token_id`; the old version
+        stays in record.versions (the version picker)."""
+        if record is None or index is None or token_id is None:
+            raise gr.Error("Click a token of the reply, then pick a candidate.")
+        if control.running or not history or history[-1]["role"] != "assistant":
+            raise gr.Error("A reply is being written: press Stop first.")
+        control.cancel.clear()
+        control.running = True
+        branch = inspector.Branch(record, int(index), int(token_id))
+        try:
+            yield from self._stream(
+                record.history,
+                control,
+                record.settings,
+                record.views,
+                record.template,
+                record.system,
+                branch,
+            )
+        finally:
+            control.running = False
+
+    def pick_version(
+        self,
+        record: inspector.ReplyRecord | None,
+        which: Any,
+        history: list[Message],
+        control: SessionControl,
+    ) -> tuple[Any, ...]:
+        """Show another version of the last reply (a branch or the original)."""
+        self._refuse_while_running(control)
+        if record is None or which is None or not 0 <= int(which) < len(record.versions):
+            return outputs()
+        chosen = dataclasses.replace(record, current=int(which))
+        text = chosen.versions[chosen.current].text
+        chat = [*record.history, {"role": "assistant", "content": text}]
+        return outputs(
+            chatbot=display(chat),
+            history=chat,
+            tokens=inspector.spans(self.rt, chosen),
+            record=chosen,
+            inspect_info=inspector.HINT,
+        )
 
     # Editing the chat ------------------------------------------------------------------------
     def regenerate(
@@ -283,10 +375,9 @@ class Handlers(ChatFileHandlers):
         control.cancel.clear()
         return history, display(history)
 
-    def undo(
-        self, history: list[Message], control: SessionControl
-    ) -> tuple[str, list[Message], list[Message]]:
-        """Remove the last exchange and put its message back in the box for editing."""
+    def undo(self, history: list[Message], control: SessionControl) -> tuple[Any, ...]:
+        """Remove the last exchange and put its message back in the box for editing; the
+        status, figures and inspector forget the removed reply (OUTPUT_KEYS order)."""
         self._refuse_while_running(control)
         if not history:
             raise gr.Error("Nothing to undo: the chat is empty.")
@@ -294,22 +385,26 @@ class Handlers(ChatFileHandlers):
             history = history[:-1]
         text = history[-1]["content"]
         history = history[:-1]
-        return text, history, display(history)
+        return self._emptied(history, text)
 
     def clear(self, control: SessionControl) -> tuple[Any, ...]:
         """Empty chat, figures back to their placeholders, status back to the model line."""
         self._refuse_while_running(control)
+        return self._emptied([], "")
+
+    def _emptied(self, history: list[Message], message: str) -> tuple[Any, ...]:
         empty = draw(None, None, Views())
-        return (
-            [],
-            [],
-            *[empty[k] for k in FIGURE_KEYS],
-            self.rt.describe(),
-            "",
-            "",
-            "",
-            None,
-            "",
+        return outputs(
+            chatbot=display(history),
+            history=history,
+            **{f"plot_{k}": empty[k] for k in FIGURE_KEYS},
+            status=self.rt.describe(),
+            prompt_text="",
+            prompt_ids="",
+            seed_used="",
+            last=None,
+            message=message,
+            **inspector.cleared(),
         )
 
     @staticmethod

@@ -13,9 +13,10 @@ from typing import Any
 
 import gradio as gr
 
-from ui import figures
+from ui import figures, inspector
 from ui.chat_handlers import forget_export, uploads_only
-from ui.handlers import ALL_HEADS, VIEW_LABELS, Handlers, placeholder_figures
+from ui.handlers import ALL_HEADS, OUTPUT_KEYS, VIEW_LABELS, Handlers, placeholder_figures
+from ui.live import DrawingProcess
 from ui.runtime import TEMPLATES, Runtime
 from ui.settings import SAMPLING_FIELDS, SLIDERS
 from ui.turn import FIGURE_KEYS, SessionControl
@@ -36,7 +37,9 @@ INTRO = (
 
 def build_demo(runtime: Runtime) -> gr.Blocks:
     """The playground for one loaded model (launch it with `launch_kwargs()`)."""
-    h = Handlers(runtime)
+    drawing = DrawingProcess()
+    drawing.start()  # its imports overlap the page's first load
+    h = Handlers(runtime, draw_fn=drawing)
     # delete_cache: gradio keeps a copy of every served or uploaded file (exported chats
     # included); drop those older than an hour so they cannot pile up.
     title = f"LLaMA-2 playground · {runtime.name}"
@@ -61,6 +64,8 @@ def _playground(rt: Runtime) -> dict[str, Any]:
         "history": gr.State([]),
         "control": gr.State(SessionControl(), delete_callback=forget_export),
         "last": gr.State(None),
+        "record": gr.State(None),
+        "selected": gr.State(None),
     }
     with gr.Row(equal_height=False):
         with gr.Column(scale=4, min_width=360, elem_id="chat-column"):
@@ -96,6 +101,8 @@ def _chat_column(rt: Runtime, ui: dict[str, Any]) -> None:
         ui["undo"] = gr.Button("↶ Undo / edit last", size="sm", elem_id="undo")
         ui["clear"] = gr.Button("✕ Clear", size="sm", elem_id="clear")
     ui["status"] = gr.Markdown(rt.describe(), elem_id="status")
+    with gr.Accordion("Token inspector", open=True, elem_id="inspector"):
+        _inspector(ui)
     ui["examples"] = gr.Examples(
         [[e] for e in rt.examples(rt.default_template)], inputs=[ui["message"]], label="Examples"
     )
@@ -130,6 +137,29 @@ def _chat_column(rt: Runtime, ui: dict[str, Any]) -> None:
                 gr.UploadButton("Import chat", file_types=[".json"], size="sm", elem_id="import")
             )
         ui["export_file"] = gr.File(label="Exported chat", interactive=False, elem_id="export-file")
+
+
+def _inspector(ui: dict[str, Any]) -> None:
+    ui["tokens"] = gr.HighlightedText(
+        [],
+        label="The last reply, token by token (colour: the model's probability of the token)",
+        color_map=inspector.colour_map(),
+        combine_adjacent=False,
+        show_legend=True,
+        interactive=False,
+        elem_id="tokens",
+    )
+    ui["inspect_info"] = gr.Markdown(inspector.HINT, elem_id="inspect-info")
+    with gr.Row(equal_height=True):
+        ui["candidate"] = gr.Dropdown(
+            [], label="Another candidate for that token", elem_id="candidate", scale=3
+        )
+        ui["branch"] = gr.Button(
+            "Continue from here with this candidate", size="sm", elem_id="branch", scale=2
+        )
+    ui["branch_pick"] = gr.Radio(
+        [], label="Versions of this reply", visible=False, elem_id="versions"
+    )
 
 
 def _sampling_controls(ui: dict[str, Any]) -> None:
@@ -257,11 +287,42 @@ def _placeholder(rt: Runtime) -> str:
     return f"**{rt.name}** is ready ({mode}). Type a message or pick an example below."
 
 
+def _wire_inspector(
+    h: Handlers, ui: dict[str, Any], model: dict[str, Any], free: dict[str, Any]
+) -> None:
+    plots = [ui[f"plot_{k}"] for k in FIGURE_KEYS]
+    ui["tokens"].select(
+        h.inspect,
+        [ui["record"], ui["shown"], ui["layer"], ui["head"], ui["mode"]],
+        [*plots, ui["last"], ui["inspect_info"], ui["candidate"], ui["selected"]],
+        api_visibility="private",
+        show_progress="hidden",
+        **model,
+    )
+    ui["branch"].click(
+        h.branch,
+        [ui["record"], ui["selected"], ui["candidate"], ui["history"], ui["control"]],
+        [ui[k] for k in OUTPUT_KEYS],
+        api_visibility="private",
+        show_progress="minimal",
+        show_progress_on=[ui["status"]],
+        **model,
+    )
+    ui["branch_pick"].input(
+        h.pick_version,
+        [ui["record"], ui["branch_pick"], ui["history"], ui["control"]],
+        [ui[k] for k in OUTPUT_KEYS],
+        api_visibility="private",
+        **free,
+    )
+
+
 def _wire(h: Handlers, rt: Runtime, ui: dict[str, Any], demo: gr.Blocks) -> None:
     sampling = [ui[name] for name in SAMPLING_FIELDS]
     views = [ui["shown"], ui["layer"], ui["head"], ui["mode"], ui["every"]]
     plots = [ui[f"plot_{k}"] for k in FIGURE_KEYS]
     chat_out = [ui["history"], ui["chatbot"]]
+    turn_out = [ui[k] for k in OUTPUT_KEYS]  # respond, branch, undo, clear, versions
     model = {"concurrency_id": rt.concurrency_id, "concurrency_limit": 1}
     free = {"concurrency_limit": None, "show_progress": "hidden"}
 
@@ -277,17 +338,7 @@ def _wire(h: Handlers, rt: Runtime, ui: dict[str, Any], demo: gr.Blocks) -> None
             ui["stop_strings"],
             *views,
         ],
-        "outputs": [
-            ui["chatbot"],
-            ui["history"],
-            *plots,
-            ui["status"],
-            ui["prompt_text"],
-            ui["prompt_ids"],
-            ui["seed_used"],
-            ui["last"],
-            ui["message"],
-        ],
+        "outputs": turn_out,
         "show_progress": "minimal",
         "show_progress_on": [ui["status"]],
         **model,
@@ -324,25 +375,9 @@ def _wire(h: Handlers, rt: Runtime, ui: dict[str, Any], demo: gr.Blocks) -> None
     ui["regenerate"].click(
         h.regenerate, [ui["history"], ui["control"]], chat_out, api_name="regenerate", **free
     ).success(**respond_args, api_visibility="private").failure(**release)
-    ui["undo"].click(
-        h.undo, [ui["history"], ui["control"]], [ui["message"], *chat_out], api_name="undo", **free
-    )
-    ui["clear"].click(
-        h.clear,
-        [ui["control"]],
-        [
-            *chat_out,
-            *plots,
-            ui["status"],
-            ui["prompt_text"],
-            ui["prompt_ids"],
-            ui["seed_used"],
-            ui["last"],
-            ui["message"],
-        ],
-        api_name="clear",
-        **free,
-    )
+    ui["undo"].click(h.undo, [ui["history"], ui["control"]], turn_out, api_name="undo", **free)
+    ui["clear"].click(h.clear, [ui["control"]], turn_out, api_name="clear", **free)
+    _wire_inspector(h, ui, model, free)
 
     redraw = {
         "fn": h.redraw,

@@ -1,20 +1,18 @@
 """One chat turn, without gradio: history in, a stream of updates (chat, figures, status) out.
 
 `run_turn` encodes the dialog (llama.chat), runs `llama.generate.generate` under the runtime's
-generation slot with an optional Probe, and yields a `TurnUpdate` per generated token. Figures
-are redrawn on the first token, every `Views.every` tokens and on the last one; in between
-`TurnUpdate.figures` is None (the UI keeps what it shows). Drawing is paced so that it never
-takes more than about 1 / (1 + Views.pace) of the time: on a busy CPU a scheduled redraw is
-skipped until the generation has run `pace` times as long as the previous redraw took. With
-every probe-backed view switched off no Probe is built, so the model runs its fast path
-untouched.
+generation slot with an optional Probe, and yields a `TurnUpdate` per generated token. It draws
+nothing: the update carries the probe, which the caller may snapshot between two updates (the
+model is idle then); ui/live.py does that in its own thread, so figures never hold text back.
+`draw` turns a snapshot into the figures. With every probe-backed view switched off no Probe is
+built, so the model runs its fast path untouched.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +41,8 @@ class Views:
     head: int | None = None
     mode: str = "heads"
     every: int = 8
-    pace: float = 2.0  # after a redraw that took d s, the next waits >= pace * d s (0 = off)
-    min_interval_s: float = 2.0  # the browser redraws 4 plots (react + resize) per update
+    pace: float = 3.0  # after a redraw that took d s, the next waits >= pace * d s (0 = off)
+    min_interval_s: float = 1.5  # the browser redraws 4 plots (react + resize) per update
 
     @property
     def needs_probe(self) -> bool:
@@ -69,17 +67,19 @@ class SessionControl:
 
 @dataclass
 class TurnUpdate:
-    """What the UI shows after one step. figures None = unchanged since the last update."""
+    """What the UI shows after one step. probe: the turn's Probe (None with no probe-backed
+    view on); snapshot it only before asking for the next update. step: the newest step
+    that carries a token (None before the first)."""
 
     chat: list[Message]
-    figures: dict[str, Any] | None
     status: str
     prompt: Prompt
     seed: int
-    trace: Trace | None = None
     step: Step | None = None
     done: bool = False
     notices: list[str] = field(default_factory=list)
+    probe: Probe | None = None
+    index: int = 0  # 0-based number of this update (one per generated step)
 
 
 def build_prompt(
@@ -144,6 +144,14 @@ def draw(trace: Trace | None, step: Step | None, views: Views, ranks: int = 1) -
     return out
 
 
+def draw_json(
+    trace: Trace | None, step: Step | None, views: Views, ranks: int = 1
+) -> dict[str, str]:
+    """`draw`, each figure as plotly JSON (what ui/live.py's drawing process sends back;
+    this module imports no gradio, so that process stays light)."""
+    return {k: fig.to_json() for k, fig in draw(trace, step, views, ranks).items()}
+
+
 def _attention(trace: Trace | None, views: Views) -> Any:
     if trace is None or not trace.attention:
         return figures.empty_figure("Attention appears once the model runs")
@@ -162,8 +170,12 @@ def run_turn(
     template: str,
     system: str,
     control: SessionControl | None = None,
+    prefix: Sequence[int] = (),
 ) -> Iterator[TurnUpdate]:
     """Answer the last user message of `history`, streaming.
+
+    prefix: reply tokens taken as already written (the token inspector's "continue from
+    here"): the model reads them after the prompt and the reply's text starts with them.
 
     Raises ChatError / SamplingError / TokenizerError before the first update when the dialog
     or the settings are invalid. The last update has done=True and its status says why the
@@ -174,52 +186,48 @@ def run_turn(
     prompt = build_prompt(rt, history, template, system, params.max_new_tokens)
     probe = make_probe(rt, views)
     cancel = control.cancel if control is not None else None
-    reply: Message = {"role": "assistant", "content": ""}
+    reply: Message = {"role": "assistant", "content": rt.tokenizer.decode(list(prefix))}
+    junction = _Junction(rt.tokenizer, prefix)
+    if prefix:
+        prompt = dataclasses.replace(prompt, ids=[*prompt.ids, *prefix])
     last_real: Step | None = None
     notices: list[str] = []
-    pacer = _Pacer(views, rt.ranks)
     with rt.slot:
         steps = generate(rt.model, rt.tokenizer, prompt, params, probe=probe, cancel=cancel)
         for i, step in enumerate(steps):
-            reply["content"] += step.text
+            reply["content"] += junction.text(step)
             last_real = step if step.token_id != NO_TOKEN else last_real
             if step.notice:
                 notices.append(step.notice)
-            done = step.finish_reason is not None
-            redraw = bool(views.shown) and pacer.due(i, done)
-            trace = probe.snapshot() if probe is not None and redraw else None
             yield TurnUpdate(
                 [*history, dict(reply)],
-                pacer.draw(trace, last_real) if redraw else None,
                 status_text(rt, prompt, step, i + (step.token_id != NO_TOKEN), seed, notices),
                 prompt,
                 seed,
-                trace,
                 last_real,
-                done,
+                step.finish_reason is not None,
                 list(notices),
+                probe,
+                i,
             )
 
 
-class _Pacer:
-    """When to redraw: first token, every N tokens (paced by the cost of drawing), last."""
+class _Junction:
+    """The first new token's text after a prefix. The stream decoder starts afresh after
+    the prefix, so a SentencePiece word piece would lose its leading space: decoding the
+    prefix with that token gives the text a whole-reply decode would have."""
 
-    def __init__(self, views: Views, ranks: int = 1) -> None:
-        self.views, self.ranks = views, ranks
-        self.next_at = 0.0
+    def __init__(self, tok: Any, prefix: Sequence[int]) -> None:
+        self.tok, self.prefix, self.pending = tok, list(prefix), bool(prefix)
 
-    def due(self, i: int, done: bool) -> bool:
-        if done or i == 0:
-            return True
-        scheduled = (i + 1) % max(1, self.views.every) == 0
-        return scheduled and time.perf_counter() >= self.next_at
-
-    def draw(self, trace: Trace | None, step: Step | None) -> dict[str, Any]:
-        start = time.perf_counter()
-        figs = draw(trace, step, self.views, self.ranks)
-        end = time.perf_counter()
-        self.next_at = end + max(self.views.pace * (end - start), self.views.min_interval_s)
-        return figs
+    def text(self, step: Step) -> str:
+        if not self.pending or not step.text or step.token_id == NO_TOKEN:
+            return step.text
+        self.pending = False
+        head = self.tok.decode(self.prefix)
+        joined = self.tok.decode([*self.prefix, step.token_id])
+        tail = joined[len(head) :] if joined.startswith(head) else ""
+        return tail if tail.endswith(step.text) and len(tail) > len(step.text) else step.text
 
 
 def status_text(

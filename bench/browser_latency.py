@@ -1,0 +1,176 @@
+"""What a person sees in the browser: Enter -> first visible reply text, visible text updates per
+second, Enter -> last text, and how soon Stop takes effect; views on and off, beside the
+server's own TTFT and tokens/s (read from the status line of the same reply).
+
+    python bench/browser_latency.py [--model PATH] [--runs 3] [--max-new-tokens 200]
+
+Starts `python app.py` (the shipped model unless --model) on a free local port and drives it
+with Playwright in Debian's chromium (headless, /usr/bin/chromium). Times are taken inside the
+page with its own clock (tests/browser_kit.py's LATENCY_RECORDER): the keydown of Enter, every
+change of the reply's visible text, the click on Stop. Prints a markdown table for
+bench/RESULTS.md with the machine, the date, the load average and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.app_server import start_app
+from tests.browser_kit import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    arm_recorder,
+    bot_texts,
+    clear_chat,
+    open_app,
+    recorded,
+    send,
+    set_number,
+    set_views,
+    status,
+    wait_for,
+)
+
+PROMPT = "Tell me a long story about a dog named Max."  # seed 0: 337 tokens (shipped)
+STOP_AFTER_UPDATES = 3  # Stop is clicked once this many text updates were seen
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="checkpoint for app.py (default: shipped)")
+    p.add_argument("--runs", type=int, default=3, help="replies per setting")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--seed", default="0", help="same seed, same reply in every setting")
+    return p.parse_args()
+
+
+def server_figures(line: str) -> tuple[float | None, float | None]:
+    """(TTFT ms, tok/s) from the status line, None where absent."""
+    ttft = re.search(r"TTFT (\d+) ms", line)
+    rate = re.search(r"([\d.]+) tok/s", line)
+    return (float(ttft[1]) if ttft else None, float(rate[1]) if rate else None)
+
+
+def measure_reply(pg: Any) -> dict[str, float | None]:
+    """Send PROMPT to an empty chat, wait for the end; what the page saw, in ms from Enter."""
+    clear_chat(pg)
+    arm_recorder(pg)
+    send(pg, PROMPT)
+    wait_for(lambda: recorded(pg)["finished"], "the reply to finish", 600)
+    time.sleep(0.5)  # a last text update may land just after the status
+    lat = recorded(pg)
+    texts, enter = lat["texts"], lat["enter"]
+    span = (texts[-1][0] - texts[0][0]) / 1000 if len(texts) > 1 else 0.0
+    ttft, rate = server_figures(status(pg))
+    return {
+        "first_ms": texts[0][0] - enter if texts else None,
+        "updates_per_s": (len(texts) - 1) / span if span > 0 else None,
+        "last_ms": texts[-1][0] - enter if texts else None,
+        "chars": texts[-1][1] if texts else 0,
+        "server_ttft_ms": ttft,
+        "server_tok_s": rate,
+    }
+
+
+def measure_stop(pg: Any) -> dict[str, float | None]:
+    """A long reply, Stop after a few updates: when the text stopped growing and the status
+    said cancelled, in ms after the click."""
+    clear_chat(pg)
+    arm_recorder(pg)
+    send(pg, PROMPT)
+    wait_for(lambda: len(recorded(pg)["texts"]) >= STOP_AFTER_UPDATES, "text to stream", 600)
+    pg.evaluate("document.querySelector('#stop').click()")  # no actionability waits
+    wait_for(lambda: recorded(pg)["finished"], "the reply to end", 600)
+    time.sleep(1.0)  # anything still arriving after the status counts against Stop
+    lat = recorded(pg)
+    after = [t for t, _ in lat["texts"] if t > lat["stop"]]
+    return {
+        "text_stopped_ms": (max(after) - lat["stop"]) if after else 0.0,
+        "status_ms": lat["finished"] - lat["stop"],
+        "cancelled": float("finished: cancelled" in status(pg)),
+        "chars_at_end": float(len(bot_texts(pg)[-1])),
+    }
+
+
+def median(rows: list[dict[str, Any]], key: str) -> str:
+    values = [r[key] for r in rows if r[key] is not None]
+    return f"{statistics.median(values):.0f}" if values else "–"
+
+
+def run(args: argparse.Namespace) -> list[str]:
+    from playwright.sync_api import sync_playwright
+
+    extra = ["--model", args.model] if args.model else []
+    server = start_app(Path(tempfile.mkdtemp(prefix="browser-latency-")), *extra)
+    lines = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            pg = browser.new_page(viewport={"width": 1500, "height": 1100})
+            pg.set_default_timeout(600_000)
+            open_app(pg, server.url)
+            set_number(pg, "max-new-tokens", args.max_new_tokens)
+            pg.fill("#seed textarea, #seed input", args.seed)
+            lines.append(
+                "| views | first text (ms) | text updates/s | last text (ms) | reply chars | "
+                "server TTFT (ms) | server tok/s |"
+            )
+            lines.append("|---|---|---|---|---|---|---|")
+            for on in (True, False):
+                set_views(pg, on)
+                rows = [measure_reply(pg) for _ in range(args.runs)]
+                print(on, rows, flush=True)
+                cells = [median(rows, k) for k in ("first_ms", "updates_per_s", "last_ms")]
+                cells += [median(rows, "chars")]
+                cells += [median(rows, k) for k in ("server_ttft_ms", "server_tok_s")]
+                lines.append(f"| {'all on' if on else 'off'} | " + " | ".join(cells) + " |")
+            lines += [
+                "",
+                "| views | Stop: text stopped (ms after click) | status said "
+                "cancelled (ms) | cancelled |",
+                "|---|---|---|---|",
+            ]
+            set_number(pg, "max-new-tokens", 1024)
+            for on in (True, False):
+                set_views(pg, on)
+                rows = [measure_stop(pg) for _ in range(args.runs)]
+                print("stop", on, rows, flush=True)
+                worst = max(r["text_stopped_ms"] for r in rows)
+                worst_status = max(r["status_ms"] for r in rows)
+                n_ok = sum(int(r["cancelled"]) for r in rows)
+                lines.append(
+                    f"| {'all on' if on else 'off'} | worst {worst:.0f} | worst "
+                    f"{worst_status:.0f} | {n_ok} of {len(rows)} |"
+                )
+            browser.close()
+    finally:
+        server.stop()
+    return lines
+
+
+def main() -> None:
+    args = parse_args()
+    lines = run(args)
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(
+        f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load average {load}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n"
+        f"Command: python bench/browser_latency.py {' '.join(sys.argv[1:])}\n"
+    )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
