@@ -275,6 +275,12 @@ def exit_now(code: int) -> None:
     chat_io = sys.modules.get("ui.chat_io")  # exported chats, if the page was served
     if chat_io is not None:
         chat_io.remove_exports()
+    mp = sys.modules.get("multiprocessing")  # the figures' drawing process (ui/live.py)
+    children = mp.active_children() if mp is not None else []
+    for child in children:  # os._exit would leave them running, orphaned
+        child.terminate()
+    for child in children:
+        child.join(1)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -201,6 +201,7 @@ def test_signal_stops_the_app_cleanly_within_2_s(servers: dict, sig: int, when: 
     server = servers[(sig, when)]
     if when == "reply":
         mid_reply(server)
+    children = children_of(server.proc.pid)  # the figures' drawing process
     start = time.monotonic()
     server.proc.send_signal(sig)
     code = server.proc.wait(60)  # the condition; 60 s only bounds a hang
@@ -208,3 +209,22 @@ def test_signal_stops_the_app_cleanly_within_2_s(servers: dict, sig: int, when: 
     log = server.log.read_text()
     assert code == 0 and "terminate called" not in log and "Traceback" not in log, log[-3000:]
     assert took < STOP_S, (took, log[-2000:])
+    deadline = time.monotonic() + 30  # multiprocessing's resource tracker ends on EOF, soon
+    while (left := [p for p in children if Path(f"/proc/{p}").exists()]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    assert not left, f"child processes {left} were left running"
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = stat.read_text().rsplit(")", 1)[1].split()[1]
+        except (OSError, IndexError):
+            continue
+        if ppid == str(pid):
+            out.append(int(stat.parent.name))
+    return out
