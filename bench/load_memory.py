@@ -10,6 +10,10 @@ Targets (issue 2): peak while loading <= 1.2x the bf16 checkpoint; 8-bit peak <=
 
     python bench/load_memory.py --preset llama2-7b          # needs ~28 GB of /tmp, ~15 GB RAM
     python bench/load_memory.py --preset tinyllama-1.1b     # a 2.2 GB rehearsal
+    python bench/load_memory.py --gguf ../shared/data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+
+--gguf: a real GGUF file loaded by us and by transformers (from_pretrained(dir, gguf_file=...),
+both dequantising to fp32), each in a fresh process, with ours / transformers ratios.
 
 The page cache is warm (the files were just written): load seconds exclude disk reads.
 """
@@ -165,6 +169,64 @@ def measure(path: Path, eight_bit: bool) -> dict[str, float]:
             "peak_forward": peak_fwd, "forward_s": forward_s}
 
 
+def measure_gguf(path: Path, runtime: str) -> dict[str, float]:
+    """In the child: load the GGUF file (fp32) with `runtime`, then one forward token."""
+    import torch
+
+    # Baseline: each runtime imported and one tiny model built on the meta device (the first
+    # build imports ~70 MB of torch internals, a cost of any model, not of reading GGUF).
+    if runtime == "ours":
+        from llama.checkpoints import load
+        from llama.checkpoints.common import build_on_meta
+        from llama.config import ModelArgs
+
+        build_on_meta(ModelArgs(dim=8, n_layers=1, n_heads=1, vocab_size=8, multiple_of=8))
+    else:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        tiny = transformers.LlamaConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                        num_attention_heads=1, vocab_size=8)
+        with torch.device("meta"):
+            transformers.LlamaForCausalLM(tiny)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t0 = time.perf_counter()
+    if runtime == "ours":
+        model = load(path, device="cpu", dtype=torch.float32, max_seq_len=256,
+                     progress=False).model
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with torch.no_grad():
+        model(torch.tensor([[1]]))
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"baseline": base, "peak_load": peak_load, "load_s": load_s,
+            "peak_forward": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "fp32_bytes": 4 * n_params}
+
+
+def gguf_main(path: Path) -> None:
+    """Ours against transformers on one GGUF file: load seconds and peak RSS, as ratios."""
+    r = {rt: json.loads(run_child("--measure-gguf", str(path), "--runtime", rt))
+         for rt in ("ours", "transformers")}
+    size = r["ours"]["fp32_bytes"]
+    print(f"{path.name}: {path.stat().st_size / 2**20:.0f} MiB on disk, "
+          f"{size / 2**20:.0f} MiB dequantised to fp32 (ours)")
+    print("| runtime | load s | peak RSS after load MiB | (peak - baseline) / fp32 model "
+          "| peak RSS after 1 token MiB |")
+    print("|---|---|---|---|---|")
+    for rt, x in r.items():
+        added = (x["peak_load"] - x["baseline"]) / size
+        print(f"| {rt} | {x['load_s']:.2f} | {x['peak_load'] / 2**20:.0f} | {added:.2f}x | "
+              f"{x['peak_forward'] / 2**20:.0f} |")
+    o, t = r["ours"], r["transformers"]
+    print(f"ours / transformers: load time {o['load_s'] / t['load_s']:.2f}x, peak RSS added "
+          f"by loading {(o['peak_load'] - o['baseline']) / (t['peak_load'] - t['baseline']):.2f}x")
+
+
 def run_child(*flags: str) -> str:
     """Run this script with `flags` in a fresh interpreter; its last stdout line."""
     out = subprocess.run([sys.executable, __file__, *flags], check=True, capture_output=True,
@@ -203,7 +265,14 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--8bit", dest="eight_bit", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--gguf", type=Path, help="a GGUF file: ours against transformers")
+    parser.add_argument("--measure-gguf", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--runtime", choices=("ours", "transformers"), help=argparse.SUPPRESS)
     a = parser.parse_args()
+    if a.gguf:
+        return gguf_main(a.gguf.resolve())
+    if a.measure_gguf:
+        return print(json.dumps(measure_gguf(a.measure_gguf, a.runtime)))
     if a.write:
         return write_main(a.preset, a.write)
     if a.measure:

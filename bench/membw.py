@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -44,14 +45,15 @@ def measure(
             "read": (lambda: b.sum(), 4),
         }
         return {
-            name: n * nbytes / _best(fn, repeats, dev) / 1e9
+            name: n * nbytes / best_seconds(fn, repeats, dev) / 1e9
             for name, (fn, nbytes) in kernels.items()
         }
     finally:
         torch.set_num_threads(before)
 
 
-def _best(fn: object, repeats: int, device: torch.device) -> float:
+def best_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Best wall-clock seconds of fn over `repeats` runs after one warm-up."""
     fn()  # first touch / warm-up
     best = float("inf")
     for _ in range(repeats):

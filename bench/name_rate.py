@@ -30,7 +30,7 @@ from llama.chat import encode_dialog  # noqa: E402
 from llama.checkpoints import load  # noqa: E402
 from llama.generate import generate  # noqa: E402
 from llama.sampling import SamplingParams  # noqa: E402
-from llama.tokenizer import Tokenizer  # noqa: E402
+from llama.tokenizer import open_tokenizer  # noqa: E402
 from llama.train.data import HELD_OUT_NAMES, NAMES  # noqa: E402
 
 PAIRS = (
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     assert set(SEEN_NAMES) <= set(NAMES)
     pairs = [(a_, n) for (a_, _), n in zip(PAIRS, SEEN_NAMES, strict=True)] if a.seen else PAIRS
     loaded = load(a.model, device="cpu", dtype=torch.float32, progress=False)
-    tok = Tokenizer(loaded.tokenizer_path)
+    tok = open_tokenizer(loaded)
     hits = total = n_tokens = 0
     elapsed = 0.0
     for animal, name in pairs:

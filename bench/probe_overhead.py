@@ -44,7 +44,7 @@ from llama import model as model_module
 from llama.assets import SHIPPED_MODEL_DIR
 from llama.checkpoints import load
 from llama.probes import Probe
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, open_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FALLBACK = SHARED / "data" / "stories260K" / "stories260K.bin"
@@ -151,7 +151,7 @@ def load_model(path: str | None) -> tuple[torch.nn.Module, Tokenizer, str, Path]
     loaded = load(path, device="cpu", dtype=torch.float32, progress=False)
     loaded.model.setup_caches(1)
     assert loaded.tokenizer_path is not None, f"{path}: no tokenizer beside the weights"
-    return loaded.model, Tokenizer(loaded.tokenizer_path), f"{path} ({note})", loaded.path
+    return loaded.model, open_tokenizer(loaded), f"{path} ({note})", loaded.path
 
 
 def check_same_logits(model: torch.nn.Module, prompt: list[int], no_hook_cls: type) -> None:

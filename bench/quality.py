@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from llama.assets import SHIPPED_MODEL_DIR  # noqa: E402
 from llama.checkpoints import load  # noqa: E402
 from llama.model import Transformer  # noqa: E402
-from llama.tokenizer import Tokenizer  # noqa: E402
+from llama.tokenizer import Tokenizer, open_tokenizer  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 VALID = SHARED / "corpus" / "tinystories" / "tinystories_v1_valid_sample.txt"
@@ -91,7 +91,7 @@ def score(model: Transformer, tok: Tokenizer, texts: list[str], batch_size: int 
 
 def evaluate(path: Path, texts: list[str], label: str) -> Score:
     loaded = load(path, device="cpu", dtype=torch.float32, progress=False)
-    tok = Tokenizer(loaded.tokenizer_path)
+    tok = open_tokenizer(loaded)
     t0 = time.time()
     s = score(loaded.model, tok, texts)
     print(f"{label:<12} {loaded.model.args.n_params(tied=True) / 1e6:>6.2f}M  vocab "

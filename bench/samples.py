@@ -21,7 +21,7 @@ from llama.chat import Prompt, encode_completion, encode_dialog  # noqa: E402
 from llama.checkpoints import load  # noqa: E402
 from llama.generate import generate_text  # noqa: E402
 from llama.sampling import SamplingParams  # noqa: E402
-from llama.tokenizer import Tokenizer  # noqa: E402
+from llama.tokenizer import Tokenizer, open_tokenizer  # noqa: E402
 
 CHAT_PROMPTS = (
     "Write a story about a dog named Max.",
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     loaded = load(a.model, device="cpu", dtype=torch.float32, progress=False)
-    tok = Tokenizer(loaded.tokenizer_path)
+    tok = open_tokenizer(loaded)
     for title, prompt in prompts(tok):
         print(f"### {title}\n")
         for label, params in SETTINGS:

@@ -26,7 +26,7 @@ from gradio_client import Client
 from llama.sampling import SamplingParams
 from tests.app_server import AppServer, model_path, model_template, start_app
 from tests.test_gradio_client import message, respond_args, seed, text_of
-from ui.handlers import VIEW_LABELS
+from ui.outputs import VIEW_LABELS
 from ui.runtime import Runtime, load_runtime
 from ui.turn import SessionControl, Views, run_turn
 

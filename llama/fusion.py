@@ -137,3 +137,36 @@ def _cat_popped(state: dict[str, Any], keys: list[str]) -> Tensor:
     if len(dtypes) > 1:  # mixed precision on disk: settle on the first part's dtype
         parts = [p.to(parts[0].dtype) for p in parts]
     return torch.cat(parts, 0)
+
+
+# Module path suffix -> (parts in fused order, fused name), as Attention and FeedForward fuse.
+FUSED_GROUPS = {"attention": (("wq", "wk", "wv"), "wqkv"), "feed_forward": (("w1", "w3"), "w13")}
+
+
+class StreamFuser:
+    """Joins each layer's wq|wk|wv and w1|w3 as a checkpoint streams in, where the tensors
+    were read (the host): the device then receives only fused weights. Fusing after the copy
+    left the originals in CUDA's caching allocator (~8.4 GiB reserved after loading 7B).
+
+    `add(name, tensor)` -> (consumed, fused): consumed is False for a name outside the
+    groups; fused is (fused name, weight) once a group's last part arrived, else None.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[str, dict[str, Tensor]] = {}
+
+    def add(self, name: str, t: Tensor) -> tuple[bool, tuple[str, Tensor] | None]:
+        module, _, leaf = name.removesuffix(".weight").rpartition(".")
+        prefix, _, kind = module.rpartition(".")
+        group = FUSED_GROUPS.get(kind) if name.endswith(".weight") else None
+        if group is None or leaf not in group[0] or not prefix.startswith("layers."):
+            return False, None
+        parts, fused = group
+        held = self.pending.setdefault(module, {})
+        held[leaf] = t
+        if len(held) < len(parts):
+            return True, None
+        del self.pending[module]
+        with torch.no_grad():
+            weight = torch.cat([held[p] for p in parts], 0)
+        return True, (f"{module}.{fused}.weight", weight)

@@ -2,9 +2,10 @@
 
 `generate(...)` validates its inputs at once (GenerateError) and returns an iterator of
 `Step`s, one per sampled token; the last step carries `finish_reason`:
-"eos" (the model ended its turn), "stop" (a stop string appeared; the text ends before it),
-"length" (max_new_tokens), "context" (prompt + reply fill max_seq_len: the KV cache is never
-written past it) or "cancelled" (the `cancel` event was set; checked between tokens).
+"eos" (the model ended its turn: EOS, or the chat template's end-of-turn token such as
+<|im_end|>), "stop" (a stop string appeared; the text ends before it), "length"
+(max_new_tokens), "context" (prompt + reply fill max_seq_len: the KV cache is never written
+past it) or "cancelled" (the `cancel` event was set; checked between tokens).
 
 Invariants: joined `Step.text` == tokenizer.decode(all generated ids), except that on "stop"
 the text ends just before the stop string; a partial stop string is never released (the tail
@@ -29,6 +30,9 @@ from llama.model import Transformer
 from llama.sampling import SamplingParams, choose, make_generator
 from llama.tokenizer import StreamDecoder, Tokenizer
 
+# Sampled ids travel to the host as fp32 with their probability (one transfer): exact below
+# 2^24, which every LLaMA-family vocabulary is (32,000 to 256,000).
+MAX_VOCAB = 2**24
 NO_TOKEN = -1  # token_id of the final step of a cancelled generation (it carries no token)
 
 
@@ -78,6 +82,14 @@ class Probe(Protocol):
     def end(self, model: Transformer) -> None: ...
 
 
+def host_positions(n: int, device: torch.device) -> Tensor:
+    """Positions 0..n-1 kept on the host for `Transformer.forward`: it reads the cache length
+    from them without a device sync, and copies each slice to the device without waiting
+    (pinned memory where the device is CUDA)."""
+    positions = torch.arange(n)
+    return positions.pin_memory() if device.type == "cuda" else positions
+
+
 def prompt_budget(max_seq_len: int, max_new_tokens: int) -> int:
     """Tokens a prompt may take so the reply gets max_new_tokens (but at most half the
     context is reserved for it, so a long reply setting does not starve the dialog)."""
@@ -115,6 +127,8 @@ def _check_inputs(
             f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces, the model "
             f"expects vocab_size={vocab}"
         )
+    if vocab > MAX_VOCAB:
+        raise GenerateError(f"vocab_size: expected at most {MAX_VOCAB}, found {vocab}")
     if not 0 <= n_top <= vocab:
         raise GenerateError(f"n_top: expected an int in [0, {vocab}], found {n_top}")
     notice = _trim_notice(prompt_ids) if isinstance(prompt_ids, Prompt) else None
@@ -218,13 +232,14 @@ class _Decoder:
         self.device = model.tok_embeddings.weight.device
         self.max_len = model.args.max_seq_len
         self.gate = StopGate(params.stop)
+        self.stop_ids = tok.stop_ids
         self.text = StreamDecoder(tok)
         self.generator: torch.Generator | None = None
         self.seen: Tensor | None = None
         self.counts: Tensor | None = None
         self.logits: Tensor | None = None
         self.token: Tensor | None = None  # (1,) last sampled id, stays on the device
-        self.positions = torch.arange(self.max_len, device=self.device)  # sliced, never rebuilt
+        self.positions = host_positions(self.max_len, self.device)  # sliced, never rebuilt
         self.one = torch.ones(1, device=self.device)
 
     def steps(self, cancel: threading.Event | None) -> Iterator[Step]:
@@ -250,7 +265,7 @@ class _Decoder:
 
     def _text_and_reason(self, token_id: int, pos: int, i: int) -> tuple[str, str | None]:
         text, stopped = self.gate.feed(self.text.push(token_id))
-        if token_id == self.tok.eos_id:
+        if token_id in self.stop_ids:  # EOS, or the chat template's end of turn
             reason = "eos"
         elif stopped:
             return text, "stop"
@@ -308,18 +323,18 @@ class _Decoder:
             self.seen[token] = True
             self.counts.index_add_(0, token, self.one)
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        chosen = logits[token] - lse
-        if self.n_top == 0:  # the benchmark's and the terminal's path: fewest ops, one sync
-            token_id, prob = torch.cat([token.double(), chosen.double().exp()]).tolist()
-            return _Pick(int(token_id), prob)
-        top_logits, top_ids = torch.topk(logits, self.n_top)
-        # One device->host sync for the ids (the second copy finds the device idle).
-        ids = torch.cat([token, top_ids]).tolist()  # [id, k ids]
-        after = (top_ids == token).float() if probs is None else probs[top_ids]
-        floats = torch.cat([torch.cat([chosen, top_logits - lse]).exp(), after]).tolist()
-        k = self.n_top  # floats: [prob, k before, k after]
-        top = list(zip(ids[1:], floats[1 : 1 + k], floats[1 + k :], strict=True))
-        return _Pick(ids[0], floats[0], top)
+        # Everything the host needs in one transfer (one device sync): ids travel as fp32,
+        # exact below MAX_VOCAB (_check_inputs); MPS has no float64.
+        values = [token.float(), (logits[token] - lse).exp()]
+        if self.n_top:
+            top_logits, top_ids = torch.topk(logits, self.n_top)
+            after = (top_ids == token).float() if probs is None else probs[top_ids]
+            values += [top_ids.float(), (top_logits - lse).exp(), after]
+        flat = torch.cat(values).tolist()  # [id, prob, k ids, k before, k after]
+        k = self.n_top
+        ids = [int(i) for i in flat[2 : 2 + k]]
+        top = list(zip(ids, flat[2 + k : 2 + 2 * k], flat[2 + 2 * k :], strict=True))
+        return _Pick(int(flat[0]), flat[1], top)
 
 
 def generate_text(

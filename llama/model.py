@@ -38,13 +38,16 @@ from llama.functional import (
     rotate,
 )
 from llama.fusion import Release, fuse_linears, store_column_major
-from llama.rope import rope_tables
+from llama.memory import check_cache
+from llama.rope import complex_rope, rope_tables
 
 
 @dataclass(frozen=True)
 class AttentionCapture:
     """What one attention layer saw in one forward call, for probes (llama/probes/capture.py).
 
+    input_pos: (T,) absolute positions, where the caller keeps them (generate: on the host,
+    so that reading them never waits for the device);
     q_raw/k_raw: (B, T, H or H_kv, D) before RoPE; q: (B, H, T, D) after RoPE;
     keys/values: (B, H_kv, T_kv, D) all cached positions attended to (RoPE applied to keys);
     out: (B, H, T, D) the attention output, before the wo projection.
@@ -128,7 +131,7 @@ class Attention(nn.Module):
                 k, v = k[:, :, : s.kv_len], v[:, :, : s.kv_len]  # (B, H_kv, T_kv, D)
         out = attend(q, k, v, s.mask)  # (B, T, H, D)
         if self.observer is not None:
-            pos = s.input_pos if s.input_pos is not None else torch.arange(T, device=x.device)
+            pos = s.host_pos if s.host_pos is not None else torch.arange(T)
             q, out = q.transpose(1, 2), out.transpose(1, 2)  # (B, H, T, D)
             self.observer(AttentionCapture(self.layer_id, pos, q_raw, k_raw, q, k, v, out))
             out = out.transpose(1, 2)
@@ -220,8 +223,9 @@ class Transformer(nn.Module):
         self._observed = False
         self._fast: list[FastLayer] | None = None
         self._routes_stale = True
-        # Set by llama.runtime_opts.compile_decode: (tokens (B,1), input_pos (1,)) -> logits.
-        self.compiled_decode: Callable[[Tensor, Tensor], Tensor] | None = None
+        # Set by llama.runtime_opts.compile_decode: (tokens (B,1), input_pos (1,), kv_len) ->
+        # logits, kv_len being the positions filled after this step (a host int).
+        self.compiled_decode: Callable[[Tensor, Tensor, int], Tensor] | None = None
 
     @property
     def rope_cos(self) -> Tensor:
@@ -255,6 +259,8 @@ class Transformer(nn.Module):
         fuse_projections) plus one if the output was re-laid out by this call."""
         changed = self.fuse_projections(release)
         w = self.output.weight
+        if changed and w.device.type == "cuda":
+            torch.cuda.empty_cache()  # the unfused originals' blocks, else reserved for good
         if (
             w.device.type == "cpu"
             and w.dtype == torch.float32
@@ -287,6 +293,7 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"max_seq_len: expected 1..{a.max_seq_len} (args.max_seq_len), found {capacity}"
             )
+        check_cache(a, batch_size, capacity, dtype, ref.device)  # before allocating
         for layer in self.layers:
             layer.attention.cache = KVCache(
                 batch_size, a.kv_heads, capacity, a.head_dim, dtype, ref.device
@@ -334,20 +341,25 @@ class Transformer(nn.Module):
         """tokens (B, T) -> logits (B, T, vocab) in fp32; (B, 1, vocab) when last_only.
 
         input_pos is best kept on the CPU (it is moved to the model's device): the cache
-        length is then read without waiting for the device.
+        length is then read without waiting for the device (generate does so; a device
+        input_pos costs one host sync per call).
         """
         T = tokens.shape[1]
         if input_pos is None:
             positions, mask, kv_len = torch.arange(T, device=tokens.device), None, None
+            host_pos = None
         else:
             kv_len = self._kv_len(input_pos, T)
+            host_pos = input_pos
             positions = input_pos = input_pos.to(tokens.device, non_blocking=True)
             mask = self._cache_mask(input_pos, T, kv_len)
         fast = self._fast_layers()
         if T == 1 and input_pos is not None and self.compiled_decode and not self._observed:
-            return self.compiled_decode(tokens, input_pos)
-        rot = self._rope_table(tokens.device, complex_=True)[positions].unsqueeze(1)  # (T,1,D/2)
-        s = StepInputs(rot, input_pos, mask, kv_len)
+            assert kv_len is not None
+            return self.compiled_decode(tokens, input_pos, kv_len)
+        table = self._rope_table(tokens.device, complex_=complex_rope(tokens.device))
+        rot = table[positions].unsqueeze(1)  # (T, 1, D/2) complex or (T, 1, D/2, 2) real
+        s = StepInputs(rot, input_pos, mask, kv_len, host_pos)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         if fast is not None:
             for parts in fast:
@@ -359,18 +371,20 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
 
-    def static_decode(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+    def static_decode(self, tokens: Tensor, input_pos: Tensor, span: int | None = None) -> Tensor:
         """One decode step with static shapes and no host reads (what compile_decode compiles).
 
-        tokens (B, 1), input_pos (1,) on the model's device. Attends over the whole cache
-        with a mask `key position <= input_pos`; no overflow check (forward does it).
+        tokens (B, 1), input_pos (1,) on the model's device. Attends over the first `span`
+        cache positions (default the whole cache; a compiled step gets one graph per span)
+        with a mask `key position <= input_pos`; input_pos must be < span; no overflow check
+        (forward does it).
         """
-        capacity = self.caches()[0].capacity
-        keys = torch.arange(capacity, device=tokens.device)
-        mask = keys[None, :] <= input_pos[:, None]  # (1, S_max)
+        span = span or self.caches()[0].capacity
+        keys = torch.arange(span, device=tokens.device)
+        mask = keys[None, :] <= input_pos[:, None]  # (1, span)
         # (1, 1, D/2, 2) real (cos, sin): torch.compile has no complex numbers
         rot = self._rope_table(tokens.device, complex_=False)[input_pos].unsqueeze(1)
-        s = StepInputs(rot, input_pos, mask, None)
+        s = StepInputs(rot, input_pos, mask, span)
         h = self.tok_embeddings(tokens)  # (B, 1, dim)
         for layer in self.layers:
             h = layer(h, s)

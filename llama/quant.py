@@ -7,7 +7,9 @@ the model dtype. Quantisation happens one tensor at a time as the checkpoint str
 full-precision copy of the model never exists in RAM.
 
 bitsandbytes 0.50 runs this on CPU as well as CUDA. It saves memory, not time: on CPU an
-int8 matvec is several times slower than fp32.
+int8 matvec is several times slower than fp32. Activations enter every int8 product as fp16
+(bitsandbytes casts anything else there, at every product): on CUDA an 8-bit model is
+loaded in fp16 by default (llama.checkpoints.default_dtype).
 """
 
 from __future__ import annotations
@@ -44,16 +46,23 @@ def bitsandbytes() -> ModuleType:
 def quantise_weight(
     weight: Tensor, device: torch.device, threshold: float = THRESHOLD
 ) -> nn.Module:
-    """A Linear8bitLt on `device` whose int8 weights are quantised from `weight` (out, in)."""
+    """A Linear8bitLt on `device` whose int8 weights are quantised from `weight` (out, in).
+
+    Quantised on `device` from an fp16 copy, the dtype bitsandbytes' own route (Int8Params
+    moved from the CPU) casts to first: the same int8 values and scales, with no fp32 copy
+    and, for a weight already on the GPU (tensor parallelism), no trip through the host.
+    """
     bnb = bitsandbytes()
     _quiet_cast_notice()
     out_features, in_features = weight.shape
     layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False,
                                 threshold=threshold, device="meta")
-    # Int8Params quantises when moved from CPU to a device (bitsandbytes' convention).
-    layer.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False,
-                                     has_fp16_weights=False)
-    return layer.to(device)
+    half = weight.detach().to(device=device, dtype=torch.float16)
+    int8, scales, _ = bnb.functional.int8_vectorwise_quant(half)
+    param = bnb.nn.Int8Params(int8, requires_grad=False, has_fp16_weights=False)
+    param.CB, param.SCB = int8, scales  # what Int8Params holds once quantised
+    layer.weight = param
+    return layer
 
 
 class _DropCastNotice(logging.Filter):
@@ -95,9 +104,7 @@ def make_quantiser(device: torch.device) -> Callable[[nn.Module, str, Tensor], b
     def quantise(model: nn.Module, name: str, tensor: Tensor) -> bool:
         if not is_block_linear(model, name):
             return False
-        # Scales come out in the weight's dtype: quantise from fp32 so they are not rounded.
-        weight = tensor.to(dtype=torch.float32)
-        replace_module(model, name.removesuffix(".weight"), quantise_weight(weight, device))
+        replace_module(model, name.removesuffix(".weight"), quantise_weight(tensor, device))
         return True
 
     return quantise
@@ -109,7 +116,7 @@ def quantise_model(model: nn.Module) -> nn.Module:
     for name in names:
         path = name.removesuffix(".weight")
         weight = model.get_parameter(name).detach()
-        layer = quantise_weight(weight.float(), weight.device)
+        layer = quantise_weight(weight, weight.device)
         # Linear8bitLt computes differently in training mode: keep the model's mode.
         layer.train(model.get_submodule(path).training)
         replace_module(model, path, layer)

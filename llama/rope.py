@@ -69,3 +69,9 @@ def apply_rope_matrix(x: Tensor, positions: Tensor, theta: float = 10000.0) -> T
     mats = torch.stack([rotation_matrix(int(m), head_dim, theta) for m in positions])  # (T, D, D)
     out = torch.einsum("tij,bthj->bthi", mats, x.float())
     return out.type_as(x)
+
+
+def complex_rope(device: torch.device) -> bool:
+    """Whether the eager path rotates with complex64 rotors on `device` (one complex multiply).
+    MPS gets the real (cos, sin) form: its complex support is partial and untested here."""
+    return device.type != "mps"

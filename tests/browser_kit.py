@@ -122,6 +122,37 @@ def clear_chat(pg: Any) -> None:
         lambda: not bot_texts(pg) and pg.input_value("#message textarea") == "",
         "the chat to clear",
     )
+    settle(pg)
+
+
+def settle(pg: Any, timeout_ms: int = 30_000) -> None:
+    """Wait until the page's main thread is idle (e.g. plotly finished redrawing the cleared
+    plots): on a loaded machine a busy renderer delays the next reply's text by seconds."""
+    pg.evaluate(
+        "(t) => new Promise(r => requestAnimationFrame(() => requestIdleCallback(r, "
+        "{timeout: t})))",
+        timeout_ms,
+    )
+
+
+# Clicks Stop from inside the page the moment the next message of `role` ("bot": the reply's
+# first text; "user": the sent message, i.e. the server took it) is rendered: no round trip
+# through Playwright, whose own click first waits for the page to be "stable".
+STOP_ON_FIRST = """(role) => {
+    window.__stoppedAt = null;
+    const chat = document.querySelector('#chatbot');
+    const sel = `[data-testid="${role}"]`;
+    const before = chat.querySelectorAll(sel).length;
+    const obs = new MutationObserver(() => {
+        const found = chat.querySelectorAll(sel);
+        if (found.length > before && found[found.length - 1].innerText) {
+            obs.disconnect();
+            window.__stoppedAt = performance.now();
+            document.querySelector('#stop').click();
+        }
+    });
+    obs.observe(chat, {subtree: true, childList: true, characterData: true});
+}"""
 
 
 def arm_recorder(pg: Any) -> None:

@@ -53,3 +53,20 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+SMOLLM2_GGUF = ("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smol_tok():  # -> llama.tokenizer.Tokenizer
+    from llama.tokenizer import load_tokenizer
+
+    return load_tokenizer(shared_file(*SMOLLM2_GGUF))
+
+
+@pytest.fixture(scope="session")
+def hf_smol_tok():  # -> transformers' tokenizer built from the same GGUF: the reference
+    transformers = pytest.importorskip("transformers")
+    path = shared_file(*SMOLLM2_GGUF)
+    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -36,7 +36,8 @@ def model_path() -> str:
     return str(shared_file("stories260K", "stories260K.bin"))
 
 
-def test_complete_streams_the_reference_greedy_text(model_path: str) -> None:
+def greedy_200(model_path: str, *extra: str) -> tuple[subprocess.CompletedProcess, str]:
+    """`complete` from an empty prompt, greedy, 200 tokens; and the reference text."""
     res = cli(
         "complete",
         "--model",
@@ -47,30 +48,20 @@ def test_complete_streams_the_reference_greedy_text(model_path: str) -> None:
         "0",
         "--max-new-tokens",
         "200",
-        "--threads",
-        "1",
-        "--stats",
+        *extra,
     )
-    reference = shared_file("stories260K", "reference_greedy_200.txt").read_text("utf-8")
+    return res, shared_file("stories260K", "reference_greedy_200.txt").read_text("utf-8")
+
+
+def test_complete_streams_the_reference_greedy_text(model_path: str) -> None:
+    res, reference = greedy_200(model_path, "--threads", "1", "--stats")
     assert res.returncode == 0, res.stderr.decode()
     assert res.stdout.decode("utf-8") == reference + "\n"  # UTF-8 even under an ASCII locale
     assert "200 tokens" in res.stderr.decode() and "finish: length" in res.stderr.decode()
 
 
 def test_compiled_decode_streams_the_same_reference_text(model_path: str) -> None:
-    res = cli(
-        "complete",
-        "--model",
-        model_path,
-        "--prompt",
-        "",
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        "200",
-        "--compile",
-    )
-    reference = shared_file("stories260K", "reference_greedy_200.txt").read_text("utf-8")
+    res, reference = greedy_200(model_path, "--compile")
     assert res.returncode == 0, res.stderr.decode()
     assert res.stdout.decode("utf-8") == reference + "\n"
     assert "compiled in" in res.stderr.decode()
@@ -105,18 +96,8 @@ def test_chat_reads_turns_until_eof(model_path: str) -> None:
 
 def test_chat_banner_and_commands_never_reach_the_model(model_path: str) -> None:
     stdin = "/help\n/system Be brief.\n/system\n/nonsense\n//slash\n/quit\nnever read\n"
-    res = cli(
-        "chat",
-        "--model",
-        model_path,
-        "--temperature",
-        "0",
-        "--max-new-tokens",
-        "5",
-        "--threads",
-        "1",
-        stdin=stdin,
-    )
+    flags = "--temperature 0 --max-new-tokens 5 --threads 1".split()
+    res = cli("chat", "--model", model_path, *flags, stdin=stdin)
     assert res.returncode == 0, res.stderr.decode()
     err = res.stderr.decode()
     assert err.startswith("Chatting with stories260K.bin") and "/quit" in err.splitlines()[0]

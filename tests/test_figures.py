@@ -275,3 +275,22 @@ def test_relative_errors_are_rounding_only() -> None:
     args = TINY_CONFIGS["mha"]
     errors = relative_errors(args, [(3, 10), (60, 2)])
     assert max(errors) < 1e-5
+
+
+def test_one_head_picked_mean_and_spread_show_its_group() -> None:
+    """With one head picked, "mean" and "spread" draw that head's group, labelled so."""
+    trace = traced(TINY_CONFIGS["gqa"])  # 4 heads, 2 per group
+    view = trace.attention[0]
+    lower = np.tril(np.ones(view.probs.shape[1:], dtype=bool))
+    for mode, expected in (("mean", view.group_mean[1]), ("spread", view.group_spread[1])):
+        fig = F.attention_by_group(trace, 0, head=3, mode=mode)
+        assert f"{mode} of heads 2, 3 (head 3's group)" in fig.layout.annotations[0].text
+        z = np.asarray(fig.data[0].z, dtype=float)
+        np.testing.assert_allclose(z[lower], expected.numpy()[lower], rtol=1e-6)
+
+
+def test_chosen_token_outside_the_bars_is_named() -> None:
+    step = _step(0)
+    outside = Step(99, "x", step.position, 0.01, step.top, 0.1, 0.05)
+    title = _title(F.token_probabilities(outside, "Max"))
+    assert "Max (id 99, outside the top" in title

@@ -12,7 +12,7 @@ from llama.config import ModelArgs
 from llama.generate import NO_TOKEN, GenerateError, Step, StopGate, generate, prompt_budget
 from llama.model import Transformer
 from llama.sampling import SamplingParams
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, load_tokenizer, open_tokenizer
 from tests.conftest import shared_file
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -27,7 +27,7 @@ def stories() -> tuple[Transformer, Tokenizer]:
 
     loaded = load(shared_file("stories260K", "stories260K.bin"), device="cpu", progress=False)
     assert loaded.tokenizer_path is not None
-    return loaded.model, Tokenizer(loaded.tokenizer_path)
+    return loaded.model, open_tokenizer(loaded)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def tiny() -> tuple[Transformer, Tokenizer]:
     args = ModelArgs(
         dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16, max_seq_len=128
     )
-    return Transformer(args).eval(), Tokenizer(shared_file("stories260K", "tok512.model"))
+    return Transformer(args).eval(), load_tokenizer(shared_file("stories260K", "tok512.model"))
 
 
 def run(model, tok, prompt, params=GREEDY, **kw) -> list[Step]:
@@ -250,6 +250,6 @@ def test_bad_inputs(tiny, stories) -> None:
         generate(model, tok, [-3], GREEDY)
     with pytest.raises(GenerateError, match="params"):
         generate(model, tok, [1], {"temperature": 0})  # type: ignore[arg-type]
-    llama_tok = Tokenizer(shared_file("llama2-tokenizer", "tokenizer.model"))
+    llama_tok = load_tokenizer(shared_file("llama2-tokenizer", "tokenizer.model"))
     with pytest.raises(GenerateError, match="32000 pieces"):
         generate(model, llama_tok, [1], GREEDY)

@@ -22,7 +22,7 @@ from gradio_client.utils import Status
 
 from llama.sampling import SamplingParams
 from tests.app_server import AppServer, model_path, model_template, start_app
-from ui.handlers import OUTPUT_KEYS
+from ui.outputs import OUTPUT_KEYS
 from ui.runtime import load_runtime
 from ui.settings import SAMPLING_FIELDS, SLIDERS
 from ui.turn import SessionControl, Views, run_turn

@@ -20,8 +20,9 @@ from gradio.components.plot import PlotData
 
 from tests.app_server import model_path, model_template
 from ui import chat_io
-from ui.handlers import ALL_HEADS, OUTPUT_KEYS, VIEW_LABELS, Handlers, display
+from ui.handlers import Handlers
 from ui.live import LiveTurn
+from ui.outputs import ALL_HEADS, OUTPUT_KEYS, VIEW_LABELS, display
 from ui.runtime import Runtime, load_runtime
 from ui.settings import SAMPLING_FIELDS, SLIDERS, defaults
 from ui.turn import FIGURE_KEYS, SessionControl, Views, make_probe, run_turn

@@ -280,11 +280,11 @@ def test_end_to_end_through_generate_on_stories260k() -> None:
     from llama.checkpoints import load
     from llama.generate import generate
     from llama.sampling import SamplingParams
-    from llama.tokenizer import Tokenizer
+    from llama.tokenizer import load_tokenizer
     from ui import figures
 
     loaded = load(shared_file("stories260K", "stories260K.bin"), device="cpu", progress=False)
-    model, tok = loaded.model, Tokenizer(shared_file("stories260K", "tok512.model"))
+    model, tok = loaded.model, load_tokenizer(shared_file("stories260K", "tok512.model"))
     prompt = tok.encode("Once upon a time, there was a cat")
     params = SamplingParams(temperature=0.0, max_new_tokens=40)
     plain = [s.token_id for s in generate(model, tok, prompt, params)]

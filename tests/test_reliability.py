@@ -16,7 +16,8 @@ import torch
 from tests.app_server import model_path, model_template
 from ui import chat_io
 from ui.chat_handlers import _in_folder, forget_export
-from ui.handlers import Handlers, display
+from ui.handlers import Handlers
+from ui.outputs import display
 from ui.runtime import Runtime, load_runtime
 from ui.settings import SEED_MAX, SettingsError, defaults, parse_seed, settings_json
 from ui.turn import SessionControl

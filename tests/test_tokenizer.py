@@ -7,7 +7,7 @@ import random
 import pytest
 import sentencepiece as spm
 
-from llama.tokenizer import StreamDecoder, Tokenizer, TokenizerError
+from llama.tokenizer import StreamDecoder, Tokenizer, TokenizerError, load_tokenizer
 from tests.conftest import shared_file
 
 MULTILINGUAL = [
@@ -24,12 +24,12 @@ MULTILINGUAL = [
 
 @pytest.fixture(scope="module")
 def llama_tok() -> Tokenizer:
-    return Tokenizer(shared_file("llama2-tokenizer", "tokenizer.model"))
+    return load_tokenizer(shared_file("llama2-tokenizer", "tokenizer.model"))
 
 
 @pytest.fixture(scope="module")
 def tok512() -> Tokenizer:
-    return Tokenizer(shared_file("stories260K", "tok512.model"))
+    return load_tokenizer(shared_file("stories260K", "tok512.model"))
 
 
 def stream(tok: Tokenizer, ids: list[int]) -> list[str]:
@@ -100,13 +100,13 @@ def test_stream_random_text(llama_tok: Tokenizer) -> None:
 
 def test_missing_and_corrupt_files(tmp_path) -> None:
     with pytest.raises(TokenizerError, match="not found"):
-        Tokenizer(tmp_path / "nope.model")
+        load_tokenizer(tmp_path / "nope.model")
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"\x00\x01garbage" * 10)
     with pytest.raises(TokenizerError, match="not a SentencePiece model"):
-        Tokenizer(bad)
+        load_tokenizer(bad)
     with pytest.raises(TokenizerError, match="not found"):
-        Tokenizer(tmp_path)  # a directory
+        load_tokenizer(tmp_path)  # a directory
 
 
 def test_bad_input(llama_tok: Tokenizer) -> None:

@@ -139,14 +139,14 @@ def test_chat_example_is_the_apps_template(trained_tokenizer):
 
 @pytest.fixture(scope="module")
 def trained_tokenizer(tmp_path_factory):
-    from llama.tokenizer import Tokenizer
+    from llama.tokenizer import load_tokenizer
     from llama.train.tokenizer import train_tokenizer
 
     rng = random.Random(0)
     words = "the cat dog sat ran on a mat big red ball Zed Max happy park tree".split()
     lines = [" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(300)]
     path = train_tokenizer(lines, tmp_path_factory.mktemp("tok") / "t", vocab_size=320)
-    return Tokenizer(path)
+    return load_tokenizer(path)
 
 
 def test_teacher_batch_keeps_only_finished_stories():

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, load_tokenizer
 from llama.train.tokenizer import CHAT_TAGS, TokenizerTrainingError, train_tokenizer
 
 WORDS = ("Once upon a time there was a little girl named Lily She loved to play in the park "
@@ -20,7 +20,7 @@ def tok(tmp_path_factory) -> Tokenizer:
              for _ in range(400)]
     path = train_tokenizer(lines, tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=380)
     assert path.name == "tokenizer.model"
-    return Tokenizer(path)
+    return load_tokenizer(path)
 
 
 def test_llama_special_ids_and_size(tok):
@@ -42,9 +42,13 @@ def test_byte_fallback_round_trips_unseen_text(tok):
 
 
 def test_chat_tags_are_single_pieces(tok):
+    """In template text a tag is one piece; typed (literal) text spells it as plain text."""
     for tag in CHAT_TAGS:
-        pieces = [tok.piece(i) for i in tok.encode(f"x {tag} y", bos=False)]
+        pieces = [tok.piece(i) for i in tok.encode_parts([(f"x {tag} y", True)])]
         assert tag in pieces, (tag, pieces)
+        literal = tok.encode(f"x {tag} y", bos=False)
+        assert tag not in [tok.piece(i) for i in literal]
+        assert tok.decode(literal) == f"x {tag} y"
 
 
 def test_bad_inputs_are_named():

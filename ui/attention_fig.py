@@ -28,7 +28,8 @@ def attention_by_group(
 
     mode "heads": the group's query heads side by side in its panel; "mean": the group mean
     (hover adds the spread); "spread": max - min between the group's heads. head: show only
-    that query head's panel. The newest query row is outlined.
+    that query head's panel (its group's mean or spread in those modes). The newest query row
+    is outlined.
     """
     if mode not in ATTENTION_MODES:
         raise ValueError(f"mode: expected one of {ATTENTION_MODES}, found {mode!r}")
@@ -101,8 +102,9 @@ def _labels(trace: Trace, view: LayerAttention) -> tuple[list[str], list[str]]:
 
 
 def _panel_heads(n_rep: int, group: int, head: int | None, mode: str) -> list[int]:
-    """Query heads drawn in a group's panel; [-1] stands for the group mean or spread."""
-    if head is not None:
+    """Query heads drawn in a group's panel; [-1] stands for the group mean or spread (also
+    with one head picked: then its group's mean or spread, so the modes differ)."""
+    if head is not None and mode == "heads":
         return [head]
     return list(range(group * n_rep, (group + 1) * n_rep)) if mode == "heads" else [-1]
 
@@ -237,7 +239,7 @@ def _group_title(args: Any, group: int, head: int | None, mode: str) -> str:
         "spread": f"spread of heads {members}",
     }[mode]
     if head is not None:
-        what = f"head {head}"
+        what = f"head {head}" if mode == "heads" else f"{what} (head {head}'s group)"
     return f"group {group} (KV head {group}): {what}"
 
 

@@ -17,6 +17,7 @@ import gradio as gr
 from llama.chat import ChatError
 from llama.tokenizer import TokenizerError
 from ui import chat_io
+from ui.outputs import display
 from ui.runtime import Runtime
 from ui.settings import (
     SAMPLING_FIELDS,
@@ -26,15 +27,6 @@ from ui.settings import (
     settings_from,
 )
 from ui.turn import Message, SessionControl, build_prompt
-
-
-def display(history: list[Message]) -> list[dict[str, Any]]:
-    """The Chatbot's value for a history. Text goes in as content parts, which gradio shows
-    as they are (a plain string would be passed through inspect.cleandoc, which strips
-    leading newlines and indentation from what the model wrote)."""
-    return [
-        {"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in history
-    ]
 
 
 class ChatFileHandlers:

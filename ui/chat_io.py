@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llama.chat import TEMPLATES as CHAT_TEMPLATES
 from llama.sampling import SamplingParams
 from llama.tokenizer import TokenizerError, check_text
 from ui.settings import SettingsError, describe, settings_from_values, settings_json
@@ -33,7 +34,7 @@ FORMAT = "llama-playground-chat"
 VERSION = 1
 MAX_BYTES = 4 * 1024 * 1024
 MAX_MESSAGES = 10_000
-TEMPLATES = ("chat", "completion")
+TEMPLATES = CHAT_TEMPLATES  # "own", "chat", "completion"
 
 
 class ChatFileError(ValueError):

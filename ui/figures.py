@@ -50,10 +50,10 @@ def rope_rotation(trace: Trace, head: int = 0) -> go.Figure:
         specs=[[{"type": "polar"}, {}, {}]],
         column_widths=[0.3, 0.35, 0.35],
         horizontal_spacing=0.08,
-        subplot_titles=[
-            "pairs turning as position advances",
-            f"angle m·θ_i at position {rope.position}",
-            "q·k/√D against earlier keys",
+        subplot_titles=[  # short: longer ones overlapped their neighbours at the app's width
+            "pairs turning",
+            f"angle m·θ_i at {rope.position}",
+            "q·k/√D vs offset",
         ],
     )
     for n, i in enumerate(_shown_pairs(len(rope.angles))):
@@ -187,8 +187,9 @@ def kv_cache_growth(trace: Trace, ranks: int = 1) -> go.Figure:
         cols=2,
         horizontal_spacing=0.1,
         subplot_titles=[
-            f"this generation: positions {kv.positions[0]}..{current}, stacked by layer",
-            f"the whole context, up to max_seq_len = {max_len}",
+            # short: longer titles ran into each other at the app's width
+            f"positions {kv.positions[0]}..{current}, by layer",
+            f"whole context (max_seq_len {max_len})",
         ],
     )
     fig.update_annotations(font_size=12)
@@ -220,7 +221,7 @@ def kv_cache_growth(trace: Trace, ranks: int = 1) -> go.Figure:
         annotation_position="top right",
     )
     fig.add_vline(x=max_len, line={"color": TEXT, "dash": "dot"}, row=1, col=2)
-    fig.update_xaxes(title_text="positions in the cache (context length)")
+    fig.update_xaxes(title_text="positions in the cache")
     fig.update_xaxes(range=[0, max_len * 1.02], row=1, col=2)
     fig.update_yaxes(title_text="bytes (K + V, all layers)", tickformat="~s", row=1, col=1)
     fig.update_yaxes(tickformat="~s", row=1, col=2)
@@ -302,9 +303,10 @@ def _kv_counterfactual_traces(kv: Any, xs: list[int], show_legend: bool) -> list
 
 
 # Sampling -----------------------------------------------------------------------------------
-def token_probabilities(step: Any | None) -> go.Figure:
+def token_probabilities(step: Any | None, chosen_label: str | None = None) -> go.Figure:
     """The top candidates for the latest token: raw softmax vs the distribution actually sampled
-    (after penalties, temperature, top-k, top-p, min-p); the chosen token is outlined."""
+    (after penalties, temperature, top-k, top-p, min-p); the chosen token is outlined.
+    chosen_label: the chosen token's text, named in the title when it is not among the bars."""
     if step is None:
         return empty_figure("Generate a reply to see the candidates for each token.")
     top = list(getattr(step, "top", None) or [])
@@ -342,7 +344,11 @@ def token_probabilities(step: Any | None) -> go.Figure:
     fig.update_layout(barmode="group")
     fig.update_xaxes(title_text="candidate token", type="category")
     fig.update_yaxes(title_text="probability", range=[0, 1.05])
-    piece = labels[chosen.index(True)] if any(chosen) else f"id {step.token_id}"
+    if any(chosen):
+        piece = labels[chosen.index(True)]
+    else:
+        name = esc(chosen_label) if chosen_label else "a token"
+        piece = f"{name} (id {step.token_id}, outside the top {len(top)} shown)"
     title = (
         f"Next token {piece} at position {step.position}: p = {float(step.prob):.4f} "
         "under the raw logits<br><sup>outlined: the chosen token; bars at 0 after: "

@@ -17,7 +17,6 @@ refusal leaves a session stuck.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,8 +28,16 @@ from llama.generate import GenerateError
 from llama.sampling import SamplingError, SamplingParams
 from llama.tokenizer import TokenizerError, check_text
 from ui import figures, inspector
-from ui.chat_handlers import ChatFileHandlers, display
+from ui.chat_handlers import ChatFileHandlers
+from ui.inspect_handlers import InspectorCallbacks
 from ui.live import Frame, LiveTurn
+from ui.outputs import (
+    ALL_HEADS,
+    VIEW_LABELS,
+    display,
+    outputs,
+    views_from,
+)
 from ui.runtime import Runtime
 from ui.settings import (
     SAMPLING_FIELDS,
@@ -50,48 +57,12 @@ from ui.turn import (
 
 log = logging.getLogger(__name__)
 
-VIEW_LABELS = {
-    "attention": "Attention",
-    "probs": "Token probabilities",
-    "rope": "RoPE",
-    "kv": "KV cache",
-}
-ALL_HEADS = -1
 MAX_MESSAGE_CHARS = 100_000
 STREAM_INTERVAL_S = 0.1  # 10 text updates/s: the browser re-renders the whole message each time
 INPUT_ERRORS = (ChatError, SamplingError, SettingsError, TokenizerError, GenerateError)
-# What respond, clear and the token inspector's branch write, in this order (ui/layout.py
-# wires the components of the same names); `outputs` fills the ones not given with skip.
-OUTPUT_KEYS = (
-    "chatbot",
-    "history",
-    *(f"plot_{k}" for k in FIGURE_KEYS),
-    "status",
-    "prompt_text",
-    "prompt_ids",
-    "seed_used",
-    "last",
-    "message",
-    *inspector.OUTPUT_KEYS,
-)
 
 
-def outputs(**values: Any) -> tuple[Any, ...]:
-    """A tuple in OUTPUT_KEYS order; keys not given stay as they are on the page."""
-    unknown = set(values) - set(OUTPUT_KEYS)
-    if unknown:
-        raise KeyError(f"not an output: {sorted(unknown)}")
-    return tuple(values.get(k, gr.skip()) for k in OUTPUT_KEYS)
-
-
-def views_from(shown: list[str] | None, layer: Any, head: Any, mode: str, every: Any) -> Views:
-    """Views from the widgets: shown holds keys of VIEW_LABELS; head -1 (or None) = all."""
-    keys = frozenset(k for k in (shown or []) if k in VIEW_LABELS)
-    head_i = None if head in (None, "", ALL_HEADS) else int(head)
-    return Views(keys, int(layer or 0), head_i, mode or "heads", max(1, int(every or 1)))
-
-
-class Handlers(ChatFileHandlers):
+class Handlers(ChatFileHandlers, InspectorCallbacks):
     """The callbacks of one playground (one Runtime).
 
     stream_interval_s: streamed text is sent at most this often (the first token and the end
@@ -280,87 +251,6 @@ class Handlers(ChatFileHandlers):
         with none running, take back a message whose reply was refused or never started."""
         control.cancel.set()
         return self.release(history, control)
-
-    # The token inspector ---------------------------------------------------------------------
-    def inspect(
-        self,
-        record: inspector.ReplyRecord | None,
-        shown: list[str],
-        layer: Any,
-        head: Any,
-        mode: str,
-        evt: gr.SelectData,
-    ) -> tuple[Any, ...]:
-        """A token was clicked: its candidates and the views as they were at its step
-        (outputs: 4 plots, last trace, description, candidate dropdown, selected index)."""
-        index = evt.index if isinstance(evt.index, int) else None
-        if record is None or index is None or not 0 <= index < len(record.steps):
-            raise gr.Error("Click a token of the last reply (it is no longer shown).")
-        views = views_from(shown, layer, head, mode, 1)
-        step = record.steps[index]
-        trace = inspector.views_at(self.rt, record, index, views)
-        figs = draw(trace, step, views, self.rt.ranks)
-        inspector.run_hooks(self.rt, record, index)
-        choices = inspector.candidate_choices(self.rt, step)
-        return (
-            *(figs.get(k, gr.skip()) for k in FIGURE_KEYS),
-            (trace, step),
-            inspector.describe_step(self.rt, record, index),
-            gr.update(choices=choices, value=choices[0][1] if choices else None),
-            index,
-        )
-
-    def branch(
-        self,
-        record: inspector.ReplyRecord | None,
-        index: int | None,
-        token_id: int | None,
-        history: list[Message],
-        control: SessionControl,
-    ) -> Iterator[tuple[Any, ...]]:
-        """Continue the reply from token `index`, written as `token_id`; the old version
-        stays in record.versions (the version picker)."""
-        if record is None or index is None or token_id is None:
-            raise gr.Error("Click a token of the reply, then pick a candidate.")
-        if control.running or not history or history[-1]["role"] != "assistant":
-            raise gr.Error("A reply is being written: press Stop first.")
-        control.cancel.clear()
-        control.running = True
-        branch = inspector.Branch(record, int(index), int(token_id))
-        try:
-            yield from self._stream(
-                record.history,
-                control,
-                record.settings,
-                record.views,
-                record.template,
-                record.system,
-                branch,
-            )
-        finally:
-            control.running = False
-
-    def pick_version(
-        self,
-        record: inspector.ReplyRecord | None,
-        which: Any,
-        history: list[Message],
-        control: SessionControl,
-    ) -> tuple[Any, ...]:
-        """Show another version of the last reply (a branch or the original)."""
-        self._refuse_while_running(control)
-        if record is None or which is None or not 0 <= int(which) < len(record.versions):
-            return outputs()
-        chosen = dataclasses.replace(record, current=int(which))
-        text = chosen.versions[chosen.current].text
-        chat = [*record.history, {"role": "assistant", "content": text}]
-        return outputs(
-            chatbot=display(chat),
-            history=chat,
-            tokens=inspector.spans(self.rt, chosen),
-            record=chosen,
-            inspect_info=inspector.HINT,
-        )
 
     # Editing the chat ------------------------------------------------------------------------
     def regenerate(

@@ -15,9 +15,10 @@ import gradio as gr
 
 from ui import figures, inspector
 from ui.chat_handlers import forget_export, uploads_only
-from ui.handlers import ALL_HEADS, OUTPUT_KEYS, VIEW_LABELS, Handlers, placeholder_figures
+from ui.handlers import Handlers, placeholder_figures
 from ui.live import DrawingProcess
-from ui.runtime import TEMPLATES, Runtime
+from ui.outputs import ALL_HEADS, OUTPUT_KEYS, VIEW_LABELS
+from ui.runtime import Runtime
 from ui.settings import SAMPLING_FIELDS, SLIDERS
 from ui.turn import FIGURE_KEYS, SessionControl
 
@@ -108,20 +109,22 @@ def _chat_column(rt: Runtime, ui: dict[str, Any]) -> None:
     )
     with gr.Accordion("Template and system prompt", open=False):
         ui["template"] = gr.Radio(
-            [(v, k) for k, v in TEMPLATES.items()],
+            rt.template_choices(),
             value=rt.default_template,
             label="Chat template",
             info="default from the model",
             elem_id="template",
         )
         ui["system"] = gr.Textbox(
-            label="System prompt (Llama-2-chat only)", lines=2, elem_id="system"
+            label="System prompt (chat templates only; blank = the template's default)",
+            lines=2,
+            elem_id="system",
         )
     with gr.Accordion("Sampling", open=True, elem_id="sampling"):
-        _sampling_controls(ui)
+        _sampling_controls(ui, rt)
     with gr.Accordion("Prompt the model saw", open=False, elem_id="prompt-panel"):
         ui["prompt_text"] = gr.Textbox(
-            label="Text (<s> and </s> are BOS/EOS)",
+            label="Text as the template rendered it (special tokens shown: <s>, <|im_start|>)",
             lines=4,
             max_lines=12,
             interactive=False,
@@ -162,11 +165,12 @@ def _inspector(ui: dict[str, Any]) -> None:
     )
 
 
-def _sampling_controls(ui: dict[str, Any]) -> None:
+def _sampling_controls(ui: dict[str, Any], rt: Runtime) -> None:
+    fitted = {"max_new_tokens": rt.default_max_new_tokens}  # a story or a full answer
     for pair in range(0, len(SAMPLING_FIELDS), 2):
         with gr.Row():
             for name in SAMPLING_FIELDS[pair : pair + 2]:
-                ui[name] = _slider(name)
+                ui[name] = _slider(name, fitted.get(name))
     with gr.Row(equal_height=True):
         ui["seed"] = gr.Textbox(
             label="Seed", info="blank = random", placeholder="random", elem_id="seed", max_lines=1
@@ -200,13 +204,13 @@ def named_errors(component: Any) -> Any:
     return component
 
 
-def _slider(name: str) -> gr.Slider:
+def _slider(name: str, value: float | None = None) -> gr.Slider:
     spec = SLIDERS[name]
     return named_errors(
         gr.Slider(
             spec.minimum,
             spec.maximum,
-            value=spec.default,
+            value=spec.default if value is None else value,
             step=spec.step,
             label=spec.label,
             info=spec.info,
@@ -283,8 +287,9 @@ def _rope_lab(rt: Runtime) -> None:
 
 
 def _placeholder(rt: Runtime) -> str:
-    mode = "chat" if rt.default_template == "chat" else "text completion"
-    return f"**{rt.name}** is ready ({mode}). Type a message or pick an example below."
+    labels = {key: label for label, key in rt.template_choices()}
+    mode = labels.get(rt.default_template, rt.default_template)
+    return f"**{rt.name}** is ready ({mode}). {rt.about()} Type a message or pick an example below."
 
 
 def _wire_inspector(

@@ -11,22 +11,28 @@ scripts) are serialised too.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
+from llama.assets import SHIPPED_MODEL_DIR
 from llama.checkpoints import CheckpointError, LoadedModel, load
 from llama.config import ModelArgs
 from llama.model import Transformer
-from llama.tokenizer import Tokenizer, TokenizerError
+from llama.tokenizer import Tokenizer, TokenizerError, open_tokenizer
+from llama.tokenizer.template import describe as template_kind
 
-Template = Literal["chat", "completion"]
-TEMPLATES: dict[str, str] = {"chat": "Llama-2-chat", "completion": "Raw completion"}
+# "own": the checkpoint's Jinja template; "chat": Meta's Llama-2-chat rules; "completion": raw.
+TEMPLATES: dict[str, str] = {
+    "own": "The model's own",
+    "chat": "Llama-2-chat",
+    "completion": "Raw completion",
+}  # the keys of llama.chat.TEMPLATES
 
-# Example prompts by (template, model size). Small models are the TinyStories kind: they know
+# Example prompts by (kind, model size). Small models are the TinyStories kind: they know
 # simple stories and nothing else, so they get story requests.
 _EXAMPLES: dict[tuple[str, bool], list[str]] = {
     ("chat", True): [
@@ -36,10 +42,10 @@ _EXAMPLES: dict[tuple[str, bool], list[str]] = {
         "Tell me a short story about a little girl and her red kite.",
     ],
     ("chat", False): [
-        "Explain rotary position embeddings in three sentences.",
-        "Write a haiku about a key-value cache.",
-        "What is the difference between multi-head and grouped-query attention?",
+        "What is the capital of France?",
         "Give me three tips for a good night's sleep.",
+        "Write a haiku about the sea.",
+        "Explain in two sentences what a neural network is.",
     ],
     ("completion", True): [
         "Once upon a time",
@@ -67,7 +73,7 @@ class Runtime:
     device: torch.device
     dtype: torch.dtype
     load_in_8bit: bool
-    default_template: Template = "completion"
+    default_template: str = "completion"
     slot: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -89,10 +95,45 @@ class Runtime:
         tp = getattr(self.model, "tp", None)
         return tp.world_size if tp is not None else 1
 
+    @property
+    def small(self) -> bool:
+        """A TinyStories-kind model: it writes simple stories, nothing else."""
+        return self.args.n_params() < SMALL_MODEL_PARAMS
+
     def examples(self, template: str) -> list[str]:
         """Example prompts suited to this model and template."""
-        small = self.args.n_params() < SMALL_MODEL_PARAMS
-        return list(_EXAMPLES[("chat" if template == "chat" else "completion", small)])
+        return list(_EXAMPLES[("completion" if template == "completion" else "chat", self.small)])
+
+    @property
+    def default_max_new_tokens(self) -> int:
+        """Room for a short story (small models) or a full answer (chat models)."""
+        return 128 if self.small else 256
+
+    def template_choices(self) -> list[tuple[str, str]]:
+        """(label, value) of the templates this model offers; "own" names the detected kind."""
+        out = []
+        for key, label in TEMPLATES.items():
+            if key == "own":
+                if self.tokenizer.chat_template is None:
+                    continue
+                label = f"{label} ({template_kind(self.tokenizer)})"
+            out.append((label, key))
+        return out
+
+    def about(self) -> str:
+        """What this model can and cannot do, said plainly (the chat's first line)."""
+        if self.path.resolve() == SHIPPED_MODEL_DIR.resolve():
+            return (
+                "This is the shipped 3.1M-parameter story model: it writes short, simple "
+                "children's stories (try the examples). It cannot answer questions, follow "
+                "other instructions, know facts or do sums; for that, load a chat model "
+                "(`python app.py --model smollm2`)."
+            )
+        if self.small:
+            return "A tiny model: expect simple story-like text, not facts or answers."
+        if self.default_template == "completion":
+            return "A base model: it continues the text you type."
+        return "A chat model: ask it a question."
 
     def describe(self) -> str:
         """One line: name, shape, device, dtype, 8-bit (the status line's model part)."""
@@ -127,13 +168,14 @@ def format_count(n: int) -> str:
     return str(n)
 
 
-def detect_template(path: Path) -> Template:
-    """The template a checkpoint asks for: "chat" for a chat model, else "completion".
-
-    The evidence is read from files, never from the directory's name: a Hugging Face
-    tokenizer_config.json with a `chat_template`, or a params.json / config.json whose
-    `chat_template` names the Llama-2 chat format (the shipped model's params.json does).
+def detect_template(path: Path, tokenizer: Tokenizer | None = None) -> str:
+    """The template a checkpoint asks for: "own" when its tokenizer carries a Jinja chat
+    template (GGUF, tokenizer_config.json), "chat" (Meta's Llama-2-chat rules) when a
+    params.json / config.json names the Llama-2 chat format (the shipped model's params.json
+    does), else "completion". Read from files, never from the directory's name.
     """
+    if tokenizer is not None and tokenizer.chat_template is not None:
+        return "own"
     root = path if path.is_dir() else path.parent
     for name in ("tokenizer_config.json", "params.json", "config.json"):
         raw = _read_json(root / name)
@@ -155,19 +197,21 @@ def _read_json(path: Path) -> dict:
 def from_loaded(loaded: LoadedModel, template: str | None = None) -> Runtime:
     """Wrap a LoadedModel (llama.checkpoints.load) as a Runtime with its KV cache set up.
 
-    template: "chat", "completion", or None/"auto" to detect it from the files.
+    template: "own", "chat", "completion", or None/"auto" to detect it from the files.
     """
     if loaded.tokenizer_path is None:
         raise CheckpointError(
-            f"{loaded.path}: no tokenizer found (expected tokenizer.model beside the weights; "
-            "pass --tokenizer PATH)"
+            f"{loaded.path}: no tokenizer found (expected tokenizer.model or tokenizer.json "
+            "beside the weights; pass --tokenizer PATH)"
         )
     try:
-        tokenizer = Tokenizer(loaded.tokenizer_path)
+        tokenizer = open_tokenizer(loaded)
     except TokenizerError as exc:
         raise CheckpointError(str(exc)) from None
     if template in (None, "auto"):
-        template = detect_template(loaded.path)
+        template = detect_template(loaded.path, tokenizer)
+    if template == "own" and tokenizer.chat_template is None:
+        raise ValueError(f"template: {loaded.path} carries no chat template of its own")
     if template not in TEMPLATES:
         choices = ", ".join(["auto", *TEMPLATES])
         raise ValueError(f"template: expected one of {choices}, found {template!r}")
@@ -183,7 +227,7 @@ def from_loaded(loaded: LoadedModel, template: str | None = None) -> Runtime:
         loaded.dtype,
         loaded.load_in_8bit,
         template,
-    )  # type: ignore[arg-type]
+    )
 
 
 def load_runtime(
@@ -198,7 +242,9 @@ def load_runtime(
 ) -> Runtime:
     """Load a checkpoint (any format llama.checkpoints knows) into a Runtime.
 
-    Raises CheckpointError (a clear message naming the file) for a bad path or checkpoint.
+    Without max_seq_len the context is the checkpoint's, shortened (with a notice on stderr)
+    to the longest that fits the device's free memory. Raises CheckpointError (a clear
+    message naming the file) for a bad path or checkpoint, or a model that cannot fit.
     """
     loaded = load(
         path,
@@ -208,5 +254,8 @@ def load_runtime(
         max_seq_len=max_seq_len,
         tokenizer_path=tokenizer_path,
         progress=progress,
+        fit_context=True,
     )
+    if loaded.notice:
+        print(f"{loaded.path.name}: {loaded.notice}", file=sys.stderr, flush=True)
     return from_loaded(loaded, template)

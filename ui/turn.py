@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llama.chat import Prompt, encode_completion, encode_dialog
+from llama.chat import Prompt, encode_chat
 from llama.generate import NO_TOKEN, Step, generate, prompt_budget
 from llama.probes import Probe, Trace
 from llama.sampling import SamplingParams
@@ -42,7 +42,7 @@ class Views:
     mode: str = "heads"
     every: int = 8
     pace: float = 3.0  # after a redraw that took d s, the next waits >= pace * d s (0 = off)
-    min_interval_s: float = 1.5  # the browser redraws 4 plots (react + resize) per update
+    min_interval_s: float = 3.0  # the browser redraws 4 plots per update: 1-3 s of a busy renderer
 
     @property
     def needs_probe(self) -> bool:
@@ -85,17 +85,14 @@ class TurnUpdate:
 def build_prompt(
     rt: Runtime, history: list[Message], template: str, system: str, max_new_tokens: int
 ) -> Prompt:
-    """The exact ids for the model: the dialog (chat) or the running text (completion).
-
-    history ends with the user message to answer. Older turns (or, in completion mode, older
-    tokens) are dropped to leave room for the reply; the Prompt says how many.
+    """The exact ids for the model: the dialog with a chat template ("own" or "chat"), or the
+    running text (completion). history ends with the user message to answer. Older turns (or,
+    in completion mode, older tokens) are dropped to leave room for the reply; the Prompt says
+    how many.
     """
     budget = prompt_budget(rt.max_seq_len, max_new_tokens)
-    if template == "chat":
-        messages = [{"role": "system", "content": system}] if system.strip() else []
-        return encode_dialog(rt.tokenizer, [*messages, *history], max_tokens=budget)
-    text = "".join(m["content"] for m in history)
-    return encode_completion(rt.tokenizer, text, max_tokens=budget)
+    messages = [{"role": "system", "content": system}] if system.strip() else []
+    return encode_chat(rt.tokenizer, template, [*messages, *history], max_tokens=budget)
 
 
 def make_probe(rt: Runtime, views: Views) -> Probe | None:
@@ -125,7 +122,7 @@ def draw(trace: Trace | None, step: Step | None, views: Views, ranks: int = 1) -
     if "probs" in views.shown:
         has_top = step is not None and step.top
         out["probs"] = (
-            figures.token_probabilities(step)
+            figures.token_probabilities(step, trace.label(step.position) if trace else None)
             if has_top
             else figures.empty_figure("Token probabilities appear with the first generated token")
         )

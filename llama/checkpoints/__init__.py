@@ -6,6 +6,8 @@ directory's name):
 - "hf":      config.json + model*.safetensors (index json when sharded) or pytorch_model*.bin
 - "llama2c": one llama2.c .bin (legacy or v1 "ak42"); the path may be the file itself
 - "native":  params.json + model.safetensors (+ tokenizer.model), what `save` writes
+- "gguf":    one llama.cpp .gguf file (weights, shape and tokenizer in one); the path may be
+             the file itself or a directory holding exactly one
 
 `load` builds the model on the meta device, streams memory-mapped tensors into it (converting
 or quantising each as it arrives), and returns a `LoadedModel`.
@@ -18,7 +20,8 @@ from typing import Any
 
 import torch
 
-from llama.checkpoints import hf, llama2c, meta, native
+from llama import memory
+from llama.checkpoints import gguf, hf, llama2c, meta, native
 from llama.checkpoints.common import (
     TOKENIZER_NAME,
     CheckpointError,
@@ -31,27 +34,30 @@ from llama.checkpoints.common import (
     release_pages,
     require_file,
 )
-from llama.config import ConfigError
+from llama.config import ConfigError, ModelArgs
 
 __all__ = ["CheckpointError", "LoadedModel", "detect", "load", "save"]
 
 save = native.save
 
-FORMATS = ("meta", "hf", "llama2c", "native")
+FORMATS = ("meta", "hf", "llama2c", "native", "gguf")
 
 
 def detect(path: str | Path) -> str:
-    """Name the checkpoint format at `path` (a directory, or a llama2.c .bin file).
+    """Name the checkpoint format at `path` (a directory, a .gguf or a llama2.c .bin file).
 
     Raises CheckpointError when nothing matches or when one directory holds two formats.
     """
     path = Path(path)
     if path.is_file():
+        # A .gguf file without GGUF's magic is a damaged GGUF: gguf.open_source says so.
+        if gguf.is_gguf(path) or path.suffix == gguf.SUFFIX:
+            return "gguf"
         try:
             llama2c.read_header(path)
         except CheckpointError as exc:
             raise CheckpointError(
-                f"{exc} (only a llama2.c checkpoint is loaded from a single file; for Meta, "
+                f"{exc} (only GGUF and llama2.c checkpoints load from a single file; for Meta, "
                 "Hugging Face and native checkpoints pass their directory)"
             ) from None
         return "llama2c"
@@ -79,6 +85,8 @@ def _formats_in(d: Path) -> list[str]:
         found.append("llama2c")
     if params and (d / native.WEIGHTS_NAME).is_file():
         found.append("native")
+    if gguf.gguf_files(d):
+        found.append("gguf")
     return found
 
 
@@ -91,7 +99,7 @@ def _why_nothing(d: Path) -> str:
         return "a config file but no weights (consolidated.*.pth, *.safetensors, *.bin)"
     return ("no checkpoint found: expected params.json + consolidated.*.pth (Meta), "
             "config.json + *.safetensors (Hugging Face), params.json + model.safetensors "
-            "(native) or a llama2.c .bin")
+            "(native), a .gguf file or a llama2.c .bin")
 
 
 def llama2c_files(d: Path) -> list[Path]:
@@ -103,9 +111,15 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA, fp16 on MPS, fp32 on CPU (bf16 matmuls are slow on AVX2 CPUs)."""
-    return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+def default_dtype(device: torch.device, load_in_8bit: bool = False) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls are slow on AVX2 CPUs); fp16 on MPS; on CUDA bf16 where the
+    GPU computes it natively (Ampere and later), else fp16 (T4, V100: bf16 there is emulated;
+    Meta's reference runs in fp16). 8-bit on CUDA: fp16, the dtype LLM.int8 computes in
+    (bitsandbytes casts any other activation dtype at every int8 product)."""
+    if device.type == "cuda":
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native_bf16 and not load_in_8bit else torch.float16
+    return torch.float16 if device.type == "mps" else torch.float32
 
 
 def load(
@@ -117,26 +131,36 @@ def load(
     tokenizer_path: str | Path | None = None,
     progress: bool = True,
     fuse: bool = True,
+    fit_context: bool = False,
 ) -> LoadedModel:
     """Load the checkpoint at `path` (any format `detect` knows) ready for inference.
 
-    device: default cuda when available, else cpu. dtype: default `default_dtype(device)`.
+    device: default cuda when available, else cpu. dtype: default `default_dtype`.
     load_in_8bit: the block Linears become bitsandbytes Linear8bitLt, quantised one by one
     while loading. max_seq_len: overrides the config's (it sizes RoPE tables and KV caches).
-    tokenizer_path: default tokenizer.model beside the weights (llama2.c: also the single
-    *.model file there). The model's vocab_size must equal the tokenizer's.
+    tokenizer_path: default tokenizer.model, else tokenizer.json, beside the weights (llama2.c:
+    also the single *.model file there; GGUF: the .gguf file itself, whose metadata holds the
+    tokenizer).
+    The model's vocab_size must equal the tokenizer's.
     fuse: `Transformer.prepare_for_decode` (fused projections, output layout), dropping the
     mapped pages of the weights it replaces; False leaves the modules as the file has them.
+    Before reading any weights, weights + KV cache + RoPE tables + workspace are checked
+    against the device's free memory (llama/memory.py): CheckpointError saying what fits.
+    fit_context: instead, when max_seq_len is not given, shorten the context to the longest
+    that fits (LoadedModel.notice says so).
     """
     path = Path(path)
     fmt = detect(path)
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    dtype = dtype or default_dtype(device, load_in_8bit)
     tokenizer = _tokenizer(path, fmt, tokenizer_path)
     source = _open(fmt, path, tokenizer)
     if max_seq_len is not None:
         source.args = _with_seq_len(source.args, max_seq_len, path)
-    check_vocab(source.args, tokenizer, path)
+    if tokenizer != source.origin:  # a GGUF file's own vocabulary was checked on opening
+        check_vocab(source.args, tokenizer, path)
+    source.args, notice = _fit_memory(source.args, dtype, device, load_in_8bit, path,
+                                      fit_context and max_seq_len is None)
     quantise = None
     if load_in_8bit:
         from llama.quant import make_quantiser
@@ -144,16 +168,38 @@ def load(
         quantise = make_quantiser(device)
     stream = progress_bar(source.tensors, source.count, f"loading {path.name}", progress)
     model = assemble(source.args, stream, source.origin or path, device, dtype,
-                     tie_allowed=source.tie_allowed, quantise=quantise)
+                     tie_allowed=source.tie_allowed, quantise=quantise, fuse=fuse)
     if fuse:
         model.prepare_for_decode(release=release_pages)
-    return LoadedModel(model, tokenizer, fmt, path, dtype, device, load_in_8bit)
+    return LoadedModel(model, tokenizer, fmt, path, dtype, device, load_in_8bit, notice,
+                       metadata=source.metadata)
+
+
+def _fit_memory(
+    args: ModelArgs, dtype: torch.dtype, device: torch.device, load_in_8bit: bool, path: Path,
+    shorten: bool,
+) -> tuple[ModelArgs, str | None]:
+    """args as they fit the device's free memory (shortened context when `shorten`)."""
+    free = memory.free_bytes(device)
+    try:
+        memory.check_fits(args, dtype, device, load_in_8bit, free)
+        return args, None
+    except memory.MemoryBudgetError as exc:
+        assert free is not None
+        n = memory.fitting_context(args, dtype, load_in_8bit, free) if shorten else 0
+        if not n:
+            raise CheckpointError(f"{path}: {exc}") from None
+    note = (f"context shortened from {args.max_seq_len} to {n} positions to fit the "
+            f"{memory.gib(free)} free on {device} (--max-seq-len sets it)")
+    return args.replace(max_seq_len=n), note
 
 
 def _open(fmt: str, path: Path, tokenizer: Path | None) -> Source:
     if fmt == "llama2c":
         file = path if path.is_file() else _single_llama2c(path)
         return llama2c.open_source(file)
+    if fmt == "gguf":
+        return gguf.open_source(_gguf_file(path))
     return {"meta": meta.open_source, "hf": hf.open_source,
             "native": native.open_source}[fmt](path, tokenizer)
 
@@ -166,12 +212,25 @@ def _single_llama2c(d: Path) -> Path:
     return files[0]
 
 
+def _gguf_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    files = gguf.gguf_files(path)
+    if len(files) != 1:
+        names = ", ".join(p.name for p in files)
+        raise CheckpointError(f"{path}: expected one .gguf file, found {len(files)}: {names}")
+    return files[0]
+
+
 def _tokenizer(path: Path, fmt: str, explicit: str | Path | None) -> Path | None:
     if explicit is not None:
         return require_file(Path(explicit), "tokenizer")
+    if fmt == "gguf":
+        return _gguf_file(path)
     root = path.parent if path.is_file() else path
-    if (root / TOKENIZER_NAME).is_file():
-        return root / TOKENIZER_NAME
+    for name in (TOKENIZER_NAME, "tokenizer.json"):  # SentencePiece first, as Meta ships it
+        if (root / name).is_file():
+            return root / name
     if fmt == "llama2c":
         models = sorted(root.glob("*.model"))
         if len(models) == 1:

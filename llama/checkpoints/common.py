@@ -16,11 +16,13 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from llama.config import ConfigError, ModelArgs
+from llama.fusion import StreamFuser
 from llama.model import Transformer
 from llama.rope import rope_tables
 
@@ -46,6 +48,8 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     load_in_8bit: bool
+    notice: str | None = None  # e.g. the context was shortened to fit the device's memory
+    metadata: dict[str, Any] | None = None  # a GGUF file's metadata (gguf.read_metadata)
 
 
 TensorStream = Iterable[tuple[str, Tensor]]
@@ -63,10 +67,18 @@ def require_file(path: Path, what: str) -> Path:
 
 
 def tokenizer_vocab_size(path: Path) -> int:
-    """Vocabulary size of a SentencePiece model file, or CheckpointError if unreadable."""
+    """Vocabulary size of a SentencePiece model file or a Hugging Face tokenizer.json (added
+    tokens included), or CheckpointError if unreadable."""
+    require_file(path, "tokenizer")
+    if path.suffix == ".json":
+        from tokenizers import Tokenizer
+
+        try:
+            return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+        except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+            raise CheckpointError(f"{path}: not a readable tokenizer.json ({exc})") from None
     import sentencepiece
 
-    require_file(path, "SentencePiece tokenizer")
     try:
         return int(sentencepiece.SentencePieceProcessor(model_file=str(path)).vocab_size())
     except (RuntimeError, OSError) as exc:
@@ -146,17 +158,21 @@ def assemble(
     *,
     tie_allowed: bool,
     quantise: Quantiser | None = None,
+    fuse: bool = False,
 ) -> Transformer:
     """Bind a stream of (Meta name, tensor) to a fresh model; see the module docstring.
 
     tie_allowed: a missing output.weight means the output shares tok_embeddings' weight.
     quantise(model, name, tensor as read) -> True when it consumed the tensor (8-bit mode).
     Streams drop the resident pages of their file-mapped tensors once each is consumed.
+    fuse: join wq|wk|wv and w1|w3 on the host as they arrive (fusion.StreamFuser), so only
+    the fused weights reach the device.
     """
     model = build_on_meta(args)
     shapes = expected_shapes(model)
     state: dict[str, Tensor] = {}
     seen: set[str] = set()
+    fuser = StreamFuser() if fuse and quantise is None else None
     try:
         for name, raw in tensors:
             if name in IGNORABLE_KEYS:
@@ -165,7 +181,15 @@ def assemble(
             seen.add(name)
             if quantise is not None and quantise(model, name, raw):
                 check_finite(raw, name, source)
-            else:
+                continue
+            consumed, fused = (False, None)
+            if fuser is not None:  # each part checked as read, so errors name its Meta key
+                consumed, fused = fuser.add(name, check_finite(raw, name, source))
+            if fused is not None:
+                joined, read = fused
+                state[joined] = check_finite(read.to(device=device, dtype=dtype), joined,
+                                             source, read)
+            if not consumed:
                 state[name] = check_finite(raw.to(device=device, dtype=dtype), name, source, raw)
     finally:
         # A refusal mid-stream: close the stream now (its files, and a progress bar that
@@ -174,6 +198,8 @@ def assemble(
         if close is not None:
             close()
     _tie_or_fail(state, seen, shapes, source, tie_allowed)
+    if fuser is not None:
+        model.fuse_projections()  # the skeleton (meta tensors) takes the fused names
     _bind(model, state, strict=quantise is None, source=source)
     return finish(model, device)
 
@@ -268,3 +294,4 @@ class Source:
     count: int
     tie_allowed: bool
     origin: Path | None = None  # the file named in errors, when there is a single one
+    metadata: dict[str, Any] | None = None  # GGUF: the file's metadata, for LoadedModel

@@ -15,6 +15,11 @@ Bounded exit: a worker whose rank 0 vanished, or that sees `abort`, exits at onc
 Rank 0, once it knows of a failure, reports it on stderr, sets `abort`, and exits (status 1)
 if its main thread is still stuck in a collective `grace_s` later (NCCL may never return), or
 at once after `grace_s` when `exit_on_failure` is set (an app whose model cannot run anymore).
+
+Collective timeouts: with gloo a collective raises after the data group's timeout, and
+`diagnose` runs. NCCL collectives never raise on the host (the host waits at the next sync),
+so rank 0's thread also blames on its own clock: busy with no new collective for
+`collective_timeout_s` (LLAMA_TP_TIMEOUT) -> the same diagnosis, then the bounded exit.
 """
 
 from __future__ import annotations
@@ -109,9 +114,12 @@ class Health:
 
     def __init__(self, rank: int, world_size: int, host: str, port: int, *, prefix: str,
                  timeout_s: float = 20.0, interval_s: float = 0.5, grace_s: float = 3.0,
-                 exit_on_failure: bool = False) -> None:
+                 exit_on_failure: bool = False, collective_timeout_s: float | None = None,
+                 ) -> None:
         self.rank, self.world_size = rank, world_size
         self.timeout_s, self.interval_s, self.grace_s = timeout_s, interval_s, grace_s
+        self.collective_timeout_s = collective_timeout_s
+        self._progress: tuple[int, float] = (0, 0.0)  # (collectives, when that count was seen)
         self.exit_on_failure = exit_on_failure
         client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=30))
         self._store = dist.PrefixStore(prefix, client)
@@ -291,10 +299,28 @@ class Health:
         if self.failure is None and not self.errored and not self.leaving:
             # A rank stopped by a signal is left to diagnose(): the same signal may be on its
             # way here (torchrun stopping every rank), which is no failure.
-            found = self._blame(None, fresh_since=None, signalled=False)
+            found = self._blame(None, fresh_since=None, signalled=False) or self._overdue()
             if found is not None:
                 self._fail(found)
         self._maybe_exit()
+
+    def _overdue(self) -> RankFailure | None:
+        """Rank 0 busy with no new collective for longer than `collective_timeout_s`.
+
+        gloo raises when a collective times out and `diagnose` names the culprit; NCCL does
+        not (its collectives are queued on the GPU and the host waits at the next sync, for
+        ever or until NCCL's watchdog aborts the process), so the same diagnosis runs here.
+        """
+        now, limit = time.monotonic(), self.collective_timeout_s
+        if self.collectives != self._progress[0]:
+            self._progress = (self.collectives, now)
+        if limit is None or self._busy_since is None:
+            return None
+        if now - max(self._busy_since, self._progress[1]) < limit:
+            return None
+        return self._blame(self.collectives, fresh_since=None) or RankFailure(
+            None, self.world_size, f"{self.phase} has waited {limit:.0f} s for the other ranks "
+            "and no rank reported why")
 
     def _watch_leader(self) -> None:
         reason = self._get("abort")

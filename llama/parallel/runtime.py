@@ -64,6 +64,7 @@ __all__ = [
 
 DEFAULT_TIMEOUT_S = 60.0  # one collective inside a forward; also LLAMA_TP_TIMEOUT
 DEFAULT_HEARTBEAT_TIMEOUT_S = 20.0  # silence that means dead or hung; LLAMA_TP_HEARTBEAT
+NCCL_WATCHDOG_MARGIN_S = 30.0  # NCCL's abort comes this long after health's own verdict
 
 
 def _env_float(name: str, default: float) -> float:
@@ -107,15 +108,18 @@ def init_from_env(*, timeout_s: float | None = None, heartbeat_timeout_s: float 
     timeout = timeout_s or _env_float("LLAMA_TP_TIMEOUT", DEFAULT_TIMEOUT_S)
     device = _device(local)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # NCCL's own watchdog aborts the process at its timeout, naming no one: it gets a margin
+    # so that health's diagnosis (at `timeout`, see llama/parallel/health.py) comes first.
+    margin = NCCL_WATCHDOG_MARGIN_S if backend == "nccl" else 0.0
     dist.init_process_group(backend, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout))
+                            timeout=timedelta(seconds=timeout + margin))
     # Workers idle here between requests for as long as a user reads: no short timeout.
     control = dist.new_group(backend="gloo", timeout=timedelta(days=365))
     prefix = f"llama_tp/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
     health = Health(rank, world, host, port, prefix=prefix,
                     timeout_s=heartbeat_timeout_s
                     or _env_float("LLAMA_TP_HEARTBEAT", DEFAULT_HEARTBEAT_TIMEOUT_S),
-                    exit_on_failure=exit_on_failure)
+                    exit_on_failure=exit_on_failure, collective_timeout_s=timeout)
     health.start()
     if rank == 0:
         _leader_signals(health)
@@ -189,7 +193,7 @@ def _load(path: Path, ctx: TPContext, dtype: torch.dtype | None, max_seq_len: in
     args = source.args if max_seq_len is None else source.args.replace(max_seq_len=max_seq_len)
     check_vocab(args, tok, path)
     plan = ShardPlan(args, ctx.rank, ctx.world_size)  # ShardingError before any reading
-    dtype = dtype or default_dtype(ctx.device)
+    dtype = dtype or default_dtype(ctx.device, load_in_8bit)
     with torch.device("meta"):
         model = ParallelTransformer(args, ctx)
     quantise = None

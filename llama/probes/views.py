@@ -28,7 +28,8 @@ def causal_probs(q: Tensor, keys: Tensor, pos: Tensor) -> Tensor:
     scores = torch.bmm(grouped, keys.transpose(1, 2)).mul_(1.0 / math.sqrt(d))
     scores = scores.view(n_kv, -1, t_q, t_kv)  # (H_kv, n_rep, T, T_kv)
     if t_q > 1 or int(pos[0]) != t_kv - 1:  # one query at the cache's end sees every key
-        visible = torch.arange(t_kv, device=pos.device)[None, :] <= pos[:, None]  # (T, T_kv)
+        pos = pos.to(keys.device, non_blocking=True)  # positions may live on the host
+        visible = torch.arange(t_kv, device=keys.device)[None, :] <= pos[:, None]  # (T, T_kv)
         scores = scores.masked_fill(~visible, float("-inf"))
     return torch.softmax(scores, dim=-1).reshape(n_heads, t_q, t_kv).cpu()  # (H, T, T_kv)
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from llama.config import ModelArgs
 from llama.model import Transformer
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, load_tokenizer
 from llama.train.data import (
     NAMED,
     Batches,
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    tok = Tokenizer(a.tokenizer)
+    tok = load_tokenizer(a.tokenizer)
     margs = ModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
                       vocab_size=tok.vocab_size, hidden_dim=a.hidden_dim,
                       max_seq_len=a.max_seq_len)

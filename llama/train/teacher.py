@@ -23,7 +23,7 @@ from torch import Tensor
 
 from llama.checkpoints import load
 from llama.model import Transformer
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, open_tokenizer
 
 DOC_SEPARATOR = "<|endoftext|>"
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load(a.teacher, device="cpu", dtype=torch.float32, progress=False)
     if loaded.tokenizer_path is None:
         raise SystemExit(f"{a.teacher}: no tokenizer found beside the teacher")
-    tok = Tokenizer(loaded.tokenizer_path)
+    tok = open_tokenizer(loaded)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     t0, nbytes = time.time(), 0
     with a.out.open("w", encoding="utf-8") as f:
