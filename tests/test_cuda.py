@@ -18,7 +18,7 @@ from llama.model import Transformer
 from llama.probes import Probe
 from llama.runtime_opts import compile_decode, uncompile_decode
 from llama.sampling import SamplingParams
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, open_tokenizer
 from tests.conftest import TINY_CONFIGS
 
 pytestmark = [
@@ -38,7 +38,7 @@ def greedy(model: Transformer, tok: Tokenizer, prompt: list[int], n: int = 48) -
 def shipped() -> tuple[Transformer, Tokenizer, list[int]]:
     loaded = load(shipped_model_dir(), device=CUDA, dtype=torch.float32, progress=False)
     assert loaded.tokenizer_path is not None
-    tok = Tokenizer(loaded.tokenizer_path)
+    tok = open_tokenizer(loaded)
     return loaded.model, tok, tok.encode("Once upon a time, a little dog", bos=True)
 
 

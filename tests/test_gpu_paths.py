@@ -23,7 +23,7 @@ from llama.generate import generate
 from llama.model import Transformer
 from llama.runtime_opts import compile_decode, decode_spans, span_for, uncompile_decode
 from llama.sampling import SamplingParams
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, open_tokenizer
 from tests.conftest import TINY_CONFIGS
 
 TINY = TINY_CONFIGS["gqa"]
@@ -46,7 +46,7 @@ def shipped() -> tuple[Transformer, Tokenizer]:
     loaded = load(shipped_model_dir(), device="cpu", progress=False)
     assert loaded.tokenizer_path is not None
     loaded.model.setup_caches(1)
-    return loaded.model, Tokenizer(loaded.tokenizer_path)
+    return loaded.model, open_tokenizer(loaded)
 
 
 def greedy_ids(model: Transformer, tok: Tokenizer, prompt: list[int], n: int = 40) -> list[int]:
