@@ -7,7 +7,8 @@
     python app.py --model ~/Llama-2-7b-chat-hf --load-in-8bit --share --auth me:secret
     torchrun --nproc-per-node 8 app.py --model ~/llama-2-70b-chat   # tensor-parallel
 
-A bad path or a broken checkpoint ends with the loader's message and exit status 2.
+A bad path or a broken checkpoint ends with the loader's message and exit status 2. Ctrl-C or
+SIGTERM stops the server within a second or two, even in the middle of a reply (status 0).
 
 Under torchrun (WORLD_SIZE > 1) the model is split over the processes (llama/parallel/runtime.py):
 rank 0 serves the page and samples, the other ranks replay its forward passes. A rank that
@@ -18,7 +19,10 @@ stops answering); the others exit by themselves.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from llama.cli import (
@@ -34,6 +38,7 @@ from llama.cli import (
 
 EXIT_BAD_INPUT = 2
 EXIT_RANK_FAILED = 1
+CLOSE_WAIT_S = 0.5  # gradio's close waits on open streams; what it has not done by then is moot
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -213,15 +218,48 @@ def _serve(args: argparse.Namespace) -> int:
     demo = build_demo(runtime)
     demo.queue(max_size=args.max_queue, default_concurrency_limit=1)
     print(f"Loaded {runtime.describe()}", file=sys.stderr)
+    stop = stop_on_signals(install=args.tp is None)
     demo.launch(
         server_name=args.host,
         server_port=args.port,
         share=args.share,
         auth=auth,
         show_error=True,
+        prevent_thread_lock=True,
         **launch_kwargs(),
     )
+    wait_for(stop)
+    print("Stopping the server", file=sys.stderr)
+    close_within(demo, CLOSE_WAIT_S)
     return 0
+
+
+def stop_on_signals(install: bool = True) -> threading.Event:
+    """An Event set by SIGINT or SIGTERM. Gradio's own wait turns Ctrl-C into a slow close
+    (it waits on every open connection), and a Python exit while a reply runs in a worker
+    thread can abort in torch's teardown. Under torchrun (install False) rank 0 keeps
+    llama.parallel's handlers: Ctrl-C arrives as KeyboardInterrupt, which wait_for takes."""
+    stop = threading.Event()
+    if install:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: stop.set())
+    return stop
+
+
+def wait_for(stop: threading.Event) -> None:
+    """Block the main thread until `stop` is set or Ctrl-C is raised (signals run here)."""
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        stop.set()
+
+
+def close_within(demo, seconds: float) -> None:  # demo: gr.Blocks
+    """Close the server, waiting at most `seconds` (the process exits right after)."""
+    closer = threading.Thread(target=demo.close, kwargs={"verbose": False}, daemon=True)
+    closer.start()
+    closer.join(seconds)
 
 
 def _is_input_error(exc: Exception) -> bool:
@@ -236,5 +274,22 @@ def _is_input_error(exc: Exception) -> bool:
     )
 
 
+def exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown: a reply may still be running in a
+    gradio worker thread, and tearing torch down under it aborts ("terminate called ...")."""
+    chat_io = sys.modules.get("ui.chat_io")  # exported chats, if the page was served
+    if chat_io is not None:
+        chat_io.remove_exports()
+    mp = sys.modules.get("multiprocessing")  # the figures' drawing process (ui/live.py)
+    children = mp.active_children() if mp is not None else []
+    for child in children:  # os._exit would leave them running, orphaned
+        child.terminate()
+    for child in children:
+        child.join(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

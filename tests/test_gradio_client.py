@@ -8,6 +8,7 @@ server's RSS after the last round must stay within 10% of its RSS after the firs
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from ui.settings import SAMPLING_FIELDS, SLIDERS
 from ui.turn import SessionControl, Views, run_turn
 
 N_SESSIONS, N_TURNS, MAX_NEW = 8, 5, 8
+API_OUTPUTS = [k for k in OUTPUT_KEYS if k not in ("history", "last", "why", "record")]  # no States
 SUBJECTS = [
     "a dog named Max",
     "a cat named Lily",
@@ -175,8 +177,7 @@ def test_out_of_range_values_through_the_api_get_a_clear_error(
     args = respond_args(template, 1)
     args[2 + len(SAMPLING_FIELDS)] = "-5"
     out = client.predict(*args, api_name="/respond")
-    message = [k for k in OUTPUT_KEYS if k not in ("history", "last", "record")].index("message")
-    assert "seed" in out[5] and out[message] == "Once upon a time"  # (states are not returned)
+    assert "seed" in out[5] and out[API_OUTPUTS.index("message")] == "Once upon a time"
     client.predict("Once upon a time", api_name="/add_message")
     # Nothing was lost: the same session still gets its reply with valid values.
     reply = client.predict(*respond_args(template, 1), api_name="/respond")
@@ -269,3 +270,109 @@ def test_export_then_import_through_the_api(
     assert [text_of(m) for m in out[0]] == ["Hello!", reply]
     client.close()
     other.close()
+
+
+# Issue 15: no refusal leaves a session stuck; imports read only uploads ---------------------
+REFUSED = [  # (respond argument index, value): gradio refuses each before the handler runs
+    (2 + SAMPLING_FIELDS.index("temperature"), -1),
+    (2 + SAMPLING_FIELDS.index("top_p"), float("nan")),
+    (2 + len(SAMPLING_FIELDS) + 3, 999),  # layer
+    (2 + len(SAMPLING_FIELDS) + 5, "bogus"),  # attention panel mode
+]
+
+
+@pytest.mark.parametrize(("index", "value"), REFUSED)
+def test_a_refused_reply_leaves_the_session_free(
+    server: AppServer, template: str, index: int, value: Any
+) -> None:
+    client = Client(server.url, verbose=False)
+    client.predict("Once upon a time", api_name="/add_message")
+    args = respond_args(template, 1, max_new_tokens=2)
+    args[index] = value
+    with pytest.raises(Exception):
+        client.predict(*args, api_name="/respond")
+    # The next message is accepted and answered; the refused one is not in the history.
+    client.predict("Hello", api_name="/add_message")
+    out = client.predict(*respond_args(template, 1, max_new_tokens=2), api_name="/respond")
+    assert text_of(out[0][0]) == "Hello" and len(out[0]) == 2, out[0]
+    client.close()
+
+
+def test_stop_takes_back_a_message_whose_reply_was_refused(
+    server: AppServer, template: str
+) -> None:
+    client = Client(server.url, verbose=False)
+    client.predict("Once upon a time", api_name="/add_message")
+    with pytest.raises(Exception):
+        client.predict(*respond_args(template, 1, temperature=-1), api_name="/respond")
+    box, chat = client.predict(api_name="/stop")
+    assert box == "Once upon a time" and chat == []
+    client.predict("Hello", api_name="/add_message")
+    client.close()
+
+
+def raw_call(server: AppServer, api_name: str, *data: Any) -> str:
+    """Call an endpoint over plain HTTP: gradio_client would upload a local file it is given
+    (from the client's own disk), which is not what a hostile client sends."""
+    import httpx
+
+    call = f"{server.url}gradio_api/call/{api_name}"
+    event = httpx.post(call, json={"data": list(data)}, timeout=60).json()["event_id"]
+    with httpx.stream("GET", f"{call}/{event}", timeout=120) as stream:
+        return stream.read().decode()
+
+
+def test_import_reads_no_server_file(server: AppServer, tmp_path: Path) -> None:
+    """The repro: a FileData naming a server path (or a URL), no upload. Nothing is read and
+    nothing of the file comes back; an uploaded bad file is named by field, not by value."""
+    from gradio_client import handle_file
+
+    secret = tmp_path / "secret.json"
+    chat = {"format": "llama-playground-chat", "version": 1, "template": "chat", "system": "",
+            "messages": [{"role": "user", "content": "SECRET-CONTENT"}],
+            "sampling": {"temperature": "SECRET-VALUE"}}  # fmt: skip
+    secret.write_text(json.dumps(chat))
+    for path in (str(secret), "/etc/hostname", "http://127.0.0.1:9/chat.json"):
+        answer = raw_call(
+            server, "import_chat", {"path": path, "meta": {"_type": "gradio.FileData"}}
+        )
+        assert "event: error" in answer and "upload" in answer, answer
+        assert "SECRET" not in answer and "complete" not in answer, answer
+    client = Client(server.url, verbose=False)
+    with pytest.raises(Exception) as info:
+        client.predict(handle_file(str(secret)), api_name="/import_chat")
+    assert "sampling.temperature" in str(info.value) and "SECRET" not in str(info.value)
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def small_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    srv = start_app(tmp_path_factory.mktemp("app-queue"), "--max-queue", "2")
+    yield srv
+    srv.stop()
+
+
+def test_full_queue_leaves_every_session_free(small_queue: AppServer, template: str) -> None:
+    """6 sessions, a queue of 2: the replies gradio turns away (queue full) leave their
+    sessions free to send again, and every session then gets its reply."""
+    clients = [Client(small_queue.url, verbose=False) for _ in range(6)]
+    for client in clients:  # first: these pass through the same queue
+        client.predict("Once upon a time", api_name="/add_message")
+    jobs = [
+        client.submit(*respond_args(template, i, max_new_tokens=200, views=[]), api_name="/respond")
+        for i, client in enumerate(clients)
+    ]
+    turned_away = []
+    for i, job in enumerate(jobs):
+        try:
+            job.result(timeout=300)
+        except Exception as exc:  # gradio_client's QueueError
+            assert "Queue is full" in str(exc), exc
+            turned_away.append(i)
+    assert turned_away, "the queue of 2 took all 6 replies"
+    for i in turned_away:
+        clients[i].predict("Hello", api_name="/add_message")
+        out = clients[i].predict(*respond_args(template, i, max_new_tokens=2), api_name="/respond")
+        assert text_of(out[0][0]) == "Hello" and len(out[0]) == 2
+    for client in clients:
+        client.close()

@@ -8,7 +8,11 @@ argument order of each method is the order of its `inputs` in ui/layout.py.
 A message goes through two events: `add_message` (instant: shows the message, refuses a
 second one while a reply is pending) then `respond` (queued in the model's concurrency group,
 streams the reply). Bad input never raises out of `respond`: it shows a warning, puts the
-message back in the text box and leaves the history as it was.
+message back in the text box and leaves the history as it was. When gradio itself refuses
+`respond` (a value out of a slider's range, an unknown dropdown value, a full queue) the
+handler never runs: the pending message is then released by the next `add_message` (which
+replaces it), by Stop, or by `release` (wired to respond's failure in the page), so no
+refusal leaves a session stuck.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import gradio as gr
 from llama.chat import ChatError
 from llama.generate import GenerateError
 from llama.sampling import SamplingError, SamplingParams
-from llama.tokenizer import TokenizerError
-from ui import chat_io, figures, inspector
+from llama.tokenizer import TokenizerError, check_text
+from ui import figures, inspector
+from ui.chat_handlers import ChatFileHandlers
 from ui.inspect_handlers import InspectorCallbacks
 from ui.live import Frame, LiveTurn
 from ui.outputs import (
@@ -38,11 +43,17 @@ from ui.settings import (
     SAMPLING_FIELDS,
     SLIDERS,
     SettingsError,
-    format_stop,
-    parse_seed,
-    settings_from_values,
+    settings_from,
 )
-from ui.turn import FIGURE_KEYS, Message, SessionControl, TurnUpdate, Views, draw, run_turn
+from ui.turn import (
+    FIGURE_KEYS,
+    Message,
+    SessionControl,
+    TurnUpdate,
+    Views,
+    draw,
+    run_turn,
+)
 from ui.why import WhyProbe, make_why_probe, why_record
 
 log = logging.getLogger(__name__)
@@ -52,12 +63,7 @@ STREAM_INTERVAL_S = 0.1  # 10 text updates/s: the browser re-renders the whole m
 INPUT_ERRORS = (ChatError, SamplingError, SettingsError, TokenizerError, GenerateError)
 
 
-def settings_from(values: tuple[Any, ...], seed: Any, stop: Any) -> SamplingParams:
-    """SamplingParams from the sampling widgets, in SAMPLING_FIELDS order."""
-    return settings_from_values(dict(zip(SAMPLING_FIELDS, values, strict=True)), seed, stop)
-
-
-class Handlers(InspectorCallbacks):
+class Handlers(ChatFileHandlers, InspectorCallbacks):
     """The callbacks of one playground (one Runtime).
 
     stream_interval_s: streamed text is sent at most this often (the first token and the end
@@ -89,11 +95,26 @@ class Handlers(InspectorCallbacks):
                 f"The message has {len(message)} characters; at most "
                 f"{MAX_MESSAGE_CHARS} are accepted."
             )
-        if control.running or (history and history[-1]["role"] == "user"):
+        if control.running:
             raise gr.Error("A reply is still being written: wait for it or press Stop.")
+        try:
+            check_text(message)
+        except TokenizerError as exc:
+            raise gr.Error(f"The message cannot be sent: {exc}") from None
         control.cancel.clear()
-        history = [*history, {"role": "user", "content": message}]
+        # A user message still at the end had its reply refused (or not started): replace it.
+        history = [*unanswered(history)[0], {"role": "user", "content": message}]
         return "", history, display(history)
+
+    def release(
+        self, history: list[Message], control: SessionControl
+    ) -> tuple[Any, list[Message], list[Message]]:
+        """Undo a message whose reply never started (gradio refused `respond`): the text
+        back in the box, the history as it was. Changes nothing while a reply runs."""
+        kept, text = unanswered(history)
+        if control.running or text is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        return text, kept, display(kept)
 
     def respond(  # one parameter per widget, named for the API docs
         self,
@@ -246,9 +267,13 @@ class Handlers(InspectorCallbacks):
         kept, text = history[:-1], history[-1]["content"]
         return outputs(chatbot=display(kept), history=kept, status=f"⚠ {why}", message=text)
 
-    def stop(self, control: SessionControl) -> None:
-        """Ask the running reply to end after its current token (pressing twice is harmless)."""
+    def stop(
+        self, history: list[Message], control: SessionControl
+    ) -> tuple[Any, list[Message], list[Message]]:
+        """Ask the running reply to end after its current token (pressing twice is harmless);
+        with none running, take back a message whose reply was refused or never started."""
         control.cancel.set()
+        return self.release(history, control)
 
     # Editing the chat ------------------------------------------------------------------------
     def regenerate(
@@ -324,68 +349,12 @@ class Handlers(InspectorCallbacks):
     def examples(self, template: str) -> Any:
         return gr.Dataset(samples=[[e] for e in self.rt.examples(template)])
 
-    # Export / import -------------------------------------------------------------------------
-    def export_chat(
-        self,
-        history: list[Message],
-        system: str,
-        template: str,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        min_p: float,
-        repetition_penalty: float,
-        presence_penalty: float,
-        frequency_penalty: float,
-        max_new_tokens: int,
-        seed: str | None,
-        stop: str,
-        seed_used: str | None,
-    ) -> str:
-        """Write the chat and its sampling settings to a JSON file; return its path."""
-        sampling = (
-            temperature,
-            top_p,
-            top_k,
-            min_p,
-            repetition_penalty,
-            presence_penalty,
-            frequency_penalty,
-            max_new_tokens,
-        )
-        try:
-            settings = settings_from(sampling, seed, stop)
-        except SettingsError as exc:
-            raise gr.Error(f"Cannot export: {exc}") from None
-        try:
-            last = parse_seed(seed_used)
-        except SettingsError:
-            last = None
-        chat = chat_io.ChatFile(
-            [dict(m) for m in history], system or "", template, settings, self.rt.name, last
-        )
-        return str(chat_io.write_chat(chat))
 
-    def import_chat(self, path: Any, control: SessionControl) -> tuple[Any, ...]:
-        """Read a chat file; apply all of it or nothing (gr.Error names the problem)."""
-        self._refuse_while_running(control)
-        if path is None:
-            raise gr.Error("No file was uploaded.")
-        try:
-            chat = chat_io.read_chat(getattr(path, "name", path))
-        except chat_io.ChatFileError as exc:
-            raise gr.Error(f"Cannot import: {exc}") from None
-        s = chat.settings
-        sliders = [getattr(s, k) for k in SAMPLING_FIELDS]
-        return (
-            chat.messages,
-            display(chat.messages),
-            chat.system,
-            chat.template,
-            *sliders,
-            "" if s.seed is None else str(s.seed),
-            format_stop(s.stop),
-        )
+def unanswered(history: list[Message]) -> tuple[list[Message], str | None]:
+    """(history without a trailing user message, that message's text or None)."""
+    if history and history[-1]["role"] == "user":
+        return history[:-1], history[-1]["content"]
+    return history, None
 
 
 def placeholder_figures() -> dict[str, Any]:

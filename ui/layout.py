@@ -14,6 +14,7 @@ from typing import Any
 import gradio as gr
 
 from ui import figures, inspector
+from ui.chat_handlers import forget_export, uploads_only
 from ui.handlers import Handlers, placeholder_figures
 from ui.live import DrawingProcess
 from ui.outputs import ALL_HEADS, OUTPUT_KEYS, VIEW_LABELS
@@ -41,7 +42,10 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
     drawing = DrawingProcess()
     drawing.start()  # its imports overlap the page's first load
     h = Handlers(runtime, draw_fn=drawing)
-    with gr.Blocks(title=f"LLaMA-2 playground · {runtime.name}") as demo:
+    # delete_cache: gradio keeps a copy of every served or uploaded file (exported chats
+    # included); drop those older than an hour so they cannot pile up.
+    title = f"LLaMA-2 playground · {runtime.name}"
+    with gr.Blocks(title=title, delete_cache=(600, 3600)) as demo:
         gr.Markdown(f"# LLaMA-2 playground\n{INTRO}", elem_id="intro")
         gr.Markdown(f"**Model:** {runtime.describe()}", elem_id="model-line")
         with gr.Tab("Playground"):
@@ -62,7 +66,7 @@ def launch_kwargs() -> dict[str, Any]:
 def _playground(rt: Runtime) -> dict[str, Any]:
     ui: dict[str, Any] = {
         "history": gr.State([]),
-        "control": gr.State(SessionControl()),
+        "control": gr.State(SessionControl(), delete_callback=forget_export),
         "last": gr.State(None),
         "record": gr.State(None),
         "selected": gr.State(None),
@@ -135,8 +139,8 @@ def _chat_column(rt: Runtime, ui: dict[str, Any]) -> None:
     with gr.Accordion("Export / import chat", open=False, elem_id="io-panel"):
         with gr.Row():
             ui["export"] = gr.Button("Export chat (JSON)", size="sm", elem_id="export")
-            ui["import"] = gr.UploadButton(
-                "Import chat", file_types=[".json"], size="sm", elem_id="import"
+            ui["import"] = uploads_only(
+                gr.UploadButton("Import chat", file_types=[".json"], size="sm", elem_id="import")
             )
         ui["export_file"] = gr.File(label="Exported chat", interactive=False, elem_id="export-file")
 
@@ -354,14 +358,32 @@ def _wire(h: Handlers, rt: Runtime, ui: dict[str, Any], demo: gr.Blocks) -> None
         "outputs": [ui["message"], *chat_out],
         **free,
     }
-    ui["message"].submit(**add, api_name="add_message").success(**respond_args, api_name="respond")
+    # gradio may refuse respond before it runs (a value out of range, a full queue): take the
+    # message back then, so the session is not left with a message waiting for no reply.
+    release = {
+        "fn": h.release,
+        "inputs": [ui["history"], ui["control"]],
+        "outputs": [ui["message"], *chat_out],
+        "api_visibility": "private",
+        **free,
+    }
+    ui["message"].submit(**add, api_name="add_message").success(
+        **respond_args, api_name="respond"
+    ).failure(**release)
     ui["send"].click(**add, api_visibility="private").success(
         **respond_args, api_visibility="private"
+    ).failure(**release)
+    ui["stop"].click(
+        h.stop,
+        [ui["history"], ui["control"]],
+        [ui["message"], *chat_out],
+        api_name="stop",
+        queue=False,
+        **free,
     )
-    ui["stop"].click(h.stop, [ui["control"]], None, api_name="stop", queue=False, **free)
     ui["regenerate"].click(
         h.regenerate, [ui["history"], ui["control"]], chat_out, api_name="regenerate", **free
-    ).success(**respond_args, api_visibility="private")
+    ).success(**respond_args, api_visibility="private").failure(**release)
     ui["undo"].click(h.undo, [ui["history"], ui["control"]], turn_out, api_name="undo", **free)
     ui["clear"].click(h.clear, [ui["control"]], turn_out, api_name="clear", **free)
     _wire_inspector(h, ui, model, free)
@@ -394,6 +416,7 @@ def _wire(h: Handlers, rt: Runtime, ui: dict[str, Any], demo: gr.Blocks) -> None
             ui["seed"],
             ui["stop_strings"],
             ui["seed_used"],
+            ui["control"],
         ],
         [ui["export_file"]],
         api_name="export_chat",

@@ -42,7 +42,39 @@ INT_FIELDS = ("top_k", "max_new_tokens")
 
 
 class SettingsError(ValueError):
-    """A setting is missing, of the wrong type or out of range (names the field)."""
+    """A setting is missing, of the wrong type or out of range (names the field).
+
+    str() shows the value found (it came from the user's own widgets); `safe` names only its
+    kind, for messages about a file whose contents must not be echoed back.
+    """
+
+    def __init__(self, field: str, expected: str, found: Any = None, shown: bool = True) -> None:
+        self.field = field
+        self.safe = f"{field}: expected {expected}, found {describe(found)}"
+        super().__init__(f"{field}: expected {expected}, found {found!r}" if shown else self.safe)
+
+    @classmethod
+    def from_sampling(cls, exc: SamplingError) -> SettingsError:
+        """SamplingParams' own refusals: their text holds counts and limits, not values."""
+        error = cls.__new__(cls)
+        error.field = str(exc).partition(":")[0]
+        error.safe = str(exc)
+        ValueError.__init__(error, str(exc))
+        return error
+
+
+def describe(value: Any) -> str:
+    """What a value is, without its contents: "a str of 12 characters", "a list of 3 items"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (str, list, tuple, dict)):
+        unit = "characters" if isinstance(value, str) else "items"
+        return f"a {type(value).__name__} of {len(value)} {unit}"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return f"a {type(value).__name__}"
 
 
 def pick_seed(params: SamplingParams) -> int:
@@ -71,23 +103,26 @@ def settings_from_values(
     out: dict[str, Any] = {}
     for name, spec in SLIDERS.items():
         if name not in values:
-            raise SettingsError(f"{name}: missing")
+            raise SettingsError(name, "a value", None)
         out[name] = check_range(name, values[name], spec)
     try:
         return SamplingParams(**out, seed=parse_seed(seed), stop=parse_stop(stop))
     except SamplingError as exc:
-        raise SettingsError(str(exc)) from None
+        raise SettingsError.from_sampling(exc) from None
+
+
+def settings_from(values: tuple[Any, ...], seed: Any, stop: Any) -> SamplingParams:
+    """SamplingParams from the sampling widgets, in SAMPLING_FIELDS order."""
+    return settings_from_values(dict(zip(SAMPLING_FIELDS, values, strict=True)), seed, stop)
 
 
 def check_range(name: str, value: Any, spec: SliderSpec) -> float | int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise SettingsError(f"{name}: expected a number, found {value!r}")
+        raise SettingsError(name, "a number", value)
     if not spec.minimum <= value <= spec.maximum:
-        raise SettingsError(
-            f"{name}: expected a value in [{spec.minimum}, {spec.maximum}], found {value!r}"
-        )
+        raise SettingsError(name, f"a value in [{spec.minimum}, {spec.maximum}]", value)
     if name in INT_FIELDS and value != int(value):
-        raise SettingsError(f"{name}: expected a whole number, found {value!r}")
+        raise SettingsError(name, "a whole number", value)
     return _typed(name, value)
 
 
@@ -96,18 +131,23 @@ def _typed(name: str, value: float) -> float | int:
 
 
 def parse_seed(seed: Any) -> int | None:
-    """Blank (None, "", whitespace) = random; else an int in [0, 2**63 - 1]."""
+    """Blank (None, "", whitespace) = random; else an int in [0, 2**63 - 1].
+
+    Text is read as an exact integer (a float has 53 bits: 2**63 - 1 would become 2**63). A
+    float is accepted only where it holds a whole number exactly (up to 2**53)."""
     if seed is None or (isinstance(seed, str) and not seed.strip()):
         return None
-    if isinstance(seed, bool):
-        raise SettingsError(f"seed: expected a whole number or blank, found {seed!r}")
+    expected = "a whole number in [0, 2**63 - 1] or blank"
+    if isinstance(seed, bool) or not isinstance(seed, (str, int, float)):
+        raise SettingsError("seed", expected, seed)
+    if isinstance(seed, float) and not (seed.is_integer() and abs(seed) <= 2**53):
+        raise SettingsError("seed", expected, seed)
     try:
-        number = float(seed) if isinstance(seed, str) else seed
-        value = int(number)
-    except (TypeError, ValueError, OverflowError):
-        raise SettingsError(f"seed: expected a whole number or blank, found {seed!r}") from None
-    if value != number or not 0 <= value <= SEED_MAX:
-        raise SettingsError(f"seed: expected a whole number in [0, 2**63 - 1], found {seed!r}")
+        value = int(seed.strip()) if isinstance(seed, str) else int(seed)
+    except ValueError:  # not digits, or more digits than int() converts
+        raise SettingsError("seed", expected, seed[:40]) from None
+    if not 0 <= value <= SEED_MAX:
+        raise SettingsError("seed", expected, seed)
     return value
 
 
@@ -120,10 +160,10 @@ def parse_stop(stop: Any) -> tuple[str, ...]:
         return ()
     if isinstance(stop, (list, tuple)):
         if not all(isinstance(s, str) and s for s in stop):
-            raise SettingsError(f"stop: expected a list of non-empty strings, found {stop!r}")
+            raise SettingsError("stop", "a list of non-empty strings", stop)
         return tuple(stop)
     if not isinstance(stop, str):
-        raise SettingsError(f"stop: expected text, found {type(stop).__name__}")
+        raise SettingsError("stop", "text", stop, shown=False)
     lines = [line for line in stop.splitlines() if line]
     return tuple(line.replace("\\n", "\n").replace("\\t", "\t") for line in lines)
 

@@ -14,6 +14,7 @@ import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from llama.chat import Prompt, encode_chat
@@ -60,6 +61,7 @@ class SessionControl:
     def __init__(self) -> None:
         self.cancel = threading.Event()
         self.running = False  # a reply of this session is being generated
+        self.export: Path | None = None  # the session's exported chat file (one at most)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SessionControl:
         return SessionControl()
