@@ -39,6 +39,7 @@ from ui.outputs import (
     views_from,
 )
 from ui.runtime import Runtime
+from ui.session_state import drop_replaced_components
 from ui.settings import (
     SAMPLING_FIELDS,
     SLIDERS,
@@ -171,6 +172,7 @@ class Handlers(ChatFileHandlers, InspectorCallbacks):
             )
         finally:
             control.running = False
+            drop_replaced_components()  # gradio's copies of skipped outputs (ui/session_state)
 
     def _stream(
         self,
