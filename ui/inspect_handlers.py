@@ -11,6 +11,7 @@ import gradio as gr
 
 from ui import inspector
 from ui.outputs import display, outputs, views_from
+from ui.session_state import drop_replaced_components
 from ui.turn import FIGURE_KEYS, Message, SessionControl, draw
 
 
@@ -72,6 +73,7 @@ class InspectorCallbacks:
             )
         finally:
             control.running = False
+            drop_replaced_components()  # as respond: gradio's copies of skipped outputs
 
     def pick_version(
         self,
