@@ -8,6 +8,7 @@ per-session state) and talks to it through gradio_client like any API user.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import gradio as gr
@@ -57,3 +58,14 @@ def test_session_config_does_not_grow_with_turns(demo: gr.Blocks) -> None:
         assert set(session.config_values) <= declared
     finally:
         client.close()
+
+
+def test_malloc_arenas_capped_unless_the_environment_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    import app
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt is Linux-only")
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert app.limit_malloc_arenas() is True
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert app.limit_malloc_arenas() is False  # the user's own setting wins
