@@ -24,6 +24,7 @@ from ui.turn import FIGURE_KEYS, SessionControl
 from ui.why import build_why_tab, wire_why
 
 CSS_PATH = Path(__file__).with_name("style.css")
+RANGE_NOTE_JS = Path(__file__).with_name("range_note.js")  # says when a slider clamps
 FIGURE_TITLES = {
     "attention": "Attention per GQA group",
     "probs": "Token probabilities",
@@ -59,8 +60,9 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
 
 
 def launch_kwargs() -> dict[str, Any]:
-    """Arguments for demo.launch() that belong to the app's look (Gradio 6: css, theme)."""
-    return {"css_paths": [CSS_PATH], "theme": gr.themes.Soft(primary_hue="indigo")}
+    """Arguments for demo.launch() that belong to the app's look (Gradio 6: css, theme, js)."""
+    theme = gr.themes.Soft(primary_hue="indigo")
+    return {"css_paths": [CSS_PATH], "theme": theme, "js": RANGE_NOTE_JS.read_text()}
 
 
 def _playground(rt: Runtime) -> dict[str, Any]:
