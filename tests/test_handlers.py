@@ -494,6 +494,22 @@ def test_import_rejects_huge_file(h: Handlers, tmp_path: Path) -> None:
         h.import_chat(str(path), SessionControl())
 
 
+def test_a_refused_import_is_explained_in_the_status_line(h: Handlers, tmp_path: Path) -> None:
+    """The page shows the reason under the chat (import_failed, wired to the refusal), and a
+    good import says what it read there, replacing an earlier refusal's reason."""
+    path = tmp_path / "chat.json"
+    path.write_text('{"format": "llama-playground-chat", "version": 1, "messages": 3}')
+    with pytest.raises(gr.Error, match="messages: expected a list") as refused:
+        h.import_chat(str(path), SessionControl())
+    status = h.import_failed(str(path), SessionControl())
+    assert status.startswith(f"⚠ {refused.value.message}") and h.rt.describe() in status
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    good = chat_io.ChatFile(chat, "", "chat", defaults())
+    path.write_text(chat_io.to_json(good))
+    assert h.import_chat(str(path), SessionControl())[-1].startswith("Imported chat.json: 2 ")
+    assert is_skip(h.import_failed(str(path), SessionControl()))
+
+
 def test_one_generation_at_a_time(h: Handlers, rt: Runtime) -> None:
     """Two sessions generating from two threads: the slot serialises them, both finish."""
     results: dict[int, str] = {}

@@ -424,10 +424,15 @@ def _wire(h: Handlers, rt: Runtime, ui: dict[str, Any], demo: gr.Blocks) -> None
         api_name="export_chat",
         **free,
     )
+    chat_file = [ui["import"], ui["control"]]
+    chat_settings = [ui["system"], ui["template"], *sampling, ui["seed"], ui["stop_strings"]]
     ui["import"].upload(
         h.import_chat,
-        [ui["import"], ui["control"]],
-        [*chat_out, ui["system"], ui["template"], *sampling, ui["seed"], ui["stop_strings"]],
+        chat_file,
+        [*chat_out, *chat_settings, ui["status"]],
         api_name="import_chat",
+        # A refusal marks these with gradio's "Error" veil: not the chat, which must stay
+        # readable beside the reason (import_failed puts it in the status line).
+        show_progress_on=[ui["import"]],
         **free,
-    )
+    ).failure(h.import_failed, chat_file, [ui["status"]], api_visibility="private", **free)
