@@ -17,8 +17,9 @@ CHAT_HELP = """commands (a line starting with / is never sent to the model):
 def banner(ns: argparse.Namespace, model) -> str:
     name = ns.model.name if ns.model is not None else "the shipped model"
     a = model.args
+    n = a.n_params(tied=model.output_tied)  # a tied output projection counts once
     return (
-        f"Chatting with {name} ({a.n_params() / 1e6:.1f}M parameters, context "
+        f"Chatting with {name} ({n / 1e6:.1f}M parameters, context "
         f"{a.max_seq_len} tokens). Type a message and press Enter; /quit or Ctrl-D leaves.\n"
         f"{CHAT_HELP}"
     )
