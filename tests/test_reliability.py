@@ -65,6 +65,22 @@ def test_release_gives_the_refused_message_back(h: Handlers) -> None:
         h.add_message("Hello", pending, control)
 
 
+def test_stop_before_the_reply_started_says_so(h: Handlers) -> None:
+    """Stop clicked between add_message and respond (the page's chain): Stop takes the
+    message back, and the respond that runs next says the reply was stopped before its
+    first token instead of leaving the status as it was."""
+    from tests.test_handlers import widgets
+    from ui.outputs import OUTPUT_KEYS
+
+    control = SessionControl()
+    _, pending, _ = h.add_message("Once upon a time", HELLO, control)
+    assert h.stop(pending, control)[1] == HELLO
+    outs = list(h.respond(HELLO, control, *widgets(h.rt)))
+    assert len(outs) == 1
+    assert outs[0][OUTPUT_KEYS.index("status")] == "Stopped before the first token."
+    assert all(v == gr.skip() for k, v in zip(OUTPUT_KEYS, outs[0]) if k != "status")
+
+
 # 2. Import reads only uploads; errors never echo contents ----------------------------------
 def test_only_paths_inside_the_upload_folder_pass(tmp_path: Path) -> None:
     uploads = tmp_path / "gradio"

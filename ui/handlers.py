@@ -142,6 +142,9 @@ class Handlers(ChatFileHandlers, InspectorCallbacks):
         """Stream the reply to the pending user message; `_outputs` gives the output order.
         why_views: the Why tab's views that are on (ui/why.py; none = no capture)."""
         if not history or history[-1]["role"] != "user":
+            if control.cancel.is_set():  # Stop took the message back before this started
+                yield outputs(status="Stopped before the first token.")
+                return
             gr.Warning("There is no message waiting for a reply.")
             return
         # A component never rendered yet (a closed accordion) can send None.
