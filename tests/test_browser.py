@@ -357,6 +357,39 @@ def test_inspector_branching_and_stop(page: Any) -> None:
     assert not [e for e in log[done_at:] if e["kind"] == "text" and e["len"] != len(stopped)]
 
 
+def test_out_of_range_slider_value_and_failed_import_are_shown(page: Any) -> None:
+    """A typed value outside a slider's range: gradio clamps it silently, the page says so
+    under the slider. A refused import leaves the chat readable (no "Error" veil over it) with
+    the reason in the status line under it."""
+    pg = page
+    box = pg.locator("#temperature input[type=number]")
+    box.fill("5")
+    box.press("Enter")
+    box.blur()
+    note = pg.locator("#temperature .range-note")
+    note.wait_for()
+    assert note.inner_text() == "5 is above the maximum 2: the slider uses 2."
+    assert pg.locator("#temperature input[type=range]").input_value() == "2"
+    ARTIFACTS.mkdir(exist_ok=True)
+    pg.locator("#temperature").screenshot(path=str(ARTIFACTS / "app_slider_clamped.png"))
+    set_number(pg, "temperature", 0.6)
+    assert note.count() == 0  # a value in range: the note goes
+    set_number(pg, "max-new-tokens", 8)
+    send(pg, "Hello")
+    wait_finished(pg)
+    last_reply(pg)  # the reply's markdown has settled
+    before = bot_texts(pg)
+    bad = ARTIFACTS / "bad_chat.json"
+    bad.write_text(json.dumps({"format": "llama-playground-chat", "version": 1, "messages": 3}))
+    open_accordion(pg, "Export / import chat")
+    pg.locator("input[type=file]").set_input_files(str(bad))
+    wait_until(lambda: "Cannot import" in status(pg), "the import's refusal in the status")
+    assert "bad_chat.json: messages: expected a list" in status(pg)
+    assert bot_texts(pg) == before
+    assert pg.locator("#chatbot").get_by_text("Error", exact=True).count() == 0
+    shot(pg, "import_refused")
+
+
 def test_closing_a_tab_mid_reply_frees_the_model(browser: Any, server: AppServer) -> None:
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     context.set_default_timeout(TIMEOUT_MS)

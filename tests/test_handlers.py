@@ -169,6 +169,31 @@ def test_figures_every_n_tokens_from_snapshots(rt: Runtime) -> None:
     assert all(f.figures is None and f.update.probe is None for f in off.frames())
 
 
+def test_finished_views_show_the_last_real_token_not_the_end_of_turn(rt: Runtime) -> None:
+    """A reply that ends with EOS: the last figures are drawn for the last token of the text
+    (the inspector still lists the EOS token, so a branch can continue the reply there)."""
+    drawn: list = []
+
+    def record(trace, step, views, ranks):
+        drawn.append((trace, step))
+        return {}
+
+    history = [{"role": "user", "content": "Hi! What is your name?"}]
+    settings = defaults().replace(max_new_tokens=400, temperature=0.0)
+    views = Views(shown=frozenset({"kv"}), every=1000, pace=0.0, min_interval_s=0.0)
+    turn = run_turn(rt, history, settings, views, rt.default_template, "")
+    live = LiveTurn(turn, views, threading.Event(), interval_s=0.0, draw_fn=record)
+    frames = list(live.frames())
+    end = live.steps[-1]
+    if end.finish_reason != "eos":
+        pytest.skip(f"this model's greedy reply ended with {end.finish_reason}, not EOS")
+    assert end.token_id in rt.tokenizer.stop_ids
+    trace, step = drawn[-1]
+    assert step is live.steps[-2] and step.token_id != end.token_id
+    assert trace.positions[-1] == step.position  # the trace ends at that token too
+    assert frames[-1].step is step and frames[-1].update.done
+
+
 def test_text_never_waits_for_figures_and_stale_ones_are_dropped(rt: Runtime) -> None:
     """Drawing blocks until the reply has ended: the whole text still streams, then only the
     newest snapshot (the last step) is drawn; those taken meanwhile were never drawn."""
@@ -467,6 +492,22 @@ def test_import_rejects_huge_file(h: Handlers, tmp_path: Path) -> None:
     path.write_bytes(b" " * (chat_io.MAX_BYTES + 1))
     with pytest.raises(gr.Error, match="too big"):
         h.import_chat(str(path), SessionControl())
+
+
+def test_a_refused_import_is_explained_in_the_status_line(h: Handlers, tmp_path: Path) -> None:
+    """The page shows the reason under the chat (import_failed, wired to the refusal), and a
+    good import says what it read there, replacing an earlier refusal's reason."""
+    path = tmp_path / "chat.json"
+    path.write_text('{"format": "llama-playground-chat", "version": 1, "messages": 3}')
+    with pytest.raises(gr.Error, match="messages: expected a list") as refused:
+        h.import_chat(str(path), SessionControl())
+    status = h.import_failed(str(path), SessionControl())
+    assert status.startswith(f"⚠ {refused.value.message}") and h.rt.describe() in status
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    good = chat_io.ChatFile(chat, "", "chat", defaults())
+    path.write_text(chat_io.to_json(good))
+    assert h.import_chat(str(path), SessionControl())[-1].startswith("Imported chat.json: 2 ")
+    assert is_skip(h.import_failed(str(path), SessionControl()))
 
 
 def test_one_generation_at_a_time(h: Handlers, rt: Runtime) -> None:

@@ -139,7 +139,7 @@ def test_big_seeds_are_kept_exactly(h: Handlers, tmp_path: Path, seed: int) -> N
     raw["sampling"]["seed"] = seed
     path = tmp_path / "chat.json"
     path.write_text(json.dumps(raw))
-    assert h.import_chat(str(path), SessionControl())[-2] == str(seed)
+    assert h.import_chat(str(path), SessionControl())[-3] == str(seed)  # then stop, status
 
 
 @pytest.mark.parametrize("seed", [str(SEED_MAX + 1), "-1", "1.5", "9" * 5000, 2.0**60, "abc"])

@@ -80,7 +80,8 @@ class ChatFileHandlers:
         return str(control.export)
 
     def import_chat(self, path: Any, control: SessionControl) -> tuple[Any, ...]:
-        """Read a chat file; apply all of it or nothing (gr.Error names the problem)."""
+        """Read a chat file; apply all of it or nothing (gr.Error names the problem, and
+        `import_failed` shows it under the chat). The status line says what was imported."""
         self._refuse_while_running(control)
         if path is None:
             raise gr.Error("No file was uploaded.")
@@ -100,7 +101,18 @@ class ChatFileHandlers:
             *sliders,
             "" if s.seed is None else str(s.seed),
             format_stop(s.stop),
+            f"Imported {path.name}: {len(chat.messages)} messages  \n{self.rt.describe()}",
         )
+
+    def import_failed(self, path: Any, control: SessionControl) -> Any:
+        """After a refused import (wired to its failure): the reason in the status line,
+        under the chat, which the refusal left as it was. A toast alone fades, and the page
+        is scrolled down to the import button when it shows."""
+        try:
+            self.import_chat(path, control)
+        except gr.Error as exc:
+            return f"⚠ {exc.message}  \n{self.rt.describe()}"
+        return gr.skip()
 
     def _check_system(self, chat: chat_io.ChatFile, name: str) -> None:
         """A system prompt the template refuses would make every later turn fail: refuse it

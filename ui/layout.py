@@ -24,6 +24,7 @@ from ui.turn import FIGURE_KEYS, SessionControl
 from ui.why import build_why_tab, wire_why
 
 CSS_PATH = Path(__file__).with_name("style.css")
+RANGE_NOTE_JS = Path(__file__).with_name("range_note.js")  # says when a slider clamps
 FIGURE_TITLES = {
     "attention": "Attention per GQA group",
     "probs": "Token probabilities",
@@ -59,8 +60,9 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
 
 
 def launch_kwargs() -> dict[str, Any]:
-    """Arguments for demo.launch() that belong to the app's look (Gradio 6: css, theme)."""
-    return {"css_paths": [CSS_PATH], "theme": gr.themes.Soft(primary_hue="indigo")}
+    """Arguments for demo.launch() that belong to the app's look (Gradio 6: css, theme, js)."""
+    theme = gr.themes.Soft(primary_hue="indigo")
+    return {"css_paths": [CSS_PATH], "theme": theme, "js": RANGE_NOTE_JS.read_text()}
 
 
 def _playground(rt: Runtime) -> dict[str, Any]:
@@ -422,10 +424,15 @@ def _wire(h: Handlers, rt: Runtime, ui: dict[str, Any], demo: gr.Blocks) -> None
         api_name="export_chat",
         **free,
     )
+    chat_file = [ui["import"], ui["control"]]
+    chat_settings = [ui["system"], ui["template"], *sampling, ui["seed"], ui["stop_strings"]]
     ui["import"].upload(
         h.import_chat,
-        [ui["import"], ui["control"]],
-        [*chat_out, ui["system"], ui["template"], *sampling, ui["seed"], ui["stop_strings"]],
+        chat_file,
+        [*chat_out, *chat_settings, ui["status"]],
         api_name="import_chat",
+        # A refusal marks these with gradio's "Error" veil: not the chat, which must stay
+        # readable beside the reason (import_failed puts it in the status line).
+        show_progress_on=[ui["import"]],
         **free,
-    )
+    ).failure(h.import_failed, chat_file, [ui["status"]], api_visibility="private", **free)

@@ -95,7 +95,7 @@ class LiveTurn:
                 with self._cond:
                     self._latest, self._seq = u, self._seq + 1
                     if due:
-                        self._snapshot = (trace, u.step, u.done)
+                        self._snapshot = (trace, u.view_step, u.done)
                     self._cond.notify_all()
         except BaseException as exc:  # handed to the reader, which re-raises it
             with self._cond:

@@ -85,6 +85,9 @@ class TurnUpdate:
     # The Why views' newest snapshot (ui/why.py): taken in the generation thread every
     # WHY_EVERY tokens and at the end; the same object rides on the updates in between.
     why: WhyTrace | None = None
+    # The step the figures show: `step`, except that an end-of-turn token (finish "eos") is
+    # not part of the reply, so a finished reply's views stay on its last real token.
+    view_step: Step | None = None
 
 
 def build_prompt(
@@ -195,7 +198,8 @@ def run_turn(
     junction = _Junction(rt.tokenizer, prefix)
     if prefix:
         prompt = dataclasses.replace(prompt, ids=[*prompt.ids, *prefix])
-    last_real: Step | None = None
+    last_real: Step | None = None  # the newest step that carries a token
+    last_text: Step | None = None  # ... and is part of the reply (not its end-of-turn token)
     why_trace: WhyTrace | None = None
     notices: list[str] = []
     with rt.slot:
@@ -203,6 +207,8 @@ def run_turn(
         for i, step in enumerate(steps):
             reply["content"] += junction.text(step)
             last_real = step if step.token_id != NO_TOKEN else last_real
+            ends_turn = step.finish_reason == "eos" and last_text is not None
+            last_text = last_real if not ends_turn else last_text
             if step.notice:
                 notices.append(step.notice)
             done = step.finish_reason is not None
@@ -219,6 +225,7 @@ def run_turn(
                 figure_probe,
                 i,
                 why_trace,
+                last_text,
             )
 
 
