@@ -70,10 +70,17 @@ def fits(pg: object, elem_id: str) -> bool:
 
 def capture(pg: object, elem_id: str, out: Path, name: str, before: str = "") -> None:
     """Wait until the figure's title is set and differs from `before`; save its element."""
-    wait_until(
-        lambda: title_of(pg, elem_id) not in ("", before) and fits(pg, elem_id),
-        f"#{elem_id} to draw",
-    )
+
+    def drawn() -> bool:
+        if title_of(pg, elem_id) in ("", before):
+            return False
+        if fits(pg, elem_id):
+            return True
+        # drawn while hidden, at plotly's default width: a resize lets it fit its column
+        pg.evaluate("window.dispatchEvent(new Event('resize'))")  # type: ignore[attr-defined]
+        return False
+
+    wait_until(drawn, f"#{elem_id} to draw")
     loc = pg.locator(f"#{elem_id}")  # type: ignore[attr-defined]
     loc.scroll_into_view_if_needed()
     time.sleep(0.5)  # plotly's transition after the title is set
