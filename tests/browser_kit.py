@@ -2,8 +2,9 @@
 and bench/browser_latency.py (no pytest here, so the bench can import it).
 
 LATENCY_RECORDER notes, inside the page and with the page's own clock, the moment Enter (or a
-click on Send/Stop) happens and every change of the last reply's visible text, so what a person
-sees is measured where they see it, not inferred from the server.
+click on Send/Stop) happens, every change of the last reply's visible text and of the status
+line, and the reply's text at the click on Stop, so what a person sees is measured where they
+see it, not inferred from the server.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def set_views(pg: Any, on: bool) -> None:
 LATENCY_RECORDER = """() => {
     const nBots = document.querySelectorAll('#chatbot [data-testid="bot"]').length;
     window.__lat = {enter: null, stop: null, texts: [], finished: null, seen: '',
-                    bots: nBots, running: false};
+                    bots: nBots, running: false, stopText: null, statuses: [], status: ''};
     if (window.__latInstalled) return;
     window.__latInstalled = true;
     // Listeners on the document, not on elements: gradio may re-create an element on update.
@@ -92,6 +93,8 @@ LATENCY_RECORDER = """() => {
         const L = window.__lat;
         if (e.target.closest && e.target.closest('#stop') && L.stop === null) {
             L.stop = performance.now();
+            const bots = document.querySelectorAll('#chatbot [data-testid="bot"]');
+            L.stopText = bots.length > L.bots ? bots[bots.length - 1].innerText : '';
         }
     }, true);
     new MutationObserver(() => {
@@ -104,7 +107,12 @@ LATENCY_RECORDER = """() => {
             L.seen = text;
             L.texts.push([performance.now(), text.length]);
         }
+        // the status line as shown (Stop's frozen copy comes first: ui/stop_freeze.js)
         const md = document.querySelector('#status [data-testid=markdown]');
+        if (md && md.innerText !== L.status) {
+            L.status = md.innerText;
+            L.statuses.push([performance.now(), L.status.split('\\n')[0]]);
+        }
         if (L.finished !== null || !md) return;
         // "finished" counts only once the status showed this reply running
         if (!md.innerText.includes('finished:')) L.running = true;

@@ -102,7 +102,7 @@ class Handlers(ChatFileHandlers, InspectorCallbacks):
             check_text(message)
         except TokenizerError as exc:
             raise gr.Error(f"The message cannot be sent: {exc}") from None
-        control.cancel.clear()
+        control.arm()
         # A user message still at the end had its reply refused (or not started): replace it.
         history = [*unanswered(history)[0], {"role": "user", "content": message}]
         return "", history, display(history)
@@ -170,9 +170,7 @@ class Handlers(ChatFileHandlers, InspectorCallbacks):
                 return
             shown = views_from(views, layer, head, mode, every)
             why = make_why_probe(self.rt, why_views)
-            yield from self._stream(
-                history, control, settings, shown, template, system, why=why
-            )
+            yield from self._stream(history, control, settings, shown, template, system, why=why)
         finally:
             control.running = False
             drop_replaced_components()  # gradio's copies of skipped outputs (ui/session_state)
@@ -192,19 +190,20 @@ class Handlers(ChatFileHandlers, InspectorCallbacks):
         update (ui/live.py); the last update carries the reply's token record, and the Why
         record (ui/why.py) goes out whenever the generation thread took a new snapshot."""
         prefix = [s.token_id for s in branch.prefix_steps()] if branch is not None else []
-        turn = run_turn(
-            self.rt, history, settings, views, template, system, control, prefix, why
-        )
+        turn = run_turn(self.rt, history, settings, views, template, system, control, prefix, why)
         live = LiveTurn(
             turn, views, control.cancel, self.rt.ranks, self.stream_interval_s, self.draw_fn
         )
         update: TurnUpdate | None = None
+        steps = live.steps
         recorded = False
         why_sent: Any = None
         first = True  # the reader may skip updates: prompt and seed go out on the first frame
         try:
             for frame in live.frames():
                 update = frame.update
+                if update.done and control.cancel.is_set():
+                    update, steps = live.as_shown(update, control.shown)
                 if update.done and update.step is None and branch is not None:
                     yield outputs(status="Stopped before the first token.")
                     return
@@ -219,7 +218,7 @@ class Handlers(ChatFileHandlers, InspectorCallbacks):
                 if update.done and not recorded:
                     recorded = True
                     record = inspector.record_of(
-                        update, live.steps, settings, views, template, system, branch
+                        update, steps, settings, views, template, system, branch
                     )
                 why_new = update.why is not None and update.why is not why_sent
                 why_sent = update.why if why_new else why_sent
@@ -273,10 +272,14 @@ class Handlers(ChatFileHandlers, InspectorCallbacks):
         return outputs(chatbot=display(kept), history=kept, status=f"⚠ {why}", message=text)
 
     def stop(
-        self, history: list[Message], control: SessionControl
+        self, history: list[Message], control: SessionControl, shown: Any = None
     ) -> tuple[Any, list[Message], list[Message]]:
         """Ask the running reply to end after its current token (pressing twice is harmless);
-        with none running, take back a message whose reply was refused or never started."""
+        with none running, take back a message whose reply was refused or never started.
+        shown: the Chatbot's value as the page held it at the click; the reply is kept as
+        far as it was shown then (the page freezes it there: ui/stop_freeze.js)."""
+        if control.running and shown is not None and control.shown is None:
+            control.shown = shown_chat(shown)
         control.cancel.set()
         return self.release(history, control)
 
@@ -290,7 +293,7 @@ class Handlers(ChatFileHandlers, InspectorCallbacks):
             raise gr.Error("Nothing to regenerate: the chat is empty.")
         if history[-1]["role"] == "assistant":
             history = history[:-1]
-        control.cancel.clear()
+        control.arm()
         return history, display(history)
 
     def undo(self, history: list[Message], control: SessionControl) -> tuple[Any, ...]:
@@ -360,6 +363,22 @@ def unanswered(history: list[Message]) -> tuple[list[Message], str | None]:
     if history and history[-1]["role"] == "user":
         return history[:-1], history[-1]["content"]
     return history, None
+
+
+def shown_chat(value: Any) -> list[Message] | None:
+    """The Chatbot's value as the page sends it (content: a list of text parts, or a string)
+    as {"role", "content"} messages; None when it is not a chat."""
+    if not isinstance(value, list):
+        return None
+    chat = []
+    for m in value:
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            return None
+        parts = m.get("content")
+        parts = parts if isinstance(parts, list) else [parts]
+        text = "".join(p.get("text") or "" if isinstance(p, dict) else str(p) for p in parts)
+        chat.append({"role": m["role"], "content": text})
+    return chat
 
 
 def placeholder_figures() -> dict[str, Any]:

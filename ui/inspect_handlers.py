@@ -58,7 +58,7 @@ class InspectorCallbacks:
             raise gr.Error("Click a token of the reply, then pick a candidate.")
         if control.running or not history or history[-1]["role"] != "assistant":
             raise gr.Error("A reply is being written: press Stop first.")
-        control.cancel.clear()
+        control.arm()
         control.running = True
         branch = inspector.Branch(record, int(index), int(token_id))
         try:

@@ -25,6 +25,7 @@ from ui.why import build_why_tab, wire_why
 
 CSS_PATH = Path(__file__).with_name("style.css")
 RANGE_NOTE_JS = Path(__file__).with_name("range_note.js")  # says when a slider clamps
+STOP_FREEZE_JS = Path(__file__).with_name("stop_freeze.js")  # Stop holds the reply as shown
 FIGURE_TITLES = {
     "attention": "Attention per GQA group",
     "probs": "Token probabilities",
@@ -62,7 +63,12 @@ def build_demo(runtime: Runtime) -> gr.Blocks:
 def launch_kwargs() -> dict[str, Any]:
     """Arguments for demo.launch() that belong to the app's look (Gradio 6: css, theme, js)."""
     theme = gr.themes.Soft(primary_hue="indigo")
-    return {"css_paths": [CSS_PATH], "theme": theme, "js": RANGE_NOTE_JS.read_text()}
+    scripts = ", ".join(f"({p.read_text().strip()})" for p in (RANGE_NOTE_JS, STOP_FREEZE_JS))
+    return {
+        "css_paths": [CSS_PATH],
+        "theme": theme,
+        "js": f"() => {{ [{scripts}].forEach(f => f()); }}",
+    }
 
 
 def _playground(rt: Runtime) -> dict[str, Any]:
@@ -377,10 +383,13 @@ def _wire(h: Handlers, rt: Runtime, ui: dict[str, Any], demo: gr.Blocks) -> None
     ).failure(**release)
     ui["stop"].click(
         h.stop,
-        [ui["history"], ui["control"]],
+        [ui["history"], ui["control"], ui["chatbot"]],
         [ui["message"], *chat_out],
         api_name="stop",
         queue=False,
+        # freezes the reply as shown at the click (ui/stop_freeze.js); the inputs go on as
+        # they are, the Chatbot's value being the reply the page held then
+        js="(...args) => { window.freezeReply && window.freezeReply(); return args; }",
         **free,
     )
     ui["regenerate"].click(

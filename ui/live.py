@@ -13,13 +13,15 @@ for each other:
   a snapshot nobody has drawn yet is replaced by a newer one (stale figures are dropped);
 - the page's reader (`updates`) wakes on any news and gets the newest text at most every
   `interval_s`, and figures whenever a new set is ready. Stop sets the cancel event, which the
-  generation thread checks between tokens, and the final text goes out at once, before the
-  final figures.
+  generation thread checks between tokens; from then on nothing stale goes out (no text the
+  page would show growing after the click, no figures), and the final text goes out at once,
+  before the final figures. `as_shown` cuts the stopped reply back to what the page showed.
 """
 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import multiprocessing
 import threading
 import time
@@ -33,7 +35,7 @@ from gradio.components.plot import PlotData
 
 from llama.generate import Step
 from llama.probes import Trace
-from ui.turn import TurnUpdate, Views, draw, draw_json
+from ui.turn import Message, TurnUpdate, Views, draw, draw_json
 
 WAIT_S = 0.5  # the reader wakes at least this often (a closed page is noticed by gradio)
 
@@ -68,6 +70,7 @@ class LiveTurn:
     ) -> None:
         self.views, self.cancel, self.ranks, self.interval_s = views, cancel, ranks, interval_s
         self.steps: list[Step] = []
+        self._steps_at: dict[int, int] = {}  # reply length in characters -> steps behind it
         self._draw_fn = draw_fn
         self._cond = threading.Condition()
         self._latest: TurnUpdate | None = None
@@ -87,6 +90,7 @@ class LiveTurn:
             for u in updates:
                 if u.step is not None and (not self.steps or self.steps[-1] is not u.step):
                     self.steps.append(u.step)
+                self._steps_at.setdefault(len(u.chat[-1]["content"]), len(self.steps))
                 with self._cond:
                     due = bool(self.views.shown) and self._snapshot_due(u)
                     self._want_snapshot = self._want_snapshot and not due
@@ -164,20 +168,53 @@ class LiveTurn:
                 self.cancel.set()
             self._gen.join()
 
+    def _stopping(self) -> bool:
+        """Stop was pressed and the generation thread has not ended the reply yet."""
+        done = self._gen_done or (self._latest is not None and self._latest.done)
+        return self.cancel.is_set() and not done
+
     def _wait_s(self, sent_seq: int, sent_at: float) -> float:
         """Until text held back by the interval may go, else until the next notify."""
-        if self._seq != sent_seq:
+        if self._seq != sent_seq and not self._stopping():
             return max(0.001, sent_at + self.interval_s - time.monotonic())
         return WAIT_S
 
     def _news(self, sent_seq: int, sent_at: float) -> bool:
-        if self._error is not None or self._figures is not None:
+        if self._error is not None:
+            return True
+        if self._stopping():  # anything sent now would be text the page shows after Stop
+            return False
+        if self._figures is not None:
             return True
         if self._gen_done and (self._draw_done or self._seq != sent_seq):
             return True
         fresh = self._seq != sent_seq
         first_or_last = sent_seq == 0 or (self._latest is not None and self._latest.done)
         return fresh and (first_or_last or time.monotonic() - sent_at >= self.interval_s)
+
+    def as_shown(self, u: TurnUpdate, shown: list[Message] | None) -> tuple[TurnUpdate, list[Step]]:
+        """The last update of a stopped reply and its steps, cut back to the reply as the page
+        showed it at the click (`shown`: the page's chat then; its last message is the reply,
+        or the user's message when no reply text had appeared yet). Unchanged when `shown` is
+        None or is not an earlier state of this reply."""
+        reply = u.chat[-1]["content"]
+        same_turn = shown is not None and len(shown) in (len(u.chat), len(u.chat) - 1)
+        if not same_turn or shown[len(u.chat) - 2]["content"] != u.chat[-2]["content"]:
+            return u, self.steps
+        text = shown[-1]["content"] if len(shown) == len(u.chat) else ""
+        n = self._steps_at.get(len(text), 0 if not text else None)
+        if n is None or not reply.startswith(text) or n >= len(self.steps):
+            return u, self.steps
+        step = self.steps[n - 1] if n else None
+        kept = f"finished: cancelled · kept as shown at Stop: {n} token{'s' * (n != 1)}"
+        cut = dataclasses.replace(
+            u,
+            chat=[*u.chat[:-1], {"role": "assistant", "content": text}],
+            status=u.status.replace("finished: cancelled", kept),
+            step=step,
+            view_step=step if u.view_step is not None else None,
+        )
+        return cut, self.steps[:n]
 
 
 def _serialised(fig: Any) -> Any:

@@ -62,6 +62,14 @@ class SessionControl:
         self.cancel = threading.Event()
         self.running = False  # a reply of this session is being generated
         self.export: Path | None = None  # the session's exported chat file (one at most)
+        # The chat as the page showed it when Stop was clicked (ui/handlers.py `stop`): the
+        # stopped reply is cut back to it. None: Stop not pressed, or not from the page.
+        self.shown: list[Message] | None = None
+
+    def arm(self) -> None:
+        """Before a new reply: no Stop pending."""
+        self.cancel.clear()
+        self.shown = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SessionControl:
         return SessionControl()
