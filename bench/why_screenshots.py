@@ -113,6 +113,10 @@ def run(out: Path, flags: list[str]) -> None:
             status = "#status [data-testid=markdown]"
             wait_until(lambda: "finished:" in pg.locator(status).inner_text(), "the reply")
             pg.get_by_role("tab", name="Why").click()
+            # The record of the whole reply has been drawn: a token picked earlier could be
+            # one the final record lacks (the picker follows the record while the reply runs).
+            token_box = pg.locator("#why-token")
+            wait_until(lambda: "of the finished reply" in token_box.inner_text(), "the last record")
             capture(pg, "why-lens", out, "lens")
             before = title_of(pg, "why-line")
             # an early reply token, so that a replay from it has room to diverge

@@ -42,7 +42,7 @@ def stopped_at_first_text(pg: Any) -> dict[str, Any]:
     return kit.recorded(pg)
 
 
-def test_stop_freezes_the_text_and_keeps_it_as_shown(page: Any) -> None:
+def test_stop_freezes_the_text_and_keeps_it_as_shown(page: Any) -> None:  # noqa: F811
     pg = page
     kit.set_number(pg, "max-new-tokens", 1024)
     pg.fill("#seed textarea, #seed input", LONG_SEED)

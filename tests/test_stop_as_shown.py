@@ -22,40 +22,54 @@ HELD_AT = 5  # tokens generated before the model waits for Stop
 
 
 @pytest.fixture()
-def held(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Generation pauses after HELD_AT tokens until its cancel event is set."""
+def held(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """(go on, waiting): generation waits after its first token until `go on` is set (the
+    test has read the first update), then after HELD_AT tokens sets `waiting` and waits
+    until its cancel event is set."""
+    go_on, waiting = threading.Event(), threading.Event()
     real = ui.turn.generate
 
     def generate(*args: Any, cancel: threading.Event | None = None, **kw: Any) -> Iterator[Any]:
         for i, step in enumerate(real(*args, cancel=cancel, **kw)):
             yield step
+            if i == 0:
+                assert go_on.wait(60), "the first update was never read"
             if i + 1 == HELD_AT and cancel is not None:
+                waiting.set()
                 assert cancel.wait(60), "Stop was never pressed"
 
     monkeypatch.setattr(ui.turn, "generate", generate)
+    return go_on, waiting
 
 
-def start(h: Handlers) -> tuple[SessionControl, Iterator[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """A long reply and its first three updates (one per token: stream_interval_s is 0)."""
+Started = tuple[SessionControl, Iterator[tuple[Any, ...]], tuple[Any, ...]]
+
+
+def start(handlers: Handlers, held: tuple[threading.Event, threading.Event]) -> Started:
+    """A long reply, its first update (one token), and the model run on to HELD_AT tokens."""
     control = SessionControl()
-    _, history, _ = h.add_message("Once upon a time", [], control)
-    stream = h.respond(history, control, *widgets(h.rt, max_new_tokens=200))
-    return control, stream, [next(stream) for _ in range(3)]
+    _, history, _ = handlers.add_message("Once upon a time", [], control)
+    stream = handlers.respond(history, control, *widgets(handlers.rt, max_new_tokens=200))
+    first = next(stream)
+    go_on, waiting = held
+    go_on.set()
+    assert waiting.wait(60), f"the model did not reach {HELD_AT} tokens"
+    return control, stream, first
 
 
-def test_stop_keeps_the_reply_the_page_showed(h: Handlers, held: None) -> None:
-    control, stream, outs = start(h)
-    page = outs[1][AT["chatbot"]]  # the page is one update behind the server
+def test_stop_keeps_the_reply_the_page_showed(h: Handlers, held: Any) -> None:  # noqa: F811
+    control, stream, first = start(h, held)
+    page = first[AT["chatbot"]]  # the page shows the first token; the model is further on
     shown = page[-1]["content"][0]["text"]
-    assert shown and all(is_skip(v) for v in h.stop(outs[-1][1], control, page))
+    assert shown and all(is_skip(v) for v in h.stop(first[1], control, page))
     rest = list(stream)
     texts = [o[0][-1]["content"][0]["text"] for o in rest if not is_skip(o[0])]
     assert texts and set(texts) == {shown}  # nothing longer went out after Stop
     final = rest[-1]
     assert reply_of(final) == shown  # kept in the history as shown
-    assert "finished: cancelled · kept as shown at Stop: 2 tokens" in final[AT["status"]]
+    assert "finished: cancelled · kept as shown at Stop: 1 token" in final[AT["status"]]
     tokens = [o[AT["tokens"]] for o in rest if not is_skip(o[AT["tokens"]])][-1]
-    assert len(tokens) == 2  # the token inspector holds the same two tokens
+    assert len(tokens) == 1  # the token inspector holds the same token
     assert not control.running and control.shown == shown_chat(page)
     # the session goes on from the reply as kept
     _, history, _ = h.add_message("The dog", final[1], control)
@@ -63,11 +77,12 @@ def test_stop_keeps_the_reply_the_page_showed(h: Handlers, held: None) -> None:
 
 
 def test_stop_before_the_page_showed_any_reply_takes_the_message_back(
-    h: Handlers, held: None
+    h: Handlers,  # noqa: F811
+    held: Any,
 ) -> None:
-    control, stream, outs = start(h)
+    control, stream, first = start(h, held)
     page = [{"role": "user", "content": [{"type": "text", "text": "Once upon a time"}]}]
-    h.stop(outs[-1][1], control, page)
+    h.stop(first[1], control, page)
     final = list(stream)[-1]
     assert final[1] == [] and final[AT["message"]] == "Once upon a time"
     assert "Stopped before the first token" in final[AT["status"]]
@@ -78,12 +93,14 @@ def test_stop_before_the_page_showed_any_reply_takes_the_message_back(
     [None, [], [{"role": "user", "content": "another chat"}], {"not": "a chat"}],
 )
 def test_stop_without_the_page_s_view_keeps_what_was_generated(
-    h: Handlers, held: None, page: Any
+    h: Handlers,  # noqa: F811
+    held: Any,
+    page: Any,
 ) -> None:
     """Through the API (no Chatbot value) or with a view of another chat: nothing is cut."""
-    control, stream, outs = start(h)
-    h.stop(outs[-1][1], control, page)
+    control, stream, first = start(h, held)
+    h.stop(first[1], control, page)
     final = list(stream)[-1]
     status = final[AT["status"]]
     assert "finished: cancelled" in status and "kept as shown" not in status
-    assert len(reply_of(final)) > len(outs[-1][0][-1]["content"][0]["text"])
+    assert len(reply_of(final)) > len(first[0][-1]["content"][0]["text"])

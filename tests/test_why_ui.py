@@ -39,12 +39,15 @@ def test_record_streams_and_redraws_every_figure(h: Handlers) -> None:  # noqa: 
     w = WhyHandlers(h.rt)
     token, lens, line, attr, sinks = w.redraw(last, None)
     assert token["value"] == last.trace.prompt_len + 7 - 1  # the newest reply token by default
-    assert len(token["choices"]) == 8
+    assert len(token["choices"]) == 8 and token["info"] == "8 tokens of the finished reply"
+    assert "still being written" in w.redraw(records[0], None)[0]["info"]
     for fig in (lens, line, attr, sinks):
         assert isinstance(fig, go.Figure) and fig.layout.title.text
     assert "attention × ‖value‖" in attr.layout.annotations[0].text  # the method is named
     picked = token["choices"][2][1]
     assert w.redraw(last, picked)[0]["value"] == picked  # a selection survives a redraw
+    again, line_fig, _ = w.picked(last, picked)  # a pick sets the picker again (see wire_why)
+    assert again == picked and line_fig.layout.title.text != line.layout.title.text
     grad = w.gradient(last, picked)
     assert "gradient × input" in grad.layout.annotations[-1].text
 

@@ -60,8 +60,11 @@ class WhyRecord:
     sampling settings with the seed used. A plain class: gradio tells States apart by
     hash, and each new record is a new object, so every redraw fires the State's change."""
 
-    def __init__(self, trace: WhyTrace, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self, trace: WhyTrace, prompt_ids: list[int], params: SamplingParams, done: bool = True
+    ) -> None:
         self.trace, self.prompt_ids, self.params = trace, prompt_ids, params
+        self.done = done  # the reply had ended (the last record of this reply)
 
     @property
     def reply(self) -> list[int]:
@@ -72,7 +75,8 @@ def why_record(update: Any, settings: SamplingParams) -> Any:
     """The State value for a TurnUpdate: a WhyRecord at redraws with a Why probe, else skip."""
     if getattr(update, "why", None) is None:
         return gr.skip()
-    return WhyRecord(update.why, list(update.prompt.ids), settings.replace(seed=update.seed))
+    params = settings.replace(seed=update.seed)
+    return WhyRecord(update.why, list(update.prompt.ids), params, bool(update.done))
 
 
 def _need(record: WhyRecord | None) -> WhyRecord:
@@ -102,11 +106,16 @@ class WhyHandlers:
         pos = int(position) if position not in (None, "") and int(position) in values else None
         pos = pos if pos is not None else (values[-1] if values else None)
         return (
-            gr.update(choices=choices, value=pos),
+            gr.update(choices=choices, value=pos, info=_progress(record, len(choices))),
             why_figs.lens_heatmap(trace),
             *self.selected(record, pos),
             why_figs.sink_heads_figure(trace),
         )
+
+    def picked(self, record: WhyRecord | None, position: Any) -> tuple[Any, Any, Any]:
+        """A token picked by the person: the picker set to it again (a redraw that was asked
+        for before the pick and answered after it set another), and its figures."""
+        return (position, *self.selected(record, position))
 
     def selected(self, record: WhyRecord | None, position: Any) -> tuple[Any, Any]:
         """The per-token figures: the chosen token through the layers, and what drove it."""
@@ -185,6 +194,15 @@ class WhyHandlers:
         return [token_label(self.rt.tokenizer.piece(i)) for i in ids]
 
 
+def _progress(record: WhyRecord | None, n: int) -> str:
+    """The token picker's note: whether the record covers the whole reply yet."""
+    if record is None:
+        return "Switch a view on and send a message."
+    if record.done:
+        return f"{n} tokens of the finished reply"
+    return f"{n} tokens so far: the reply is still being written"
+
+
 def _describe(p: SamplingParams) -> str:
     return f"T {p.temperature:g} · top-p {p.top_p:g} · top-k {p.top_k}"
 
@@ -260,11 +278,15 @@ def wire_why(rt: Runtime, ui: dict[str, Any]) -> None:
     model = {"concurrency_id": rt.concurrency_id, "concurrency_limit": 1}
     record, token = ui["why"], ui["why_token"]
     figures = [token, ui["why_lens"], ui["why_line"], ui["why_attr"], ui["why_sinks"]]
-    ui["why"].change(h.redraw, [record, token], figures, **free)
+    # A redraw for a new record and a token picked meanwhile run one after the other, in the
+    # order they were asked for, so the person's pick is applied last and stays (a redraw
+    # answered after the pick had reset the picker and the token's figure).
+    ordered = {**free, "concurrency_id": "why_figures", "concurrency_limit": 1}
+    ui["why"].change(h.redraw, [record, token], figures, **ordered)
     # Figures drawn while the tab was hidden got plotly's default width: once it shows, a
     # window resize lets their responsive layout fit the column (no server round trip).
     ui["why_tab"].select(None, js=RESIZE_JS, queue=False)
-    token.input(h.selected, [record, token], [ui["why_line"], ui["why_attr"]], **free)
+    token.input(h.picked, [record, token], [token, ui["why_line"], ui["why_attr"]], **ordered)
     ui["why_grad"].click(
         h.gradient, [record, token], [ui["why_attr"]], api_name="why_gradient", **model
     )
