@@ -164,8 +164,9 @@ class _GatherToLeader(torch.autograd.Function):
         parts = None
         if tp.is_leader:
             pieces = grad.split(sizes, dim=-1)
-            parts = [torch.nn.functional.pad(p, (0, width - p.shape[-1])).contiguous()
-                     for p in pieces]
+            parts = [
+                torch.nn.functional.pad(p, (0, width - p.shape[-1])).contiguous() for p in pieces
+            ]
         _entered(tp)
         dist.scatter(out, parts, src=0, group=tp.data)
         return None, out[..., : ctx.shape[-1]], None
