@@ -19,7 +19,7 @@ static-shape step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,6 +266,7 @@ class Transformer(nn.Module):
         # forward. lens_rows: positions the lens is applied to for it.
         self.residual_observer: ResidualObserver | None = None
         self.lens_rows = 0
+        self.lens_layers: frozenset[int] | None = None  # None: the lens at every layer
         self._fast: list[FastLayer] | None = None
         self._routes_stale = True
         # Set by llama.runtime_opts.compile_decode: (tokens (B,1), input_pos (1,), kv_len) ->
@@ -357,13 +358,27 @@ class Transformer(nn.Module):
             layer.attention.observer = observer if wanted else None
         self.invalidate_routes()
 
-    def set_residual_observer(self, observer: ResidualObserver | None, lens_rows: int = 0) -> None:
+    def set_residual_observer(
+        self,
+        observer: ResidualObserver | None,
+        lens_rows: int = 0,
+        lens_layers: Collection[int] | None = None,
+    ) -> None:
         """Call `observer` with a ResidualCapture after every block (None detaches it); with
-        lens_rows > 0 each capture carries `lens_logits` of the last lens_rows positions."""
+        lens_rows > 0 the captures of `lens_layers` (None: all) carry `lens_logits` of the
+        last lens_rows positions (each costs one output projection per row)."""
+        self.check_lens(lens_rows, lens_layers)
+        self.residual_observer, self.lens_rows = observer, lens_rows
+        self.lens_layers = None if lens_layers is None else frozenset(map(int, lens_layers))
+        self.invalidate_routes()  # the compiled step has no observer calls: leave it while set
+
+    def check_lens(self, lens_rows: int, lens_layers: Collection[int] | None) -> None:
+        """ValueError naming the argument when set_residual_observer would refuse it."""
         if lens_rows < 0:
             raise ValueError(f"lens_rows: expected >= 0 positions, found {lens_rows}")
-        self.residual_observer, self.lens_rows = observer, lens_rows
-        self.invalidate_routes()  # the compiled step has no observer calls: leave it while set
+        n = self.args.n_layers
+        if lens_layers is not None and any(not 0 <= int(i) < n for i in lens_layers):
+            raise ValueError(f"lens_layers: expected layers in 0..{n - 1}, found {lens_layers}")
 
     def lens_logits(self, h: Tensor) -> Tensor:
         """The final norm and output projection on h (B, T, dim) -> (B, T, vocab) fp32: what
@@ -438,11 +453,12 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """The blocks with the residual observer called after each (a loop of its own, so
         that the unobserved loops in forward test nothing per layer)."""
-        observer, rows = self.residual_observer, self.lens_rows
+        observer, rows, chosen = self.residual_observer, self.lens_rows, self.lens_layers
         assert observer is not None
         for i, layer in enumerate(self.layers):
             h = fast_block(h, fast[i], s) if fast is not None else layer(h, s)
-            lens = self.lens_logits(h[:, -rows:]) if rows else None
+            wanted = rows and (chosen is None or i in chosen)
+            lens = self.lens_logits(h[:, -rows:]) if wanted else None
             observer(ResidualCapture(i, positions, h, lens))
         return h
 

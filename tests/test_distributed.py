@@ -188,7 +188,11 @@ def _why(model: Transformer) -> dict[str, torch.Tensor]:
     lens: list[torch.Tensor] = []
     model.set_residual_observer(lambda cap: lens.append(cap.lens), lens_rows=4)
     model(_tokens(model.args))
+    some: list[torch.Tensor | None] = []  # the lens at the last layer only: fewer collectives
+    model.set_residual_observer(lambda cap: some.append(cap.lens), lens_rows=4, lens_layers=[1])
+    model(_tokens(model.args))
     model.set_residual_observer(None)
+    assert some[0] is None and some[1] is not None, "the lens ran at a layer not chosen"
     why = WhyProbe(model.args, window=16)
     greedy, _ = _greedy(model, why)
     trace = why.snapshot()
@@ -196,6 +200,7 @@ def _why(model: Transformer) -> dict[str, torch.Tensor]:
     ablation = Ablation(1, (1, 3), len(PROMPT) + 1)
     ablated, _ = _greedy(model, AblationProbe(ablation))
     return {"lens": torch.stack(lens), "greedy": torch.tensor(greedy),
+            "lens_last_only": some[1],
             "ablated_greedy": torch.tensor(ablated),
             "forced": forced_probs(model, greedy, len(PROMPT), None),
             "forced_ablated": forced_probs(model, greedy, len(PROMPT), ablation),
@@ -506,8 +511,9 @@ def test_lens_and_why_views_on_rank0_equal_single_process(run: tuple, reference:
     assert got["lens"].shape == (TINY_CONFIGS[kind].n_layers, 2, 4, TINY_CONFIGS[kind].vocab_size)
     assert torch.equal(got["greedy"], want["greedy"]) and torch.equal(got["top_ids"],
                                                                       want["top_ids"])
-    for key in ("lens", "top_probs", "token_prob", "sinks", "attribution"):
+    for key in ("lens", "top_probs", "token_prob", "sinks", "attribution", "lens_last_only"):
         assert _max_diff(got[key], want[key]) <= 1e-5, key
+    assert torch.equal(want["lens_last_only"], want["lens"][1])
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -18,7 +18,7 @@ never see it. The collectives have a backward (comm.py) for gradient x input onl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -115,18 +115,18 @@ class ParallelTransformer(Transformer):
 
         self._lead("set_observer", run)
 
-    def set_residual_observer(self, observer: ResidualObserver | None,
-                              lens_rows: int = 0) -> None:
+    def set_residual_observer(self, observer: ResidualObserver | None, lens_rows: int = 0,
+                              lens_layers: Collection[int] | None = None) -> None:
         """As Transformer.set_residual_observer; the workers get one that only takes part in
-        the lens's collective (the residual stream itself is whole on every rank)."""
-        if lens_rows < 0:
-            raise ValueError(f"lens_rows: expected >= 0 positions, found {lens_rows}")
+        the lens's collectives (the residual stream itself is whole on every rank)."""
+        layers = None if lens_layers is None else sorted(int(i) for i in lens_layers)
+        self.check_lens(lens_rows, layers)  # before the workers hear of it
 
         def run() -> None:
             if self.tp.distributed:
-                call = ("local_set_residual_observer", (observer is not None, lens_rows), {})
-                self.channel.send(Op.CALL, (), pickled(call))
-            Transformer.set_residual_observer(self, observer, lens_rows)
+                args = (observer is not None, lens_rows, layers)
+                self.channel.send(Op.CALL, (), pickled(("local_set_residual_observer", args, {})))
+            Transformer.set_residual_observer(self, observer, lens_rows, layers)
 
         self._lead("set_residual_observer", run)
 
@@ -188,9 +188,10 @@ class ParallelTransformer(Transformer):
 
         super().set_observer(gathered, layers)
 
-    def local_set_residual_observer(self, on: bool, lens_rows: int) -> None:
+    def local_set_residual_observer(self, on: bool, lens_rows: int,
+                                    lens_layers: list[int] | None = None) -> None:
         """A worker's side of set_residual_observer (rank 0 keeps its own observer)."""
-        Transformer.set_residual_observer(self, _discard if on else None, lens_rows)
+        Transformer.set_residual_observer(self, _discard if on else None, lens_rows, lens_layers)
 
     def local_ablate(self, layer: int, heads: list[int], start: int) -> None:
         from llama.probes.ablation import Ablation
