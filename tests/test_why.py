@@ -146,8 +146,8 @@ def test_lens_on_chosen_layers_only_equals_those_rows_of_the_full_lens(shipped) 
     for a, b in zip(full.snapshot().lens, some.snapshot().lens, strict=True):
         assert b.layers == chosen and a.layers == tuple(range(n))
         rows = list(chosen)
-        assert torch.equal(a.top_ids[rows], b.top_ids) and torch.equal(a.token_rank[rows],
-                                                                         b.token_rank)
+        assert torch.equal(a.top_ids[rows], b.top_ids)
+        assert torch.equal(a.token_rank[rows], b.token_rank)
         torch.testing.assert_close(a.token_prob[rows], b.token_prob, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"lens_layers: expected layers in 0..\d+, found"):
         model.set_residual_observer(lambda cap: None, 1, [n])
