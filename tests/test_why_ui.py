@@ -6,6 +6,7 @@ import gradio as gr
 import plotly.graph_objects as go
 import pytest
 
+from llama.probes.lens import lens_layers
 from llama.probes.why import WhyTrace
 from tests.test_handlers import h, rt, widgets  # noqa: F401 (fixtures)
 from ui.handlers import Handlers
@@ -72,3 +73,17 @@ def test_bad_requests_are_named(h: Handlers) -> None:  # noqa: F811
         w.what_if(last, 0, 0, "h:0")
     with pytest.raises(gr.Error, match=r"layer: expected 0..5, found 9"):
         w.what_if(last, last.trace.prompt_len, 9, "h:0")
+
+
+def test_lens_every_limits_the_lensed_layers(h: Handlers) -> None:  # noqa: F811
+    """The Why tab's "lens every" reaches the probe: fewer heatmap rows, the last kept."""
+    n = h.rt.args.n_layers
+    control = SessionControl()
+    _, history, _ = h.add_message("Once upon a time", [], control)
+    outs = list(h.respond(history, control, *widgets(h.rt, max_new_tokens=4), ["lens"], n - 1))
+    last = [o[WHY_INDEX] for o in outs if isinstance(o[WHY_INDEX], WhyRecord)][-1]
+    assert all(c.layers == (0, n - 1) for c in last.trace.lens) and n > 2
+    heatmap = WhyHandlers(h.rt).redraw(last, None)[1]
+    assert list(heatmap.data[0].y) == ["layer 0", f"layer {n - 1}"]
+    assert f"2 of {n} layers" in heatmap.layout.title.text
+    assert make_why_probe(h.rt, ["lens"], None).lens_layers == lens_layers(n)

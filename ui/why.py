@@ -22,6 +22,7 @@ from llama.probes.ablation import (
     reply_ids,
 )
 from llama.probes.attribution import AttributionError, grad_x_input
+from llama.probes.lens import default_lens_every
 from llama.probes.why import WhyProbe, WhyTrace
 from llama.sampling import SamplingError, SamplingParams
 from ui import why_figs
@@ -40,11 +41,13 @@ INTRO = (
 __all__ = ["WHY_VIEWS", "WhyProbe", "WhyRecord", "build_why_tab", "make_why_probe", "why_record"]
 
 
-def make_why_probe(rt: Runtime, shown: list[str] | None) -> WhyProbe | None:
-    """The probe for the Why views that are on, or None (no capture) when none is."""
+def make_why_probe(rt: Runtime, shown: list[str] | None, lens_every: Any = None) -> WhyProbe | None:
+    """The probe for the Why views that are on, or None (no capture) when none is.
+    lens_every: the lens runs at layers 0, k, 2k, ... and the last (None: about four)."""
     keys = set(shown or []) & set(WHY_VIEWS)
     if not keys:
         return None
+    every = None if lens_every in (None, "") else max(1, int(lens_every))
     return WhyProbe(
         rt.args,
         lens="lens" in keys,
@@ -52,6 +55,7 @@ def make_why_probe(rt: Runtime, shown: list[str] | None) -> WhyProbe | None:
         attribution="attribution" in keys,
         window=WHY_WINDOW,
         token_pieces=rt.tokenizer.piece,
+        lens_every=every,
     )
 
 
@@ -209,6 +213,16 @@ def _why_components(rt: Runtime, ui: dict[str, Any]) -> None:
             label="Why views (off = no cost)",
             elem_id="why-views",
             scale=3,
+        )
+        ui["why_lens_every"] = gr.Slider(
+            1,
+            a.n_layers,
+            value=default_lens_every(a.n_layers),
+            step=1,
+            label="Lens every k-th layer (and the last)",
+            info="each lensed layer costs one output projection per token",
+            elem_id="why-lens-every",
+            scale=2,
         )
         ui["why_token"] = gr.Dropdown([], label="Reply token", elem_id="why-token", scale=2)
     blank = empty_figure("Switch a view on and send a message.")

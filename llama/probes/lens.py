@@ -54,10 +54,15 @@ def lens_layers(n_layers: int, every: int | None = None) -> tuple[int, ...]:
     the depth (DEFAULT_LENS_ROWS), enough to see where the answer forms at a fraction of the
     cost of all of them; every=1: all layers."""
     if every is None:
-        every = max(1, math.ceil(n_layers / DEFAULT_LENS_ROWS))
+        every = default_lens_every(n_layers)
     if every < 1:
         raise ValueError(f"lens every: expected a positive number of layers, found {every}")
     return tuple(sorted({*range(0, n_layers, every), n_layers - 1}))
+
+
+def default_lens_every(n_layers: int) -> int:
+    """The step that lenses about DEFAULT_LENS_ROWS layers (plus the last)."""
+    return max(1, math.ceil(n_layers / DEFAULT_LENS_ROWS))
 
 
 def lens_column(
