@@ -76,7 +76,8 @@ class ResidualCapture:
     h: (B, T, dim) as the next block reads it; positions (T,) absolute. lens: (B, rows, vocab)
     fp32, the final norm and output projection on h's last `rows` positions (the logit lens;
     None when the observer asked for rows=0). Under tensor parallelism `lens` is the whole
-    vocabulary on rank 0 (model.lens_logits gathers the split output projection).
+    vocabulary on rank 0 (model.share_lens gathers the split output projection). Observers
+    must not write to `lens`: the last layer's is also the forward's logits in a decode step.
     """
 
     layer: int
@@ -383,7 +384,12 @@ class Transformer(nn.Module):
     def lens_logits(self, h: Tensor) -> Tensor:
         """The final norm and output projection on h (B, T, dim) -> (B, T, vocab) fp32: what
         forward applies to the last block's output (nostalgebraist 2020, "logit lens")."""
-        return self.output(self.norm(h)).float()
+        return self.share_lens(self.output(self.norm(h)).float())
+
+    def share_lens(self, local: Tensor) -> Tensor:
+        """The lens logits this process computed as the observer gets them (the identity
+        here; gathered over the vocabulary split under tensor parallelism)."""
+        return local
 
     def invalidate_routes(self) -> None:
         """Forget the fast route's cached tensors: call after replacing modules or weights."""
@@ -436,8 +442,9 @@ class Transformer(nn.Module):
         rot = table[positions].unsqueeze(1)  # (T, 1, D/2) complex or (T, 1, D/2, 2) real
         s = StepInputs(rot, input_pos, mask, kv_len, host_pos)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
+        last_lens = None
         if self.residual_observer is not None:
-            h = self._observed_blocks(h, s, fast, positions)
+            h, last_lens = self._observed_blocks(h, s, fast, positions)
         elif fast is not None:
             for parts in fast:
                 h = fast_block(h, parts, s)
@@ -446,21 +453,27 @@ class Transformer(nn.Module):
                 h = layer(h, s)
         if last_only:
             h = h[:, -1:]
+        if last_lens is not None and last_lens.shape[1] == h.shape[1]:
+            return last_lens  # the same product on the same rows (a decode step): done once
         return self.output(self.norm(h)).float()
 
     def _observed_blocks(
         self, h: Tensor, s: StepInputs, fast: list[FastLayer] | None, positions: Tensor
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor | None]:
         """The blocks with the residual observer called after each (a loop of its own, so
-        that the unobserved loops in forward test nothing per layer)."""
+        that the unobserved loops in forward test nothing per layer). -> (h, this process's
+        logits of the last layer's lens rows, or None when not lensed)."""
         observer, rows, chosen = self.residual_observer, self.lens_rows, self.lens_layers
         assert observer is not None
+        local = None
         for i, layer in enumerate(self.layers):
             h = fast_block(h, fast[i], s) if fast is not None else layer(h, s)
-            wanted = rows and (chosen is None or i in chosen)
-            lens = self.lens_logits(h[:, -rows:]) if wanted else None
+            lens = None
+            if rows and (chosen is None or i in chosen):
+                local = self.output(self.norm(h[:, -rows:])).float()  # (B, rows, V_local)
+                lens = self.share_lens(local)
             observer(ResidualCapture(i, positions, h, lens))
-        return h
+        return h, local if chosen is None or len(self.layers) - 1 in chosen else None
 
     def static_decode(self, tokens: Tensor, input_pos: Tensor, span: int | None = None) -> Tensor:
         """One decode step with static shapes and no host reads (what compile_decode compiles).

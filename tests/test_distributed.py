@@ -173,8 +173,10 @@ def _exercise(model: Transformer) -> dict:
         model.set_observer(captures.append, {1})
         _greedy(model)
         model.set_observer(None)
-        res["captures"] = [{k: getattr(c, k) for k in ("q_raw", "k_raw", "q", "keys",
-                                                        "values", "out")} for c in captures]
+        # keys/values view the KV cache, which later runs (an ablated replay) overwrite
+        res["captures"] = [{k: getattr(c, k).clone() for k in ("q_raw", "k_raw", "q", "keys",
+                                                                "values", "out")}
+                           for c in captures]
         probe = Probe(model.args, layers={0, 1}, window=16)
         res["probe_greedy"], _ = _greedy(model, probe)
         res["trace"] = _trace(probe.snapshot())

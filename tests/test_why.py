@@ -126,23 +126,30 @@ def test_lens_layers_every_kth_and_the_last() -> None:
 
 
 def test_lens_on_chosen_layers_only_equals_those_rows_of_the_full_lens(shipped) -> None:
-    """The lens's cost is one output projection per lensed layer: the others get none, and
-    the chosen layers' columns are those of the lens over every layer."""
+    """The lens's cost is one output projection per lensed layer (the last layer's is the
+    decode step's own); the chosen layers' columns are those of the lens over every layer."""
     model, _ = shipped
     n = model.args.n_layers
     calls: list[int] = []
-    project = model.lens_logits
-    model.lens_logits = lambda h: calls.append(1) or project(h)  # count projections
+    hook = model.output.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
     try:
+        nothing = SimpleNamespace(
+            begin=lambda m, p: None, on_step=lambda s: None, end=lambda m: None
+        )
+        plain_ids, plain = _greedy(model, nothing)
+        without = len(calls)
         full = WhyProbe(model.args, sinks=False, attribution=False, window=8, lens_every=1)
         _greedy(model, full)
         calls.clear()
         some = WhyProbe(model.args, sinks=False, attribution=False, window=8, lens_every=3)
-        _greedy(model, some)
+        ids, logits = _greedy(model, some)
     finally:
-        del model.lens_logits
+        hook.remove()
     chosen = lens_layers(n, 3)
-    assert len(chosen) < n and len(calls) == len(chosen) * 6  # prefill + 5 decode steps
+    assert len(chosen) < n and without == 6  # prefill + 5 decode steps, one product each
+    # prefill: each lensed layer, then the forward's last row; decode: the lensed layers only
+    assert len(calls) == len(chosen) + 1 + 5 * len(chosen)
+    assert ids == plain_ids and all(torch.equal(a, b) for a, b in zip(logits, plain))
     for a, b in zip(full.snapshot().lens, some.snapshot().lens, strict=True):
         assert b.layers == chosen and a.layers == tuple(range(n))
         rows = list(chosen)

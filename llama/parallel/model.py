@@ -130,10 +130,9 @@ class ParallelTransformer(Transformer):
 
         self._lead("set_residual_observer", run)
 
-    def lens_logits(self, h: Tensor) -> Tensor:
-        """A collective under tensor parallelism: each rank projects onto its vocabulary
+    def share_lens(self, local: Tensor) -> Tensor:
+        """A collective under tensor parallelism: each rank projected onto its vocabulary
         slice; rank 0 gets the whole vocabulary (the others their slice)."""
-        local = super().lens_logits(h)  # (B, T, V_local)
         return comm.gather_last_to_leader(self.tp, local, self._vocab_sizes)
 
     def ablate(self, layer: int, heads: list[int], start: int) -> None:

@@ -6,13 +6,14 @@ logits. Read at the position being decoded, the per-layer top token shows where 
 forms, and the chosen token's rank per layer shows which layer decided it.
 
 `LensRecorder` is the capture side (a residual observer, llama/model.py; under tensor
-parallelism `model.lens_logits` gathers the split output projection on rank 0). Each
+parallelism `model.share_lens` gathers the split output projection on rank 0). Each
 column keeps a few numbers per layer, never a vocabulary-sized tensor, except the newest
 column while its token is not yet sampled.
 
 Cost: the lens runs the output projection (dim x vocab, often the largest product of a decode
 step) once per lens layer per token, so it is applied to chosen layers only: by default
-`lens_layers(n_layers)`, every k-th layer and the last (the model's own answer).
+`lens_layers(n_layers)`, every k-th layer and the last (the model's own answer, whose
+projection in a decode step is the forward's own: llama/model.py computes it once).
 """
 
 from __future__ import annotations
