@@ -303,8 +303,9 @@ class Transformer(nn.Module):
         """What `llama.checkpoints.load` does once the weights are in: `fuse_projections`,
         and on the CPU in fp32 without oneDNN (functional.onednn_fp32) an untied output
         projection with dim <= COLUMN_MAJOR_MAX_DIM stored column-major
-        (fusion.store_column_major: the same values, a faster MKL matrix-vector product). Idempotent; returns how many modules are fused (as
-        fuse_projections) plus one if the output was re-laid out by this call."""
+        (fusion.store_column_major: the same values, a faster MKL matrix-vector product).
+        Idempotent; returns how many modules are fused (as fuse_projections) plus one if the
+        output was re-laid out by this call."""
         changed = self.fuse_projections(release)
         w = self.output.weight
         if changed and w.device.type == "cuda":
