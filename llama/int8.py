@@ -17,7 +17,8 @@ Which kernel (bench/ops.py "int8" rows, on this 2-core AVX-512 machine):
 On devices other than the CPU the weight is dequantised for every product (a memory mode).
 
 Quantisation happens while the checkpoint streams in (`make_quantiser`), so no
-full-precision copy of the block weights exists at once; `fuse_int8` then fuses wq|wk|wv and
+full-precision copy of the block weights exists at once; a tied output gets an int8 copy of
+the embedding (`quantise_tied_output`); `fuse_int8` then fuses wq|wk|wv and
 w1|w3 exactly (per-row scales concatenate with their rows). Such a model cannot be saved
 (`llama.checkpoints.save` refuses non-float weights): save the original instead.
 """
@@ -152,6 +153,19 @@ def make_quantiser(device: torch.device) -> Callable[[nn.Module, str, Tensor], b
         return True
 
     return quantise_arriving
+
+
+def quantise_tied_output(model: nn.Module) -> bool:
+    """A Transformer whose output shares the embedding's weight gets an Int8Linear copy of
+    it as its output (one byte per weight more; the embedding stays in the model's dtype for
+    its row lookups). A tied output is often the largest matrix of a small model (SmolLM2:
+    49152 x 576, a fifth of the weights) and its product is read every token. Returns
+    whether it changed anything."""
+    if not getattr(model, "output_tied", False):
+        return False
+    model.output = Int8Linear.from_weight(model.tok_embeddings.weight)
+    model.invalidate_routes()
+    return True
 
 
 def quantise_model(model: nn.Module) -> nn.Module:
