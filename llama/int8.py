@@ -90,6 +90,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", q)
         self.register_buffer("scale", scale.float())
         self._scale_bf16: Tensor | None = None
+        self.embedding_copy = False  # True: a tied output's copy (`quantise_tied_output`)
 
     @classmethod
     def from_weight(cls, weight: Tensor) -> Int8Linear:
@@ -164,6 +165,7 @@ def quantise_tied_output(model: nn.Module) -> bool:
     if not getattr(model, "output_tied", False):
         return False
     model.output = Int8Linear.from_weight(model.tok_embeddings.weight)
+    model.output.embedding_copy = True
     model.invalidate_routes()
     return True
 

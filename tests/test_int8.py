@@ -121,6 +121,7 @@ def test_a_tied_output_gets_an_int8_copy_and_the_embedding_stays(tmp_path: Path)
     assert fp32.output_tied
     int8_model = load(saved, device="cpu", weights="int8", progress=False).model
     assert type(int8_model.output) is Int8Linear and not int8_model.output_tied
+    assert int8_model.output.embedding_copy
     emb = int8_model.tok_embeddings.weight
     assert emb.dtype == torch.float32 and torch.equal(emb, fp32.tok_embeddings.weight)
     q, scale = int8.quantise(fp32.tok_embeddings.weight)
