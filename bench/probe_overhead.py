@@ -209,14 +209,21 @@ def run(args: argparse.Namespace) -> None:
 
 def why_variants(margs: object) -> list[Variant]:
     """Each Why view alone and all three, as the Why tab builds them (window 64, snapshot
-    every 8 tokens as the playground redraws)."""
+    every 8 tokens as the playground redraws; the lens at its default layers), and the lens
+    at every layer (the tab's "lens every" at 1)."""
     views = {"lens": {"lens"}, "sinks": {"sinks"}, "attribution": {"attribution"}}
     views["all three"] = {"lens", "sinks", "attribution"}
+    every = {name: None for name in views}
+    views["lens, every layer"], every["lens, every layer"] = {"lens"}, 1
     return [
         Variant(
             f"Why: {name}",
             snapshot_every=8,
-            probe=WhyProbe(margs, **{k: k in on for k in ("lens", "sinks", "attribution")}),
+            probe=WhyProbe(
+                margs,
+                **{k: k in on for k in ("lens", "sinks", "attribution")},
+                lens_every=every[name],
+            ),
         )
         for name, on in views.items()
     ]

@@ -19,7 +19,7 @@ static-shape step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +78,8 @@ class ResidualCapture:
     h: (B, T, dim) as the next block reads it; positions (T,) absolute. lens: (B, rows, vocab)
     fp32, the final norm and output projection on h's last `rows` positions (the logit lens;
     None when the observer asked for rows=0). Under tensor parallelism `lens` is the whole
-    vocabulary on rank 0 (model.lens_logits gathers the split output projection).
+    vocabulary on rank 0 (model.share_lens gathers the split output projection). Observers
+    must not write to `lens`: the last layer's is also the forward's logits in a decode step.
     """
 
     layer: int
@@ -269,6 +270,7 @@ class Transformer(nn.Module):
         # forward. lens_rows: positions the lens is applied to for it.
         self.residual_observer: ResidualObserver | None = None
         self.lens_rows = 0
+        self.lens_layers: frozenset[int] | None = None  # None: the lens at every layer
         self._fast: list[FastLayer] | None = None
         self._routes_stale = True
         # Set by llama.runtime_opts.compile_decode: (tokens (B,1), input_pos (1,), kv_len) ->
@@ -362,13 +364,27 @@ class Transformer(nn.Module):
             layer.attention.observer = observer if wanted else None
         self.invalidate_routes()
 
-    def set_residual_observer(self, observer: ResidualObserver | None, lens_rows: int = 0) -> None:
+    def set_residual_observer(
+        self,
+        observer: ResidualObserver | None,
+        lens_rows: int = 0,
+        lens_layers: Collection[int] | None = None,
+    ) -> None:
         """Call `observer` with a ResidualCapture after every block (None detaches it); with
-        lens_rows > 0 each capture carries `lens_logits` of the last lens_rows positions."""
+        lens_rows > 0 the captures of `lens_layers` (None: all) carry `lens_logits` of the
+        last lens_rows positions (each costs one output projection per row)."""
+        self.check_lens(lens_rows, lens_layers)
+        self.residual_observer, self.lens_rows = observer, lens_rows
+        self.lens_layers = None if lens_layers is None else frozenset(map(int, lens_layers))
+        self.invalidate_routes()  # the compiled step has no observer calls: leave it while set
+
+    def check_lens(self, lens_rows: int, lens_layers: Collection[int] | None) -> None:
+        """ValueError naming the argument when set_residual_observer would refuse it."""
         if lens_rows < 0:
             raise ValueError(f"lens_rows: expected >= 0 positions, found {lens_rows}")
-        self.residual_observer, self.lens_rows = observer, lens_rows
-        self.invalidate_routes()  # the compiled step has no observer calls: leave it while set
+        n = self.args.n_layers
+        if lens_layers is not None and any(not 0 <= int(i) < n for i in lens_layers):
+            raise ValueError(f"lens_layers: expected layers in 0..{n - 1}, found {lens_layers}")
 
     def _logits(self, h: Tensor) -> Tensor:
         """The final norm and output projection: h (B, T, dim) -> (B, T, vocab) fp32."""
@@ -379,7 +395,12 @@ class Transformer(nn.Module):
     def lens_logits(self, h: Tensor) -> Tensor:
         """The final norm and output projection on h (B, T, dim) -> (B, T, vocab) fp32: what
         forward applies to the last block's output (nostalgebraist 2020, "logit lens")."""
-        return self._logits(h)
+        return self.share_lens(self._logits(h))
+
+    def share_lens(self, local: Tensor) -> Tensor:
+        """The lens logits this process computed as the observer gets them (the identity
+        here; gathered over the vocabulary split under tensor parallelism)."""
+        return local
 
     def invalidate_routes(self) -> None:
         """Forget the fast route's cached tensors: call after replacing modules or weights."""
@@ -432,8 +453,9 @@ class Transformer(nn.Module):
         rot = table[positions].unsqueeze(1)  # (T, 1, D/2) complex or (T, 1, D/2, 2) real
         s = StepInputs(rot, input_pos, mask, kv_len, host_pos)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
+        last_lens = None
         if self.residual_observer is not None:
-            h = self._observed_blocks(h, s, fast, positions)
+            h, last_lens = self._observed_blocks(h, s, fast, positions)
         elif fast is not None:
             for parts in fast:
                 h = fast_block(h, parts, s)
@@ -442,20 +464,27 @@ class Transformer(nn.Module):
                 h = layer(h, s)
         if last_only:
             h = h[:, -1:]
+        if last_lens is not None and last_lens.shape[1] == h.shape[1]:
+            return last_lens  # the same product on the same rows (a decode step): done once
         return self._logits(h)
 
     def _observed_blocks(
         self, h: Tensor, s: StepInputs, fast: list[FastLayer] | None, positions: Tensor
-    ) -> Tensor:
+    ) -> tuple[Tensor, Tensor | None]:
         """The blocks with the residual observer called after each (a loop of its own, so
-        that the unobserved loops in forward test nothing per layer)."""
-        observer, rows = self.residual_observer, self.lens_rows
+        that the unobserved loops in forward test nothing per layer). -> (h, this process's
+        logits of the last layer's lens rows, or None when not lensed)."""
+        observer, rows, chosen = self.residual_observer, self.lens_rows, self.lens_layers
         assert observer is not None
+        local = None
         for i, layer in enumerate(self.layers):
             h = fast_block(h, fast[i], s) if fast is not None else layer(h, s)
-            lens = self.lens_logits(h[:, -rows:]) if rows else None
+            lens = None
+            if rows and (chosen is None or i in chosen):
+                local = self._logits(h[:, -rows:])  # (B, rows, V_local)
+                lens = self.share_lens(local)
             observer(ResidualCapture(i, positions, h, lens))
-        return h
+        return h, local if chosen is None or len(self.layers) - 1 in chosen else None
 
     def static_decode(self, tokens: Tensor, input_pos: Tensor, span: int | None = None) -> Tensor:
         """One decode step with static shapes and no host reads (what compile_decode compiles).

@@ -41,6 +41,8 @@ from llama.parallel.runtime import (
     stop_workers,
 )
 from llama.probes import Probe
+from llama.probes.ablation import Ablation, AblationProbe, forced_probs
+from llama.probes.attribution import grad_x_input
 from llama.probes.why import WhyProbe
 from llama.quant import weight_bytes
 from llama.rope import rope_frequencies
@@ -171,8 +173,10 @@ def _exercise(model: Transformer) -> dict:
         model.set_observer(captures.append, {1})
         _greedy(model)
         model.set_observer(None)
-        res["captures"] = [{k: getattr(c, k) for k in ("q_raw", "k_raw", "q", "keys",
-                                                        "values", "out")} for c in captures]
+        # keys/values view the KV cache, which later runs (an ablated replay) overwrite
+        res["captures"] = [{k: getattr(c, k).clone() for k in ("q_raw", "k_raw", "q", "keys",
+                                                                "values", "out")}
+                           for c in captures]
         probe = Probe(model.args, layers={0, 1}, window=16)
         res["probe_greedy"], _ = _greedy(model, probe)
         res["trace"] = _trace(probe.snapshot())
@@ -186,11 +190,23 @@ def _why(model: Transformer) -> dict[str, torch.Tensor]:
     lens: list[torch.Tensor] = []
     model.set_residual_observer(lambda cap: lens.append(cap.lens), lens_rows=4)
     model(_tokens(model.args))
+    some: list[torch.Tensor | None] = []  # the lens at the last layer only: fewer collectives
+    model.set_residual_observer(lambda cap: some.append(cap.lens), lens_rows=4, lens_layers=[1])
+    model(_tokens(model.args))
     model.set_residual_observer(None)
+    assert some[0] is None and some[1] is not None, "the lens ran at a layer not chosen"
     why = WhyProbe(model.args, window=16)
     greedy, _ = _greedy(model, why)
     trace = why.snapshot()
+    # Heads 1 and 3 of layer 1 from the 2nd reply token on: held by different ranks (2 or 4).
+    ablation = Ablation(1, (1, 3), len(PROMPT) + 1)
+    ablated, _ = _greedy(model, AblationProbe(ablation))
     return {"lens": torch.stack(lens), "greedy": torch.tensor(greedy),
+            "lens_last_only": some[1],
+            "ablated_greedy": torch.tensor(ablated),
+            "forced": forced_probs(model, greedy, len(PROMPT), None),
+            "forced_ablated": forced_probs(model, greedy, len(PROMPT), ablation),
+            "grad_x_input": grad_x_input(model, greedy, len(greedy) - 1),
             "top_ids": torch.stack([c.top_ids for c in trace.lens]),
             "top_probs": torch.stack([c.top_probs for c in trace.lens]),
             "token_prob": torch.stack([c.token_prob for c in trace.lens]),
@@ -497,8 +513,24 @@ def test_lens_and_why_views_on_rank0_equal_single_process(run: tuple, reference:
     assert got["lens"].shape == (TINY_CONFIGS[kind].n_layers, 2, 4, TINY_CONFIGS[kind].vocab_size)
     assert torch.equal(got["greedy"], want["greedy"]) and torch.equal(got["top_ids"],
                                                                       want["top_ids"])
-    for key in ("lens", "top_probs", "token_prob", "sinks", "attribution"):
+    for key in ("lens", "top_probs", "token_prob", "sinks", "attribution", "lens_last_only"):
         assert _max_diff(got[key], want[key]) <= 1e-5, key
+    assert torch.equal(want["lens_last_only"], want["lens"][1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ablation_replay_and_gradient_x_input_equal_single_process(run: tuple, reference: dict,
+                                                                  kind: str) -> None:
+    """Each rank zeroes the ablated heads it holds (heads 1 and 3 lie on different ranks);
+    gradient x input runs its backward through every rank's collectives."""
+    _, ranks = run
+    got, want = ranks[0][kind]["why"], reference[kind]["why"]
+    assert torch.equal(got["ablated_greedy"], want["ablated_greedy"])
+    assert not torch.equal(want["forced_ablated"], want["forced"])  # the ablation matters
+    for key in ("forced", "forced_ablated", "grad_x_input"):
+        assert _max_diff(got[key], want[key]) <= 1e-5, key
+    assert want["grad_x_input"].shape == (len(PROMPT) + NEW_TOKENS - 1,)
+    assert want["grad_x_input"].abs().max() > 0
 
 
 def test_post_load_fusion_and_8bit_run_on_every_rank(run: tuple, reference: dict) -> None:

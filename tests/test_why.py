@@ -24,7 +24,7 @@ from llama.probes.ablation import (
 )
 from llama.probes.attribution import attention_value_rows, grad_x_input, value_norms
 from llama.probes.capture import attention_probs
-from llama.probes.lens import decided_at, lens_column
+from llama.probes.lens import decided_at, lens_column, lens_layers
 from llama.probes.sinks import sink_heads, sink_mass
 from llama.probes.why import ProbeGroup, WhyProbe
 from llama.sampling import SamplingParams
@@ -111,10 +111,54 @@ def test_lens_probe_columns_and_chosen_token(shipped) -> None:
 
 def test_lens_column_rank_and_decided_layer() -> None:
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 1.0, 0.0], [0.0, 5.0, 1.0]])  # (L=3, V=3)
-    col = lens_column(4, logits, token=1)
+    col = lens_column(4, logits, token=1, layers=(0, 4, 9))
     assert col.top_ids.tolist() == [1, 0, 1] and col.token_rank.tolist() == [0, 1, 0]
-    assert decided_at(col) == 2
-    assert decided_at(lens_column(4, logits, token=2)) is None
+    assert decided_at(col) == 9  # a layer number, not a row index
+    assert decided_at(lens_column(4, logits, token=2, layers=(0, 4, 9))) is None
+
+
+def test_lens_layers_every_kth_and_the_last() -> None:
+    assert lens_layers(30, 8) == (0, 8, 16, 24, 29) and lens_layers(6, 1) == tuple(range(6))
+    assert lens_layers(30) == (0, 8, 16, 24, 29) and lens_layers(6) == (0, 2, 4, 5)
+    assert lens_layers(2) == (0, 1) and lens_layers(1) == (0,)
+    with pytest.raises(ValueError, match="lens every: expected a positive"):
+        lens_layers(6, 0)
+
+
+def test_lens_on_chosen_layers_only_equals_those_rows_of_the_full_lens(shipped) -> None:
+    """The lens's cost is one output projection per lensed layer (the last layer's is the
+    decode step's own); the chosen layers' columns are those of the lens over every layer."""
+    model, _ = shipped
+    n = model.args.n_layers
+    calls: list[int] = []
+    # every output projection follows the final norm (Transformer._logits)
+    hook = model.norm.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    try:
+        nothing = SimpleNamespace(
+            begin=lambda m, p: None, on_step=lambda s: None, end=lambda m: None
+        )
+        plain_ids, plain = _greedy(model, nothing)
+        without = len(calls)
+        full = WhyProbe(model.args, sinks=False, attribution=False, window=8, lens_every=1)
+        _greedy(model, full)
+        calls.clear()
+        some = WhyProbe(model.args, sinks=False, attribution=False, window=8, lens_every=3)
+        ids, logits = _greedy(model, some)
+    finally:
+        hook.remove()
+    chosen = lens_layers(n, 3)
+    assert len(chosen) < n and without == 6  # prefill + 5 decode steps, one product each
+    # prefill: each lensed layer, then the forward's last row; decode: the lensed layers only
+    assert len(calls) == len(chosen) + 1 + 5 * len(chosen)
+    assert ids == plain_ids and all(torch.equal(a, b) for a, b in zip(logits, plain))
+    for a, b in zip(full.snapshot().lens, some.snapshot().lens, strict=True):
+        assert b.layers == chosen and a.layers == tuple(range(n))
+        rows = list(chosen)
+        assert torch.equal(a.top_ids[rows], b.top_ids)
+        assert torch.equal(a.token_rank[rows], b.token_rank)
+        torch.testing.assert_close(a.token_prob[rows], b.token_prob, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"lens_layers: expected layers in 0..\d+, found"):
+        model.set_residual_observer(lambda cap: None, 1, [n])
 
 
 # Attention sinks and attribution -------------------------------------------------------------

@@ -139,9 +139,11 @@ class Handlers(ChatFileHandlers, InspectorCallbacks):
         mode: str,
         every: int,
         why_views: list[str] | None = None,
+        lens_every: Any = None,
     ) -> Iterator[tuple[Any, ...]]:
         """Stream the reply to the pending user message; `_outputs` gives the output order.
-        why_views: the Why tab's views that are on (ui/why.py; none = no capture)."""
+        why_views: the Why tab's views that are on (ui/why.py; none = no capture);
+        lens_every: the logit lens runs at every k-th layer and the last (None: the default)."""
         if not history or history[-1]["role"] != "user":
             if control.cancel.is_set():  # Stop took the message back before this started
                 yield outputs(status="Stopped before the first token.")
@@ -169,7 +171,7 @@ class Handlers(ChatFileHandlers, InspectorCallbacks):
                 yield self._refused(history, str(exc))
                 return
             shown = views_from(views, layer, head, mode, every)
-            why = make_why_probe(self.rt, why_views)
+            why = make_why_probe(self.rt, why_views, lens_every)
             yield from self._stream(
                 history, control, settings, shown, template, system, why=why
             )

@@ -348,6 +348,7 @@ def _wire(h: Handlers, rt: Runtime, ui: dict[str, Any], demo: gr.Blocks) -> None
             ui["stop_strings"],
             *views,
             ui["why_views"],
+            ui["why_lens_every"],
         ],
         "outputs": turn_out,
         "show_progress": "minimal",

@@ -22,6 +22,7 @@ from llama.probes.ablation import (
     reply_ids,
 )
 from llama.probes.attribution import AttributionError, grad_x_input
+from llama.probes.lens import default_lens_every
 from llama.probes.why import WhyProbe, WhyTrace
 from llama.sampling import SamplingError, SamplingParams
 from ui import why_figs
@@ -34,17 +35,20 @@ RESIZE_JS = "() => { setTimeout(() => window.dispatchEvent(new Event('resize')),
 WHY_WINDOW = 128  # positions the Why probe keeps (lens columns, sink and attribution rows)
 INTRO = (
     "Why did the model say that? Switch a view on, send a message in the Playground, then "
-    "pick a reply token here. Views that are off capture nothing and cost nothing."
+    "pick a reply token here or click it in the Playground's token inspector. Views that are "
+    "off capture nothing and cost nothing."
 )
 
 __all__ = ["WHY_VIEWS", "WhyProbe", "WhyRecord", "build_why_tab", "make_why_probe", "why_record"]
 
 
-def make_why_probe(rt: Runtime, shown: list[str] | None) -> WhyProbe | None:
-    """The probe for the Why views that are on, or None (no capture) when none is."""
+def make_why_probe(rt: Runtime, shown: list[str] | None, lens_every: Any = None) -> WhyProbe | None:
+    """The probe for the Why views that are on, or None (no capture) when none is.
+    lens_every: the lens runs at layers 0, k, 2k, ... and the last (None: about four)."""
     keys = set(shown or []) & set(WHY_VIEWS)
     if not keys:
         return None
+    every = None if lens_every in (None, "") else max(1, int(lens_every))
     return WhyProbe(
         rt.args,
         lens="lens" in keys,
@@ -52,6 +56,7 @@ def make_why_probe(rt: Runtime, shown: list[str] | None) -> WhyProbe | None:
         attribution="attribution" in keys,
         window=WHY_WINDOW,
         token_pieces=rt.tokenizer.piece,
+        lens_every=every,
     )
 
 
@@ -88,6 +93,22 @@ def _position(record: WhyRecord, position: Any) -> int:
     return int(position)
 
 
+def inspector_position(record: WhyRecord | None, reply: Any, index: int | None) -> int | None:
+    """The Why query position of token `index` of the inspector's reply (a ReplyRecord), or
+    None when `record` holds no view of that very token (another reply or version, views
+    off, or older than the Why window)."""
+    if record is None or reply is None or index is None or not 0 <= index < len(reply.steps):
+        return None
+    step = reply.steps[index]
+    trace = record.trace
+    if not step.position < len(trace.ids) or trace.ids[step.position] != step.token_id:
+        return None
+    if trace.ids[: len(reply.prompt_ids)] != list(reply.prompt_ids):
+        return None  # the same token id by chance, after another prompt
+    pos = step.position - 1
+    return pos if pos in {p for _, p in why_figs.token_choices(trace)} else None
+
+
 class WhyHandlers:
     """Callbacks of the Why tab for one Runtime (no state of their own)."""
 
@@ -113,6 +134,18 @@ class WhyHandlers:
         trace = record.trace if record is not None else None
         pos = None if position in (None, "") else int(position)
         return why_figs.lens_token_line(trace, pos), why_figs.attribution_figure(trace, pos)
+
+    def from_inspector(
+        self, record: WhyRecord | None, reply: Any, evt: gr.SelectData
+    ) -> tuple[Any, Any, Any]:
+        """A token clicked in the token inspector (ui/inspector.py) becomes this tab's token:
+        the picker, the lens line and the attribution follow (untouched when the Why record
+        does not hold that token: views off, or out of its window)."""
+        index = evt.index if isinstance(evt.index, int) else None
+        pos = inspector_position(record, reply, index)
+        if pos is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        return gr.update(value=pos), *self.selected(record, pos)
 
     def gradient(self, record: WhyRecord | None, position: Any) -> Any:
         """Attribution with gradient x input added (one backward pass)."""
@@ -210,6 +243,16 @@ def _why_components(rt: Runtime, ui: dict[str, Any]) -> None:
             elem_id="why-views",
             scale=3,
         )
+        ui["why_lens_every"] = gr.Slider(
+            1,
+            a.n_layers,
+            value=default_lens_every(a.n_layers),
+            step=1,
+            label="Lens every k-th layer (and the last)",
+            info="each lensed layer costs one output projection per token",
+            elem_id="why-lens-every",
+            scale=2,
+        )
         ui["why_token"] = gr.Dropdown([], label="Reply token", elem_id="why-token", scale=2)
     blank = empty_figure("Switch a view on and send a message.")
     ui["why_lens"] = gr.Plot(blank, show_label=False, elem_id="why-lens")
@@ -265,6 +308,13 @@ def wire_why(rt: Runtime, ui: dict[str, Any]) -> None:
     # window resize lets their responsive layout fit the column (no server round trip).
     ui["why_tab"].select(None, js=RESIZE_JS, queue=False)
     token.input(h.selected, [record, token], [ui["why_line"], ui["why_attr"]], **free)
+    # A click in the Playground's token inspector picks the same token here.
+    ui["tokens"].select(
+        h.from_inspector,
+        [record, ui["record"]],
+        [token, ui["why_line"], ui["why_attr"]],
+        **free,
+    )
     ui["why_grad"].click(
         h.gradient, [record, token], [ui["why_attr"]], api_name="why_gradient", **model
     )

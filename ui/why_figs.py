@@ -41,19 +41,20 @@ def lens_heatmap(trace: WhyTrace | None, last: int = LENS_COLUMNS) -> go.Figure:
     text = [[_cell(trace.pieces.get(int(i), str(int(i)))) for i in row] for row in ids]
     hover = [
         [
-            f"layer {layer} at position {c.position} (after “{esc(trace.labels[c.position])}”)"
-            f"<br>top next token “{esc(trace.pieces.get(int(ids[layer, j]), '?'))}” "
-            f"p={float(probs[layer, j]):.3f}<br>token that came: "
+            f"layer {c.layers[row]} at position {c.position} "
+            f"(after “{esc(trace.labels[c.position])}”)"
+            f"<br>top next token “{esc(trace.pieces.get(int(ids[row, j]), '?'))}” "
+            f"p={float(probs[row, j]):.3f}<br>token that came: "
             f"{_came(trace, c.position)}"
             for j, c in enumerate(columns)
         ]
-        for layer in range(ids.shape[0])
+        for row in range(ids.shape[0])
     ]
     fig = go.Figure(
         go.Heatmap(
             z=probs.tolist(),
             x=x,
-            y=[f"layer {i}" for i in range(ids.shape[0])],
+            y=[f"layer {i}" for i in columns[-1].layers],
             text=text,
             texttemplate="%{text}",
             textfont={"size": 10},
@@ -67,6 +68,9 @@ def lens_heatmap(trace: WhyTrace | None, last: int = LENS_COLUMNS) -> go.Figure:
     )
     fig.update_xaxes(title="input position: token (the column predicts the next token)")
     title = "Logit lens: each layer's top next token (final norm + output on its residual)"
+    shown, n = len(columns[-1].layers), trace.args.n_layers
+    if shown < n:
+        title += f"; {shown} of {n} layers (the Why tab's “lens every”)"
     return style(fig, title, height=max(320, 46 * ids.shape[0] + 160))
 
 
@@ -82,7 +86,7 @@ def lens_token_line(trace: WhyTrace | None, position: int | None) -> go.Figure:
     col = _column(trace, position)
     if trace is None or col is None or col.token_rank is None or col.token_prob is None:
         return empty_figure("Pick a generated token to see which layer decided it.")
-    layers = list(range(len(col.token_rank)))
+    layers = list(col.layers)
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_trace(
         go.Scatter(
@@ -106,7 +110,9 @@ def lens_token_line(trace: WhyTrace | None, position: int | None) -> go.Figure:
     )
     fig.update_yaxes(type="log", autorange="reversed", title="rank", secondary_y=False)
     fig.update_yaxes(range=[0, 1], title="probability", secondary_y=True)
-    fig.update_xaxes(title="layer", dtick=1)
+    fig.update_xaxes(
+        title="layer (lensed ones)", dtick=1 if len(layers) == trace.args.n_layers else None
+    )
     decided = decided_at(col)
     label = esc(trace.labels[col.position + 1]) if col.position + 1 < len(trace.labels) else "?"
     when = f"top from layer {decided} on" if decided is not None else "never the top token"

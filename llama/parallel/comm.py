@@ -52,7 +52,10 @@ def _entered(ctx: TPContext) -> None:
 
 
 def all_reduce_(ctx: TPContext, t: Tensor) -> Tensor:
-    """Sum `t` over ranks in place (row-parallel outputs) and return it."""
+    """Sum `t` over ranks in place (row-parallel outputs) and return it; out of place, with
+    a backward, when `t` needs a gradient (gradient x input, llama/probes/attribution.py)."""
+    if ctx.distributed and t.requires_grad:
+        return _Sum.apply(ctx, t)
     if ctx.distributed:
         _entered(ctx)
         dist.all_reduce(t, group=ctx.data)
@@ -78,6 +81,12 @@ def gather_last_to_leader(ctx: TPContext, t: Tensor, sizes: list[int]) -> Tensor
     """
     if not ctx.distributed:
         return t
+    if t.requires_grad:
+        return _GatherToLeader.apply(ctx, t, sizes)
+    return _gather_last_to_leader(ctx, t, sizes)
+
+
+def _gather_last_to_leader(ctx: TPContext, t: Tensor, sizes: list[int]) -> Tensor:
     width = max(sizes)
     padded = t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1]))
     padded = padded.contiguous()
@@ -98,3 +107,66 @@ def gather_to_leader(ctx: TPContext, t: Tensor) -> list[Tensor] | None:
     _entered(ctx)
     dist.gather(t, parts, dst=0, group=ctx.data)
     return parts
+
+
+def copy_to_ranks(ctx: TPContext, t: Tensor) -> Tensor:
+    """`t` (the same on every rank) as the input of a column-parallel product: the identity
+    forward; backward, each rank's partial gradient (from its own slice) summed over ranks."""
+    return _Copy.apply(ctx, t) if ctx.distributed and t.requires_grad else t
+
+
+# Backward passes under tensor parallelism (Megatron's f and g, Shoeybi et al. 2019): every
+# rank runs the same backward, so these collectives pair up as the forward's did.
+class _Sum(torch.autograd.Function):
+    """Forward: the sum over ranks. Backward: the identity (the gradient of the sum is the
+    same on every rank, and each rank's summand receives all of it)."""
+
+    @staticmethod
+    def forward(ctx: Any, tp: TPContext, t: Tensor) -> Tensor:
+        out = t.clone()
+        _entered(tp)
+        dist.all_reduce(out, group=tp.data)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
+        return None, grad
+
+
+class _Copy(torch.autograd.Function):
+    """Forward: the identity. Backward: the sum over ranks of the partial gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, tp: TPContext, t: Tensor) -> Tensor:
+        ctx.tp = tp
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor]:
+        return None, all_reduce_(ctx.tp, grad.contiguous().clone())
+
+
+class _GatherToLeader(torch.autograd.Function):
+    """Forward: gather_last_to_leader. Backward: rank 0 sends each rank the gradient of its
+    slice (the loss lives on rank 0; the other ranks' incoming gradient is ignored)."""
+
+    @staticmethod
+    def forward(ctx: Any, tp: TPContext, t: Tensor, sizes: list[int]) -> Tensor:
+        ctx.tp, ctx.sizes, ctx.shape = tp, sizes, t.shape
+        out = _gather_last_to_leader(tp, t, sizes)
+        return out.view_as(out) if out is t else out  # a worker's own slice, as a new output
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
+        tp, sizes = ctx.tp, ctx.sizes
+        width = max(sizes)
+        out = grad.new_empty((*ctx.shape[:-1], width))
+        parts = None
+        if tp.is_leader:
+            pieces = grad.split(sizes, dim=-1)
+            parts = [
+                torch.nn.functional.pad(p, (0, width - p.shape[-1])).contiguous() for p in pieces
+            ]
+        _entered(tp)
+        dist.scatter(out, parts, src=0, group=tp.data)
+        return None, out[..., : ctx.shape[-1]], None

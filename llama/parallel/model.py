@@ -13,12 +13,12 @@ holds a slice of the vocabulary (the logits are gathered on rank 0).
 On rank 0 every call that runs collectives (forward, setup_caches, set_observer) is first
 announced to the workers (control.py), which replay it in `run_worker_loop`. Inputs are
 validated before the announcement, so a bad request fails on rank 0 alone and the workers
-never see it. Inference only: the collectives are not differentiable.
+never see it. The collectives have a backward (comm.py) for gradient x input only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -115,26 +115,36 @@ class ParallelTransformer(Transformer):
 
         self._lead("set_observer", run)
 
-    def set_residual_observer(self, observer: ResidualObserver | None,
-                              lens_rows: int = 0) -> None:
+    def set_residual_observer(self, observer: ResidualObserver | None, lens_rows: int = 0,
+                              lens_layers: Collection[int] | None = None) -> None:
         """As Transformer.set_residual_observer; the workers get one that only takes part in
-        the lens's collective (the residual stream itself is whole on every rank)."""
-        if lens_rows < 0:
-            raise ValueError(f"lens_rows: expected >= 0 positions, found {lens_rows}")
+        the lens's collectives (the residual stream itself is whole on every rank)."""
+        layers = None if lens_layers is None else sorted(int(i) for i in lens_layers)
+        self.check_lens(lens_rows, layers)  # before the workers hear of it
 
         def run() -> None:
             if self.tp.distributed:
-                call = ("local_set_residual_observer", (observer is not None, lens_rows), {})
-                self.channel.send(Op.CALL, (), pickled(call))
-            Transformer.set_residual_observer(self, observer, lens_rows)
+                args = (observer is not None, lens_rows, layers)
+                self.channel.send(Op.CALL, (), pickled(("local_set_residual_observer", args, {})))
+            Transformer.set_residual_observer(self, observer, lens_rows, layers)
 
         self._lead("set_residual_observer", run)
 
-    def lens_logits(self, h: Tensor) -> Tensor:
-        """A collective under tensor parallelism: each rank projects onto its vocabulary
+    def share_lens(self, local: Tensor) -> Tensor:
+        """A collective under tensor parallelism: each rank projected onto its vocabulary
         slice; rank 0 gets the whole vocabulary (the others their slice)."""
-        local = super().lens_logits(h)  # (B, T, V_local)
         return comm.gather_last_to_leader(self.tp, local, self._vocab_sizes)
+
+    def ablate(self, layer: int, heads: list[int], start: int) -> None:
+        """Zero query heads `heads` (whole-model numbers) of `layer` from position `start` on
+        (llama/probes/ablation.py): each rank zeroes those it holds, before its wo slice.
+        set_observer(None) undoes it."""
+        self.broadcast_call("local_ablate", int(layer), [int(h) for h in heads], int(start))
+
+    def grad_x_input(self, ids: list[int], target: int) -> Tensor:
+        """llama.probes.attribution.grad_x_input with every rank taking part in the forward
+        and the backward; rank 0 gets the scores."""
+        return self.broadcast_call("local_grad_x_input", [int(i) for i in ids], int(target))
 
     def broadcast_call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Run `getattr(model, method)(*args, **kwargs)` on every rank (e.g. a post-load
@@ -177,9 +187,36 @@ class ParallelTransformer(Transformer):
 
         super().set_observer(gathered, layers)
 
-    def local_set_residual_observer(self, on: bool, lens_rows: int) -> None:
+    def local_set_residual_observer(self, on: bool, lens_rows: int,
+                                    lens_layers: list[int] | None = None) -> None:
         """A worker's side of set_residual_observer (rank 0 keeps its own observer)."""
-        Transformer.set_residual_observer(self, _discard if on else None, lens_rows)
+        Transformer.set_residual_observer(self, _discard if on else None, lens_rows, lens_layers)
+
+    def local_ablate(self, layer: int, heads: list[int], start: int) -> None:
+        from llama.probes.ablation import Ablation
+
+        first, stop = self.plan.heads
+        mine = tuple(h - first for h in heads if first <= h < stop)
+        zero = Ablation(layer, mine, start).observer() if mine else None
+        Transformer.set_observer(self, zero, {layer})  # local heads: no gather
+
+    def local_grad_x_input(self, ids: list[int], target: int) -> Tensor:
+        from llama.probes.attribution import embedding_gradient
+
+        def forward(tokens: Tensor) -> Tensor:
+            return self.local_forward(tokens, None, True)
+
+        # Column-parallel inputs (each block's attention and FFN, the output projection)
+        # get a backward that sums the ranks' partial gradients.
+        copy = comm.copy_to_ranks
+        hooks = [m.register_forward_pre_hook(lambda _m, a: (copy(self.tp, a[0]), *a[1:]))
+                 for layer in self.layers for m in (layer.attention, layer.feed_forward)]
+        hooks.append(self.output.register_forward_pre_hook(lambda _m, a: (copy(self.tp, a[0]),)))
+        try:
+            return embedding_gradient(self, ids, target, forward, self.tp.is_leader)
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     # Rank 0 plumbing --------------------------------------------------------------------
     def _lead(self, phase: str, run: Callable[[], Any]) -> Any:

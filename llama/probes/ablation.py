@@ -5,8 +5,9 @@ An ablation zeroes the chosen heads' attention output (before wo) for every quer
 `start`, through the attention observer (llama/model.py lets an observer edit `out` in
 place). Positions before `start` run unchanged, so a replay reproduces the original reply up
 to there and then shows where it departs. Replays go through generate() itself: the same
-sampling, penalties and stop rules as the chat. Tensor parallelism is refused (each rank
-holds only its own heads; the observer on rank 0 sees gathered copies).
+sampling, penalties and stop rules as the chat. Under tensor parallelism each rank zeroes the
+heads it holds (ParallelTransformer.ablate), and the replay runs on every rank in lockstep like
+any generation (rank 0 announces each call).
 """
 
 from __future__ import annotations
@@ -84,9 +85,7 @@ class AblationProbe:
         self.ablation = ablation
 
     def begin(self, model: Transformer, prompt_ids: Any) -> None:
-        refuse_split(model)
-        self.ablation.check(model.args)
-        model.set_observer(self.ablation.observer(), {self.ablation.layer})
+        install(model, self.ablation)
 
     def on_step(self, step: Step) -> None:
         pass
@@ -95,13 +94,15 @@ class AblationProbe:
         model.set_observer(None)
 
 
-def refuse_split(model: Transformer) -> None:
+def install(model: Transformer, ablation: Ablation) -> None:
+    """Make `model` run with `ablation` until `model.set_observer(None)`. Split over ranks,
+    each rank zeroes its own heads: rank 0's observer would only see gathered copies."""
+    ablation.check(model.args)
     tp = getattr(model, "tp", None)
-    if tp is not None and tp.world_size > 1:
-        raise AblationError(
-            f"head ablation: the model is split over {tp.world_size} ranks, each holding only "
-            "its own heads; run it in one process"
-        )
+    if tp is not None and tp.distributed:
+        model.ablate(ablation.layer, list(ablation.heads), ablation.start)
+    else:
+        model.set_observer(ablation.observer(), {ablation.layer})
 
 
 @dataclass(frozen=True)
@@ -159,9 +160,7 @@ def forced_probs(
 ) -> Tensor:
     """p(ids[t] | ids[:t]) for t = prompt_len .. len(ids)-1 in one uncached forward: (R,)."""
     if ablation is not None:
-        refuse_split(model)
-        ablation.check(model.args)
-        model.set_observer(ablation.observer(), {ablation.layer})
+        install(model, ablation)
     try:
         dev = model.tok_embeddings.weight.device
         logits = model(torch.tensor([list(ids[:-1])], device=dev))[0, prompt_len - 1 :]  # (R, V)

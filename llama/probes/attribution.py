@@ -7,12 +7,13 @@ Two methods, named in every figure that shows them:
   only what decoding already holds (the query row and the cached values): free to compute.
 - gradient x input (Shrikumar et al. 2016; Denil et al. 2014): d log p(token) / d embedding
   of each earlier position, dotted with that embedding. One backward pass over the prefix, on
-  demand, for models small enough (and not split over ranks: the collectives have no backward).
+  demand, for models small enough (split over ranks too: the collectives have a backward,
+  llama/parallel/comm.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -48,8 +49,25 @@ def combine_layers(rows: Tensor) -> Tensor:
 def grad_x_input(model: nn.Module, ids: Sequence[int], target: int) -> Tensor:
     """Gradient x input for the token ids[target] given ids[:target]: (target,) fp32 scores,
     one per earlier position (positive: pushed the token up). One uncached forward and one
-    backward; the model's weights get no gradients and its KV cache is not touched."""
+    backward; the model's weights get no gradients and its KV cache is not touched. A model
+    split over ranks runs both on every rank (llama/parallel/model.py)."""
     _check_grad(model, ids, target)
+    tp = getattr(model, "tp", None)
+    if tp is not None and tp.distributed:
+        return model.grad_x_input(list(ids), target)
+    return embedding_gradient(model, ids, target, lambda t: model(t, last_only=True), True)
+
+
+def embedding_gradient(
+    model: nn.Module,
+    ids: Sequence[int],
+    target: int,
+    forward: Callable[[Tensor], Tensor],
+    leader: bool,
+) -> Tensor:
+    """grad_x_input's pass with `forward(tokens) -> (1, 1, V) logits`. leader: this process
+    holds the loss (a tensor-parallel worker only passes gradients on; its result is
+    meaningless)."""
     captured: list[Tensor] = []
 
     def leaf(_m: nn.Module, _i: object, out: Tensor) -> Tensor:
@@ -64,9 +82,12 @@ def grad_x_input(model: nn.Module, ids: Sequence[int], target: int) -> Tensor:
             p.requires_grad_(False)
         with torch.inference_mode(False), torch.enable_grad():
             tokens = torch.tensor([list(ids[:target])], device=model.tok_embeddings.weight.device)
-            logits = model(tokens, last_only=True)[0, -1]  # (V,) predicts position `target`
-            log_p = torch.log_softmax(logits.float(), dim=-1)[ids[target]]
-            (grad,) = torch.autograd.grad(log_p, captured[0])
+            logits = forward(tokens)[0, -1]  # (V,) predicts position `target`
+            if leader:
+                loss = torch.log_softmax(logits.float(), dim=-1)[ids[target]]
+            else:  # the gradient reaching this rank's logits comes from rank 0's loss
+                loss = logits.sum() * 0
+            (grad,) = torch.autograd.grad(loss, captured[0])
     finally:
         hook.remove()
         for p in frozen:
@@ -75,13 +96,6 @@ def grad_x_input(model: nn.Module, ids: Sequence[int], target: int) -> Tensor:
 
 
 def _check_grad(model: nn.Module, ids: Sequence[int], target: int) -> None:
-    tp = getattr(model, "tp", None)
-    if tp is not None and tp.world_size > 1:
-        raise AttributionError(
-            "gradient x input: the model is split over "
-            f"{tp.world_size} ranks and its collectives have no backward; use the "
-            "attention x value attribution"
-        )
     n_params = sum(p.numel() for p in model.parameters())
     if n_params > GRAD_MAX_PARAMS:
         raise AttributionError(

@@ -23,7 +23,7 @@ from torch import Tensor
 from llama.config import ModelArgs
 from llama.model import AttentionCapture, Transformer
 from llama.probes.attribution import attention_value_rows, value_norms
-from llama.probes.lens import LensColumn, LensRecorder
+from llama.probes.lens import LensColumn, LensRecorder, lens_layers
 from llama.probes.sinks import SinkView, sink_mass
 from llama.probes.views import causal_probs, token_label
 
@@ -53,7 +53,8 @@ class WhyProbe:
     """Records the Why views for one generation (batch row 0).
 
     window: newest positions kept (lens columns, sink rows, attribution rows). n_sink: keys
-    counted as the sink. token_pieces: id -> text for labels.
+    counted as the sink. token_pieces: id -> text for labels. lens_every: the lens runs at
+    layers 0, k, 2k, ... and the last (lens.lens_layers; None: about four layers).
     """
 
     def __init__(
@@ -65,10 +66,12 @@ class WhyProbe:
         window: int = 64,
         n_sink: int = 1,
         token_pieces: Callable[[int], str] | None = None,
+        lens_every: int | None = None,
     ) -> None:
         if window < 1:
             raise ValueError(f"window: expected a positive number of positions, found {window}")
         self.args, self.window, self.n_sink = args, window, n_sink
+        self.lens_layers = lens_layers(args.n_layers, lens_every)
         self.want_lens, self.want_sinks, self.want_attr = lens, sinks, attribution
         self.token_pieces = token_pieces or str
         self._begin([])
@@ -97,7 +100,9 @@ class WhyProbe:
         if self.observed_layers:
             model.set_observer(self.observe, set(self.observed_layers))
         if self.want_lens:
-            model.set_residual_observer(self.lens.observe, lens_rows=self.window)
+            model.set_residual_observer(
+                self.lens.observe, lens_rows=self.window, lens_layers=self.lens_layers
+            )
 
     def on_step(self, step: Any) -> None:
         token, position = int(step.token_id), int(step.position)
