@@ -390,7 +390,9 @@ class Transformer(nn.Module):
         """The final norm and output projection: h (B, T, dim) -> (B, T, vocab) fp32."""
         product = _product(self.output)
         x = self.norm(h)
-        return (self.output(x) if product is None else linear(x, product)).float()
+        if product is None or torch.is_grad_enabled():  # the module: its hooks (TP's backward)
+            return self.output(x).float()
+        return linear(x, product).float()
 
     def lens_logits(self, h: Tensor) -> Tensor:
         """The final norm and output projection on h (B, T, dim) -> (B, T, vocab) fp32: what
