@@ -146,7 +146,8 @@ class Ours(Runtime):
         super().__init__()
         self.name = "ours, compiled" if compiled else "ours"
         if weights is not None:  # load(weights=...): bf16 sets the dtype itself
-            self.name, dtype = f"ours {weights}", dtype if weights in ("fp32", "int8") else None
+            self.name = f"ours {weights}" + (", compiled" if compiled else "")
+            dtype = dtype if weights in ("fp32", "int8") else None
         from llama.checkpoints import load
         from llama.runtime_opts import compile_decode
         from llama.tokenizer import load_tokenizer

@@ -162,11 +162,17 @@ def _prompt(vocab: int, n: int) -> list[int]:
 def runners(
     ckpt: Path, preset: BenchPreset, threads: int, a: argparse.Namespace
 ) -> list[tuple[Runtime, Runtime]]:
-    """(ours, llama.cpp) per precision, each loaded and warmed up."""
+    """(ours, llama.cpp) per precision, each loaded and warmed up; with --compile (presets
+    under --compile-max-params) also (ours compiled, the same llama.cpp runtime)."""
+    from bench.decode import ours_variants
+
     wanted = [(w, q) for w, q in PAIRS if w in a.precisions.split(",")]
     files = write_ggufs(ckpt, preset, a.workdir, [q for _, q in wanted])
+    cpu = torch.device("cpu")
     pairs = []
     for weights, qtype in wanted:
-        ours = Ours(ckpt, preset, torch.device("cpu"), torch.float32, a, weights=weights)
-        pairs.append((ours, LlamaCpp(files[qtype], qtype, threads, a)))
+        peer = LlamaCpp(files[qtype], qtype, threads, a)
+        for compiled in ours_variants(a, preset, cpu):
+            ours = Ours(ckpt, preset, cpu, torch.float32, a, compiled, weights=weights)
+            pairs.append((ours, peer))
     return pairs

@@ -58,7 +58,7 @@ def run_preset(a: argparse.Namespace, preset: BenchPreset) -> list[tuple[str, Ru
     )
     ckpt = preset.gguf or runs.write_hf_checkpoint(preset.args, a.workdir / f"{preset.name}-fp32")
     pairs = llamacpp.runners(ckpt, preset, threads, a)
-    everyone = [rt for pair in pairs for rt in pair]
+    everyone = list(dict.fromkeys(rt for pair in pairs for rt in pair))  # a peer once
     prompt = runs.prompt_ids(preset.args.vocab_size, a.prompt_len)
     short = prompt[: a.ttft_prompt]
     rounds = a.heavy_rounds if preset.args.n_params() > 5e8 else a.rounds
@@ -93,7 +93,7 @@ def main(a: argparse.Namespace, argv: list[str]) -> int:
         t0 = time.perf_counter()
         results += run_preset(a, presets[name])
         print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-        for _, o, t in results[-3:]:  # keep the figures, free the weights
+        for _, o, t in results:  # keep the figures, free the weights
             o.model = None
             t.llm = None
         gc.collect()

@@ -9,9 +9,11 @@ One decode step (T = 1) of the shipped model's shape and of TinyLlama-1.1B's, on
   F.rms_norm, and ours (llama.functional.rms_norm: the same steps in place);
 - a whole decode step of the shipped model: unfused modules against fused projections on
   the fast route (Python overhead and projection fusion together);
-- the output projection's decode product, weight row-major (as loaded) against column-major
-  (llama.fusion.store_column_major), for dims 288 to 4096, vocab 32000, on one thread and on
-  every physical core: where llama.model.COLUMN_MAJOR_MAX_DIM comes from;
+- fp32 weight layout: row-major (as loaded) against column-major
+  (llama.fusion.store_column_major) for LLaMA projection shapes (SmolLM2, stories15M,
+  TinyLlama), decode and 128-row prefill, on one thread and on every physical core, the
+  weights cycled so none is read from the cache: why `prepare_for_decode` stores fp32 CPU
+  weights column-major;
 - weight precisions for one TinyLlama-1.1B layer's four products (176 MB in fp32: larger
   than the L3 cache, as in a real decode), on every physical core: fp32, bf16, our int8
   (llama.int8.Int8Linear) and the int8 candidates behind its choice (_weight_int8pack_mm
@@ -24,7 +26,7 @@ One decode step (T = 1) of the shipped model's shape and of TinyLlama-1.1B's, on
 
 Alternatives run interleaved, round after round; per call: min and median microseconds.
 
-    python bench/ops.py [--rounds 20] [--markdown] [--only precision]
+    python bench/ops.py [--rounds 20] [--markdown] [--only precision|layout]
 """
 
 from __future__ import annotations
@@ -111,14 +113,30 @@ def norm_cases(a: ModelArgs, tokens: int) -> dict[str, Callable[[], object]]:
     }
 
 
-def output_layout_cases(dim: int, vocab: int = 32000) -> dict[str, Callable[[], object]]:
-    """The decode product over the output projection, (1, dim) x (dim, vocab)."""
-    x, w = torch.randn(1, 1, dim), torch.randn(vocab, dim)
-    column_major = w.t().contiguous().t()  # what llama.fusion.store_column_major makes
-    return {
-        "row-major (as loaded)": lambda: F.linear(x, w),
-        "column-major": lambda: F.linear(x, column_major),
-    }
+# (out, in) of the decode products whose layout is chosen: SmolLM2's fused q|k|v, w1|w3, w2 and
+# tied output; stories15M's w1|w3; TinyLlama's w1|w3 and w2.
+LAYOUT_SHAPES = ((960, 576), (3072, 576), (576, 1536), (49152, 576), (1536, 288),
+                 (11264, 2048), (2048, 5632))
+LAYOUT_BYTES = 256e6  # copies cycled through per call, so no weight is read from the cache
+
+
+def weight_layout_cases(out: int, inp: int, rows: int) -> dict[str, Callable[[], object]]:
+    """One fp32 product (rows, in) x (in, out) with the weight row-major (as loaded) and
+    column-major (llama.fusion.store_column_major), each call on the next of enough copies
+    to exceed the caches, as a real decode reads every weight once per token."""
+    n = max(1, int(LAYOUT_BYTES // (out * inp * 4)))
+    row_major = [torch.randn(out, inp) for _ in range(n)]
+    column_major = [w.t().contiguous().t() for w in row_major]
+    x, turn = torch.randn(1, rows, inp), [0, 0]
+
+    def cycle(ws: list[torch.Tensor], k: int) -> Callable[[], object]:
+        def call() -> object:
+            turn[k] = (turn[k] + 1) % n
+            return F.linear(x, ws[turn[k]])
+
+        return call
+
+    return {"row-major (as loaded)": cycle(row_major, 0), "column-major": cycle(column_major, 1)}
 
 
 def floor_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
@@ -220,9 +238,9 @@ def run(
     """(shape, what, variant, min us, median us) for every comparison, on one thread unless
     named; only="precision": just the weight-precision rows."""
     before = torch.get_num_threads()
-    if only == "precision":
+    if only is not None:
         with torch.inference_mode():
-            rows = precision_rows(rounds, verbose)
+            rows = {"precision": precision_rows, "layout": layout_rows}[only](rounds, verbose)
         torch.set_num_threads(before)
         return rows
     torch.set_num_threads(1)
@@ -245,9 +263,11 @@ def layout_rows(rounds: int, verbose: bool) -> list[tuple[str, str, str, float, 
     rows = []
     for threads in sorted({1, physical_cores()}):
         torch.set_num_threads(threads)
-        for dim in (288, 512, 768, 1024, 2048, 4096):
-            rows += _measure(f"dim {dim}, {threads} thread(s)", "output layout, vocab 32000",
-                             output_layout_cases(dim), rounds, 5, verbose)
+        for out, inp in LAYOUT_SHAPES:
+            for n in (1, 128):
+                what = "weight layout, decode" if n == 1 else "weight layout, 128-row prefill"
+                rows += _measure(f"{out} x {inp}, {threads} thread(s)", what,
+                                 weight_layout_cases(out, inp, n), rounds, 5, verbose)
     return rows
 
 
@@ -291,7 +311,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
-    p.add_argument("--only", choices=("precision",), help="one group of rows")
+    p.add_argument("--only", choices=("precision", "layout"), help="one group of rows")
     a = p.parse_args()
     rows = run(a.rounds, verbose=not a.markdown, only=a.only)
     if a.markdown:

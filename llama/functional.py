@@ -145,15 +145,54 @@ class FastLayer(NamedTuple):
 def linear(x: Tensor, w: Product) -> Tensor:
     """x (..., in) times w (out, in)^T, or an int8 module's product.
 
-    bf16 weights with many rows of x on a CPU without hardware bf16 run in fp32 (a prefill
-    GEMM there is several times faster upcast; see llama.int8.gemm_dtype)."""
+    A row-major fp32 CPU weight outside autograd goes through oneDNN's inner product
+    (`onednn_fp32`); bf16 weights with many rows of x on a CPU without hardware bf16 run in
+    fp32 (a prefill GEMM there is several times faster upcast; see llama.int8.gemm_dtype)."""
     if not isinstance(w, Tensor):
         return w(x)
+    if (
+        w.dtype == torch.float32
+        and w.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and w.is_contiguous()
+        and not torch.compiler.is_compiling()  # inductor lowers this op for packed weights only
+        and onednn_fp32()
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, None, "none", [], "")
     if w.dtype == torch.bfloat16 and x.shape[-2] > 1:
         dtype = gemm_dtype(w.dtype, w.device)
         if dtype != w.dtype:
             return F.linear(x.to(dtype), w.to(dtype)).to(x.dtype)
     return F.linear(x, w)
+
+
+# torch's fp32 F.linear on the CPU runs MKL, whose matrix-vector product uses one thread and
+# whose GEMM is slow here; oneDNN's inner product (the op inductor's freezing emits) uses every
+# thread on both. bench/ops.py "fp32 product" (AMD EPYC Zen 5, 2 threads, weights cycled past
+# the cache): decode 1.0-2.3x, 128-row prefill 2.6-5.7x; SmolLM2 decode 30.6 vs 4.7 tokens/s
+# beside other jobs (MKL's threads stall there), prefill 3.7x. None = not probed yet.
+_ONEDNN_FP32: bool | None = None
+
+
+def onednn_fp32() -> bool:
+    """Whether this torch build runs fp32 products through oneDNN (`linear`): probed once on
+    a small product checked against F.linear; False where the op is missing or disagrees."""
+    global _ONEDNN_FP32
+    if _ONEDNN_FP32 is None:
+        _ONEDNN_FP32 = _probe_onednn()
+    return _ONEDNN_FP32
+
+
+def _probe_onednn() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    x, w = torch.randn(3, 2, 24), torch.randn(40, 24)
+    try:
+        with torch.inference_mode():
+            got = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return got.shape == (3, 2, 40) and torch.allclose(got, F.linear(x, w), atol=1e-4)
 
 
 def fast_block(x: Tensor, L: FastLayer, s: StepInputs) -> Tensor:

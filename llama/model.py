@@ -11,7 +11,7 @@ that stores only the KV heads; scaled_dot_product_attention does the work.
 
 Speed (bench/decode.py, bench/ops.py): `prepare_for_decode()`, which `llama.checkpoints.load`
 calls, makes wq|wk|wv and w1|w3 one product each (`fuse_projections`, llama/fusion.py; state
-dicts keep Meta names) and stores a small CPU model's output projection column-major;
+dicts keep Meta names); fp32 CPU products run through oneDNN (functional.linear);
 RoPE is one complex multiply over q and k; keep input_pos on the CPU (reading the cache
 length then costs no device sync); `llama.runtime_opts.compile_decode` installs a compiled
 static-shape step.
@@ -35,6 +35,8 @@ from llama.functional import (
     StepInputs,
     attend,
     fast_block,
+    linear,
+    onednn_fp32,
     rms_norm,
     rotate,
 )
@@ -89,7 +91,8 @@ class ResidualCapture:
 ResidualObserver = Callable[[ResidualCapture], None]
 
 
-# The output projection's decode product (1 x dim by dim x vocab) runs faster on the CPU with
+# Where fp32 products run through MKL (no oneDNN, functional.onednn_fp32), the output
+# projection's decode product (1 x dim by dim x vocab) runs faster on the CPU with
 # the weight stored column-major while rows are short (bench/ops.py "output layout", 2-core
 # AVX-512 machine, fp32, vocab 32000, medians over this machine's runs: dim 288-768 1.1-1.7x,
 # 1024 1.0-1.1x; from 2048 up within +-10%, so left as loaded).
@@ -300,10 +303,11 @@ class Transformer(nn.Module):
 
     def prepare_for_decode(self, release: Release | None = None) -> int:
         """What `llama.checkpoints.load` does once the weights are in: `fuse_projections`,
-        and on the CPU in fp32 an untied output projection with dim <= COLUMN_MAJOR_MAX_DIM
-        stored column-major (fusion.store_column_major: the same values, a faster
-        matrix-vector product). Idempotent; returns how many modules are fused (as
-        fuse_projections) plus one if the output was re-laid out by this call."""
+        and on the CPU in fp32 without oneDNN (functional.onednn_fp32) an untied output
+        projection with dim <= COLUMN_MAJOR_MAX_DIM stored column-major
+        (fusion.store_column_major: the same values, a faster MKL matrix-vector product).
+        Idempotent; returns how many modules are fused (as fuse_projections) plus one if the
+        output was re-laid out by this call."""
         changed = self.fuse_projections(release)
         w = self.output.weight
         if changed and w.device.type == "cuda":
@@ -313,6 +317,7 @@ class Transformer(nn.Module):
             and w.dtype == torch.float32
             and self.args.dim <= COLUMN_MAJOR_MAX_DIM
             and not self.output_tied
+            and not onednn_fp32()  # oneDNN's product reads rows (functional.linear)
         ):
             changed += store_column_major(self.output, release)
         self.invalidate_routes()
@@ -381,10 +386,18 @@ class Transformer(nn.Module):
         if lens_layers is not None and any(not 0 <= int(i) < n for i in lens_layers):
             raise ValueError(f"lens_layers: expected layers in 0..{n - 1}, found {lens_layers}")
 
+    def _logits(self, h: Tensor) -> Tensor:
+        """The final norm and output projection: h (B, T, dim) -> (B, T, vocab) fp32."""
+        product = _product(self.output)
+        x = self.norm(h)
+        if product is None or torch.is_grad_enabled():  # the module: its hooks (TP's backward)
+            return self.output(x).float()
+        return linear(x, product).float()
+
     def lens_logits(self, h: Tensor) -> Tensor:
         """The final norm and output projection on h (B, T, dim) -> (B, T, vocab) fp32: what
         forward applies to the last block's output (nostalgebraist 2020, "logit lens")."""
-        return self.share_lens(self.output(self.norm(h)).float())
+        return self.share_lens(self._logits(h))
 
     def share_lens(self, local: Tensor) -> Tensor:
         """The lens logits this process computed as the observer gets them (the identity
@@ -455,7 +468,7 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         if last_lens is not None and last_lens.shape[1] == h.shape[1]:
             return last_lens  # the same product on the same rows (a decode step): done once
-        return self.output(self.norm(h)).float()
+        return self._logits(h)
 
     def _observed_blocks(
         self, h: Tensor, s: StepInputs, fast: list[FastLayer] | None, positions: Tensor
@@ -470,7 +483,7 @@ class Transformer(nn.Module):
             h = fast_block(h, fast[i], s) if fast is not None else layer(h, s)
             lens = None
             if rows and (chosen is None or i in chosen):
-                local = self.output(self.norm(h[:, -rows:])).float()  # (B, rows, V_local)
+                local = self._logits(h[:, -rows:])  # (B, rows, V_local)
                 lens = self.share_lens(local)
             observer(ResidualCapture(i, positions, h, lens))
         return h, local if chosen is None or len(self.layers) - 1 in chosen else None
@@ -492,7 +505,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, 1, dim)
         for layer in self.layers:
             h = layer(h, s)
-        return self.output(self.norm(h)).float()
+        return self._logits(h)
 
     def _kv_len(self, input_pos: Tensor, T: int) -> int:
         """Positions attended to after this call; CacheOverflowError past the capacity."""

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llama import functional
 from llama.checkpoints import load
 from llama.checkpoints.gguf_writer import write_gguf
 from llama.checkpoints.writers import meta_state, random_transformer
@@ -92,8 +93,16 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_smollm2_logits_match_transformers_on_several_prompts(smollm2) -> None:
+def test_smollm2_logits_match_transformers_on_several_prompts(
+    smollm2, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through MKL's products (torch's F.linear, what transformers runs) within 1e-4; through
+    oneDNN's (our CPU default, llama.functional.onednn_fp32), whose sums run in another
+    order, within 2e-4 (1.1e-4 seen on the long prompt, logits of magnitude ~20)."""
     ours, theirs, published = smollm2
+    for ids in prompts(published):
+        assert max_diff(ours, theirs, ids) <= 2e-4, ids
+    monkeypatch.setattr(functional, "_ONEDNN_FP32", False)
     for ids in prompts(published):
         assert max_diff(ours, theirs, ids) <= 1e-4, ids
 

@@ -540,3 +540,13 @@ def test_model_line_counts_a_tied_output_once(rt):
     assert f"· {expected} params ·" in rt.describe()
     if rt.model.output_tied:  # the shipped model: 3.1M, not 3.9M with the embedding counted twice
         assert a.n_params(tied=True) < a.n_params()
+
+
+def test_model_line_names_int8_weights_and_counts_a_tied_output_once(rt):
+    int8 = load_runtime(model_path(), template=model_template(), progress=False, weights="int8")
+    line = int8.describe()
+    assert "int8 weights" in line and "8-bit off" not in line
+    assert rt.describe().endswith("8-bit off")
+    # the int8 copy of a tied output is still one matrix of the model's
+    params = line.split(" params ·")[0].rsplit("· ", 1)[1]
+    assert f"· {params} params ·" in rt.describe()

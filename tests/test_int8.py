@@ -112,6 +112,26 @@ def test_every_linear_is_int8_fused_and_a_quarter_of_fp32(tmp_path: Path) -> Non
     assert weight_bytes(model) < 0.5 * weight_bytes(fp32)
 
 
+def test_a_tied_output_gets_an_int8_copy_and_the_embedding_stays(tmp_path: Path) -> None:
+    args = TINY_CONFIGS["gqa"]
+    model = random_transformer(args, seed=2)
+    model.output.weight = model.tok_embeddings.weight
+    saved = save(model, tmp_path)
+    fp32 = load(saved, device="cpu", progress=False).model
+    assert fp32.output_tied
+    int8_model = load(saved, device="cpu", weights="int8", progress=False).model
+    assert type(int8_model.output) is Int8Linear and not int8_model.output_tied
+    assert int8_model.output.embedding_copy
+    emb = int8_model.tok_embeddings.weight
+    assert emb.dtype == torch.float32 and torch.equal(emb, fp32.tok_embeddings.weight)
+    q, scale = int8.quantise(fp32.tok_embeddings.weight)
+    assert torch.equal(int8_model.output.weight, q) and torch.equal(int8_model.output.scale, scale)
+    tokens = torch.randint(0, args.vocab_size, (1, 10))
+    with torch.inference_mode():
+        full, ours = fp32(tokens), int8_model(tokens)
+    torch.testing.assert_close(ours, full, rtol=0.02, atol=0.02 * full.abs().max().item())
+
+
 def test_fusing_int8_is_exact() -> None:
     parts = [Int8Linear.from_weight(torch.randn(n, 64)) for n in (16, 8, 8)]
     holder = nn.Module()

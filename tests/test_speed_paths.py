@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from llama import functional
 from llama.cache import CacheOverflowError
 from llama.checkpoints import load, save
 from llama.checkpoints.writers import random_transformer
@@ -247,8 +249,8 @@ def test_load_prepares_for_decode_and_keeps_the_checkpoint(
     assert all(b.attention.wqkv is not None and b.feed_forward.w13 is not None
                for b in prepared.layers)
     assert as_on_disk.layers[0].attention.wqkv is None
-    w = prepared.output.weight  # same values, stored (dim, vocab) row-major
-    assert w.shape == (tiny_args.vocab_size, tiny_args.dim) and w.stride() == (1, w.shape[0])
+    w = prepared.output.weight  # same values, whatever the layout (next test)
+    assert w.shape == (tiny_args.vocab_size, tiny_args.dim)
     assert torch.equal(w, as_on_disk.output.weight)
     tokens = torch.randint(0, tiny_args.vocab_size, (2, 9))
     with torch.no_grad():
@@ -264,7 +266,14 @@ def test_load_prepares_for_decode_and_keeps_the_checkpoint(
     assert prepared.output.weight is w
 
 
-def test_column_major_output_only_where_it_is_measured_faster(tiny_args: ModelArgs) -> None:
+def test_column_major_output_only_where_it_is_measured_faster(
+    tiny_args: ModelArgs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(functional, "_ONEDNN_FP32", False)  # MKL's products: column-major
+    small = random_transformer(tiny_args)
+    small.prepare_for_decode()
+    w = small.output.weight
+    assert w.stride() == (1, w.shape[0])
     tied = random_transformer(tiny_args)
     tied.output.weight = tied.tok_embeddings.weight
     assert tied.prepare_for_decode() == 2 * tiny_args.n_layers  # fused, output left tied
@@ -276,6 +285,30 @@ def test_column_major_output_only_where_it_is_measured_faster(tiny_args: ModelAr
     half = random_transformer(tiny_args).to(torch.bfloat16)
     half.prepare_for_decode()
     assert half.output.weight.is_contiguous()
+    monkeypatch.setattr(functional, "_ONEDNN_FP32", True)  # oneDNN's products read rows
+    rows = random_transformer(tiny_args)
+    rows.prepare_for_decode()
+    assert rows.output.weight.is_contiguous()
+
+
+@pytest.mark.skipif(not functional.onednn_fp32(), reason="this torch build has no oneDNN")
+def test_fp32_products_through_onednn_match_f_linear_and_keep_autograd(
+    tiny_args: ModelArgs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x, w = torch.randn(2, 5, 64), torch.randn(96, 64, requires_grad=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(functional.linear(x, w), F.linear(x, w), atol=1e-4, rtol=0)
+    x.requires_grad_(True)  # with autograd on, F.linear: the gradient flows
+    functional.linear(x, w).sum().backward()
+    assert x.grad is not None and torch.allclose(x.grad, w.detach().sum(0).expand_as(x))
+    model = random_transformer(tiny_args)
+    model.prepare_for_decode()
+    tokens = torch.randint(0, tiny_args.vocab_size, (1, 7))
+    with torch.inference_mode():
+        fast = model(tokens)
+    monkeypatch.setattr(functional, "_ONEDNN_FP32", False)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(tokens), fast, atol=ATOL, rtol=0)
 
 
 # The observer sees the same thing on every route -----------------------------------------

@@ -131,7 +131,8 @@ def test_lens_on_chosen_layers_only_equals_those_rows_of_the_full_lens(shipped) 
     model, _ = shipped
     n = model.args.n_layers
     calls: list[int] = []
-    hook = model.output.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    # every output projection follows the final norm (Transformer._logits)
+    hook = model.norm.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
     try:
         nothing = SimpleNamespace(
             begin=lambda m, p: None, on_step=lambda s: None, end=lambda m: None

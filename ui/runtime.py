@@ -21,6 +21,7 @@ import torch
 from llama.assets import SHIPPED_MODEL_DIR
 from llama.checkpoints import CheckpointError, LoadedModel, load
 from llama.config import ModelArgs
+from llama.int8 import Int8Linear
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer, TokenizerError, open_tokenizer
 from llama.tokenizer.template import describe as template_kind
@@ -136,14 +137,18 @@ class Runtime:
         return "A chat model: ask it a question."
 
     def describe(self) -> str:
-        """One line: name, shape, device, dtype, 8-bit (the status line's model part)."""
+        """One line: name, shape, device, dtype, 8-bit or int8 (the status line's model part)."""
         a = self.args
         kind = a.attention_kind
         heads = f"{a.n_heads} heads" if kind == "MHA" else f"{a.n_heads} heads / {a.kv_heads} KV"
         dtype = str(self.dtype).removeprefix("torch.")
         eight = "8-bit on" if self.load_in_8bit else "8-bit off"
+        if any(type(m) is Int8Linear for m in self.model.modules()):
+            eight = "int8 weights"  # ours (--weights int8), not bitsandbytes' 8-bit
         device = str(self.device) if self.ranks == 1 else f"{self.device} × {self.ranks} ranks"
-        params = format_count(a.n_params(tied=self.model.output_tied))  # a tied output counts once
+        out = self.model.output
+        tied = self.model.output_tied or (type(out) is Int8Linear and out.embedding_copy)
+        params = format_count(a.n_params(tied=tied))  # a tied output counts once
         return (
             f"{self.name} · {params} params · dim {a.dim} · "
             f"{a.n_layers} layers · {heads} ({kind}) · vocab {a.vocab_size} · "

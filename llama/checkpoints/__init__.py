@@ -146,8 +146,8 @@ def load(
     fuse: `Transformer.prepare_for_decode` (fused projections, output layout), dropping the
     mapped pages of the weights it replaces; False leaves the modules as the file has them.
     weights: "fp32", "bf16" or "fp16" (the same as that dtype), or "int8": every Linear
-    weight (blocks, untied output) becomes llama.int8.Int8Linear, quantised while loading;
-    the rest stays in `dtype`.
+    weight (blocks, output) becomes llama.int8.Int8Linear, quantised while loading (a tied
+    output: an int8 copy of the embedding); the rest stays in `dtype`.
     Before reading any weights, weights + KV cache + RoPE tables + workspace are checked
     against the device's free memory (llama/memory.py): CheckpointError saying what fits.
     fit_context: instead, when max_seq_len is not given, shorten the context to the longest
@@ -178,6 +178,10 @@ def load(
     stream = progress_bar(source.tensors, source.count, f"loading {path.name}", progress)
     model = assemble(source.args, stream, source.origin or path, device, dtype,
                      tie_allowed=source.tie_allowed, quantise=quantise, fuse=fuse)
+    if weights == "int8":
+        from llama.int8 import quantise_tied_output
+
+        quantise_tied_output(model)
     if fuse:
         model.prepare_for_decode(release=release_pages)
     return LoadedModel(model, tokenizer, fmt, path, dtype, device, load_in_8bit, notice,
