@@ -171,6 +171,9 @@ class Ours(Runtime):
         self.tokenizer = NoEos(load_tokenizer(preset.tokenizer))
         self.model.setup_caches(1)
         if compiled:
+            # one compiled step per runtime and span: a run of presets x precisions passes
+            # dynamo's default of 8 graphs per function, after which it silently runs eager
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             t0 = time.perf_counter()
             compile_decode(self.model)
             self.compile_s = time.perf_counter() - t0
