@@ -9,11 +9,11 @@ One decode step (T = 1) of the shipped model's shape and of TinyLlama-1.1B's, on
   F.rms_norm, and ours (llama.functional.rms_norm: the same steps in place);
 - a whole decode step of the shipped model: unfused modules against fused projections on
   the fast route (Python overhead and projection fusion together);
-- fp32 weight layout: row-major (as loaded) against column-major
-  (llama.fusion.store_column_major) for LLaMA projection shapes (SmolLM2, stories15M,
-  TinyLlama), decode and 128-row prefill, on one thread and on every physical core, the
-  weights cycled so none is read from the cache: why `prepare_for_decode` stores fp32 CPU
-  weights column-major;
+- the fp32 product for LLaMA projection shapes (SmolLM2, stories15M, TinyLlama), decode and
+  128-row prefill, on one thread and on every physical core, the weights cycled so none is
+  read from the cache: MKL (F.linear) row-major and column-major
+  (llama.fusion.store_column_major) against oneDNN's inner product: why
+  llama.functional.linear takes oneDNN;
 - weight precisions for one TinyLlama-1.1B layer's four products (176 MB in fp32: larger
   than the L3 cache, as in a real decode), on every physical core: fp32, bf16, our int8
   (llama.int8.Int8Linear) and the int8 candidates behind its choice (_weight_int8pack_mm
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import bench_presets
 from llama.config import PRESETS, ModelArgs
-from llama.functional import rms_norm, rotate_heads_
+from llama.functional import onednn_fp32, rms_norm, rotate_heads_
 from llama.int8 import Int8Linear, gemm_dtype
 from llama.model import Transformer
 from llama.rope import apply_rope, rope_tables
@@ -121,13 +121,14 @@ LAYOUT_BYTES = 256e6  # copies cycled through per call, so no weight is read fro
 
 
 def weight_layout_cases(out: int, inp: int, rows: int) -> dict[str, Callable[[], object]]:
-    """One fp32 product (rows, in) x (in, out) with the weight row-major (as loaded) and
-    column-major (llama.fusion.store_column_major), each call on the next of enough copies
-    to exceed the caches, as a real decode reads every weight once per token."""
+    """One fp32 product (rows, in) x (in, out): torch's F.linear (MKL) with the weight
+    row-major (as loaded) and column-major (llama.fusion.store_column_major), and oneDNN's
+    inner product on the row-major weight (llama.functional.linear); each call on the next
+    of enough copies to exceed the caches, as a real decode reads every weight once a token."""
     n = max(1, int(LAYOUT_BYTES // (out * inp * 4)))
     row_major = [torch.randn(out, inp) for _ in range(n)]
     column_major = [w.t().contiguous().t() for w in row_major]
-    x, turn = torch.randn(1, rows, inp), [0, 0]
+    x, turn = torch.randn(1, rows, inp), [0, 0, 0]
 
     def cycle(ws: list[torch.Tensor], k: int) -> Callable[[], object]:
         def call() -> object:
@@ -136,7 +137,15 @@ def weight_layout_cases(out: int, inp: int, rows: int) -> dict[str, Callable[[],
 
         return call
 
-    return {"row-major (as loaded)": cycle(row_major, 0), "column-major": cycle(column_major, 1)}
+    def onednn() -> object:
+        turn[2] = (turn[2] + 1) % n
+        return torch.ops.mkldnn._linear_pointwise(x, row_major[turn[2]], None, "none", [], "")
+
+    cases = {"MKL, row-major (F.linear)": cycle(row_major, 0),
+             "MKL, column-major": cycle(column_major, 1)}
+    if onednn_fp32():
+        cases["oneDNN, row-major (ours)"] = onednn
+    return cases
 
 
 def floor_cases(a: ModelArgs) -> dict[str, Callable[[], object]]:
@@ -265,7 +274,7 @@ def layout_rows(rounds: int, verbose: bool) -> list[tuple[str, str, str, float, 
         torch.set_num_threads(threads)
         for out, inp in LAYOUT_SHAPES:
             for n in (1, 128):
-                what = "weight layout, decode" if n == 1 else "weight layout, 128-row prefill"
+                what = "fp32 product, decode" if n == 1 else "fp32 product, 128-row prefill"
                 rows += _measure(f"{out} x {inp}, {threads} thread(s)", what,
                                  weight_layout_cases(out, inp, n), rounds, 5, verbose)
     return rows

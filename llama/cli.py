@@ -33,12 +33,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
+
+if TYPE_CHECKING:
+    import torch
 
 EXIT_BAD_INPUT = 2
-# bench/RESULTS.md: compiled decode 183 vs 176 tok/s on the shipped 3.9M model, 80 vs 71 on
-# stories15M: below this size compiling is warned about.
-SMALL_FOR_COMPILE = 100_000_000
+# bench/RESULTS.md (llama.cpp section, quiet 2-core CPU): the compiled CPU step is faster only
+# for tiny models (shipped 3.9M: 1032 vs 757 tok/s); from stories15M (24M) up it is slower than
+# the eager step in fp32, whose products run on oneDNN (SmolLM2: 25.9 vs 39.0 tok/s); bf16 and
+# int8 steps gain (SmolLM2 int8 91 vs 81).
+COMPILE_HELPS_BELOW = 10_000_000
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 WEIGHTS = ("auto", "fp32", "bf16", "fp16", "int8")
 _WEIGHT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -183,20 +188,30 @@ def weights_arg(ns: argparse.Namespace) -> str | None:
     return "int8" if getattr(ns, "weights", "auto") == "int8" else None
 
 
+def compile_warning(n_params: int, device: torch.device, fp32_products: bool) -> str | None:
+    """What --compile costs where it does not pay (fp32 products of a CPU model of
+    COMPILE_HELPS_BELOW parameters or more; bf16 and int8 gain), else None."""
+    if device.type != "cpu" or n_params < COMPILE_HELPS_BELOW or not fp32_products:
+        return None
+    return (
+        f"warning: --compile: on a CPU a model of {n_params / 1e6:.1f}M parameters decodes "
+        "slower compiled than eager (the compiled step's products run on one thread; "
+        "bench/RESULTS.md), and compiling adds start-up time: leave --compile off"
+    )
+
+
 def compile_if_asked(ns: argparse.Namespace, model) -> None:
     """--compile: llama.runtime_opts.compile_decode on the loaded model."""
     if not ns.compile:
         return
+    import torch
+
     from llama.runtime_opts import compile_decode
 
-    n_params = model.args.n_params()
-    if n_params < SMALL_FOR_COMPILE:
-        print(
-            f"warning: --compile: a model of {n_params / 1e6:.1f}M parameters gains little or "
-            "nothing from compiling (its step is framework overhead, which compiling keeps); "
-            "it mostly adds start-up time",
-            file=sys.stderr,
-        )
+    out = model.layers[0].feed_forward.w2.weight  # an Int8Linear's is int8
+    warning = compile_warning(model.args.n_params(), out.device, out.dtype == torch.float32)
+    if warning:
+        print(warning, file=sys.stderr)
     print("compiling the decode step (--compile) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     compile_decode(model)

@@ -168,8 +168,8 @@ def linear(x: Tensor, w: Product) -> Tensor:
 
 # torch's fp32 F.linear on the CPU runs MKL, whose matrix-vector product uses one thread and
 # whose GEMM is slow here; oneDNN's inner product (the op inductor's freezing emits) uses every
-# thread on both. bench/ops.py "fp32 product" (AMD EPYC Zen 5, 2 threads, weights cycled past
-# the cache): decode 1.0-2.3x, 128-row prefill 2.6-5.7x; SmolLM2 decode 30.6 vs 4.7 tokens/s
+# thread on both. `bench/ops.py --only layout` (AMD EPYC Zen 5, 2 threads, weights cycled past
+# the cache): decode 1.4-2.0x, 128-row prefill 2.6-5.7x; SmolLM2 decode 30.6 vs 4.7 tokens/s
 # beside other jobs (MKL's threads stall there), prefill 3.7x. None = not probed yet.
 _ONEDNN_FP32: bool | None = None
 

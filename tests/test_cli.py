@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from llama.assets import SHIPPED_MODEL_DIR
 from llama.cli import main
@@ -65,7 +66,18 @@ def test_compiled_decode_streams_the_same_reference_text(model_path: str) -> Non
     assert res.returncode == 0, res.stderr.decode()
     assert res.stdout.decode("utf-8") == reference + "\n"
     assert "compiled in" in res.stderr.decode()
-    assert "gains little or nothing from compiling" in res.stderr.decode()  # 260K parameters
+    assert "warning: --compile" not in res.stderr.decode()  # 260K parameters: it pays
+
+
+def test_compile_warns_where_it_makes_a_cpu_decode_slower() -> None:
+    from llama.cli import COMPILE_HELPS_BELOW, compile_warning
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compile_warning(COMPILE_HELPS_BELOW - 1, cpu, True) is None
+    assert compile_warning(10 * COMPILE_HELPS_BELOW, cuda, True) is None  # CUDA graphs pay
+    assert compile_warning(162_800_000, cpu, False) is None  # bf16 / int8 products gain
+    warning = compile_warning(162_800_000, cpu, True)
+    assert warning is not None and "162.8M parameters" in warning and "slower" in warning
 
 
 def test_chat_reads_turns_until_eof(model_path: str) -> None:
