@@ -39,10 +39,9 @@ if TYPE_CHECKING:
     import torch
 
 EXIT_BAD_INPUT = 2
-# bench/RESULTS.md (llama.cpp section, quiet 2-core CPU): the compiled CPU step is faster only
-# for tiny models (shipped 3.9M: 1032 vs 757 tok/s); from stories15M (24M) up it is slower than
-# the eager step in fp32, whose products run on oneDNN (SmolLM2: 25.9 vs 39.0 tok/s); bf16 and
-# int8 steps gain (SmolLM2 int8 91 vs 81).
+# bench/RESULTS.md (llama.cpp section, quiet 2-core CPU): the compiled CPU step pays for tiny
+# models (shipped 3.9M: 1083 vs 789 tok/s) and int8 weights; for fp32 from stories15M (24M) up
+# it only matches the eager step (252 vs 246, SmolLM2 44.5 vs 44.8), both on oneDNN's products.
 COMPILE_HELPS_BELOW = 10_000_000
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 WEIGHTS = ("auto", "fp32", "bf16", "fp16", "int8")
@@ -194,9 +193,9 @@ def compile_warning(n_params: int, device: torch.device, fp32_products: bool) ->
     if device.type != "cpu" or n_params < COMPILE_HELPS_BELOW or not fp32_products:
         return None
     return (
-        f"warning: --compile: on a CPU a model of {n_params / 1e6:.1f}M parameters decodes "
-        "slower compiled than eager (the compiled step's products run on one thread; "
-        "bench/RESULTS.md), and compiling adds start-up time: leave --compile off"
+        f"warning: --compile: on a CPU a model of {n_params / 1e6:.1f}M parameters in fp32 "
+        "decodes no faster compiled than eager (its step is memory-bound products, the same "
+        "in both; bench/RESULTS.md): compiling only adds start-up time"
     )
 
 

@@ -155,9 +155,10 @@ def linear(x: Tensor, w: Product) -> Tensor:
         and w.device.type == "cpu"
         and not torch.is_grad_enabled()
         and w.is_contiguous()
-        and not torch.compiler.is_compiling()  # inductor lowers this op for packed weights only
         and onednn_fp32()
     ):
+        if torch.compiler.is_compiling():  # inductor lowers mkldnn's op for packed weights only
+            return onednn_linear(x, w)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, None, "none", [], "")
     if w.dtype == torch.bfloat16 and x.shape[-2] > 1:
         dtype = gemm_dtype(w.dtype, w.device)
@@ -174,6 +175,18 @@ def linear(x: Tensor, w: Product) -> Tensor:
 _ONEDNN_FP32: bool | None = None
 
 
+@torch.library.custom_op("llama::onednn_linear", mutates_args=())
+def onednn_linear(x: Tensor, w: Tensor) -> Tensor:
+    """oneDNN's fp32 inner product as an opaque op: a compiled step calls it as it is (inductor
+    would otherwise put MKL's one-thread product in its place)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, None, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x: Tensor, w: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
 def onednn_fp32() -> bool:
     """Whether this torch build runs fp32 products through oneDNN (`linear`): probed once on
     a small product checked against F.linear; False where the op is missing or disagrees."""
@@ -183,6 +196,7 @@ def onednn_fp32() -> bool:
     return _ONEDNN_FP32
 
 
+@torch.compiler.disable  # run eagerly even when a compiled step asks first
 def _probe_onednn() -> bool:
     if not torch.backends.mkldnn.is_available():
         return False

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llama.functional import onednn_fp32
 from llama.model import Transformer
 
 # Below this many parameters a CPU decode step is a chain of small kernels: on a quiet 2-core
@@ -181,6 +182,7 @@ def compile_decode(
     if backend != "inductor":
         mode = None
     model._rope_table(device, complex_=False)  # built eagerly: not traced into the graph
+    onednn_fp32()  # probed eagerly too: the step's fp32 products call it (functional.linear)
     step = torch.compile(model.static_decode, mode=mode, dynamic=False, backend=backend)
     compiled = CompiledDecode(
         model, step, graphs=mode == "reduce-overhead" and device.type == "cuda"
