@@ -29,11 +29,16 @@ SEED = 2
 TOKEN_INDEX = 6  # the reply token the per-token views and the replay start from
 
 
-def wait_until(check: Callable[[], bool], what: str) -> None:
+def wait_until(
+    check: Callable[[], bool], what: str, state: Callable[[], str] | None = None
+) -> None:
+    """Poll `check`; on timeout the error says `what` and, when given, `state()` (what the
+    page showed), so a failure in CI can be read without a rerun."""
     deadline = time.monotonic() + TIMEOUT_S
     while not check():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
+            seen = f"; the page showed: {state()}" if state is not None else ""
+            raise TimeoutError(f"timed out waiting for {what}{seen}")
         time.sleep(0.3)
 
 
@@ -45,9 +50,18 @@ def title_of(pg: object, elem_id: str) -> str:
 
 
 def choose(pg: object, elem_id: str, text: str) -> None:
-    """Type into a dropdown's filter and take its first match."""
-    pg.fill(f"#{elem_id} input", text)  # type: ignore[attr-defined]
-    pg.press(f"#{elem_id} input", "Enter")  # type: ignore[attr-defined]
+    """Type into a dropdown's filter and take its first match, again until the dropdown
+    shows it (an update landing while typing can drop the keystrokes)."""
+    box = f"#{elem_id} input"
+
+    def taken() -> bool:
+        if pg.input_value(box).startswith(text):  # type: ignore[attr-defined]
+            return True
+        pg.fill(box, text)  # type: ignore[attr-defined]
+        pg.press(box, "Enter")  # type: ignore[attr-defined]
+        return pg.input_value(box).startswith(text)  # type: ignore[attr-defined]
+
+    wait_until(taken, f"#{elem_id} to take {text!r}", lambda: repr(pg.input_value(box)))
 
 
 def widths(pg: object, elem_id: str) -> list:
@@ -80,7 +94,15 @@ def capture(pg: object, elem_id: str, out: Path, name: str, before: str = "") ->
         pg.evaluate("window.dispatchEvent(new Event('resize'))")  # type: ignore[attr-defined]
         return False
 
-    wait_until(drawn, f"#{elem_id} to draw")
+    def state() -> str:
+        pg.screenshot(path=str(out / f"why_timeout_{name}.png"))  # type: ignore[attr-defined]
+        token = pg.input_value("#why-token input")  # type: ignore[attr-defined]
+        return (
+            f"title {title_of(pg, elem_id)!r} (before {before!r}), widths "
+            f"{widths(pg, elem_id)}, token {token!r}; screenshot why_timeout_{name}.png"
+        )
+
+    wait_until(drawn, f"#{elem_id} to draw", state)
     loc = pg.locator(f"#{elem_id}")  # type: ignore[attr-defined]
     loc.scroll_into_view_if_needed()
     time.sleep(0.5)  # plotly's transition after the title is set
