@@ -55,6 +55,10 @@ class RankFailure(DistributedError):
         self.rank, self.reason = rank, reason
 
 
+# The reason given to a worker whose process is gone without saying why.
+EXITED = "its process"
+# The reason given to a rank that did not reach a collective its peers waited in.
+HANGS = "it never joined the collective the other ranks waited in"
 _COMM_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "timed out",
                  "broken pipe", "socket")
 
@@ -135,6 +139,7 @@ class Health:
         self._stop = threading.Event()
         self._signals_watched = False
         self._peers: dict[int, _Peer] = {}
+        self._silent_exit: dict[int, float] = {}  # rank -> when first seen gone without a word
         self._set(f"info/{rank}", f"{socket.gethostname()} {os.getpid()}")
         self._thread = threading.Thread(target=self._run, name="tp-health", daemon=True)
 
@@ -255,6 +260,13 @@ class Health:
         while self.failure is None and time.monotonic() < deadline:
             self._refresh(range(1, self.world_size))
             found = self._blame(mine, fresh_since=since)
+            if found is not None and HANGS in found.reason:
+                # A hang is told by what has not happened; a rank killed a moment ago is
+                # still tearing down (not yet a zombie) while its peers' collective fails.
+                # Look again once: a rank seen gone by then is the cause.
+                time.sleep(self.interval_s)
+                self._refresh(range(1, self.world_size))
+                found = self._blame(mine, fresh_since=since) or found
             if found is not None:
                 self._fail(found)
                 break
@@ -300,9 +312,21 @@ class Health:
             # A rank stopped by a signal is left to diagnose(): the same signal may be on its
             # way here (torchrun stopping every rank), which is no failure.
             found = self._blame(None, fresh_since=None, signalled=False) or self._overdue()
+            if found is not None and not self._confirmed(found):
+                found = None
             if found is not None:
                 self._fail(found)
         self._maybe_exit()
+
+    def _confirmed(self, found: RankFailure) -> bool:
+        """A worker gone without a word is blamed only once it has stayed so for two
+        intervals: torchrun's SIGTERM reaches every rank at once, and a worker that exits
+        on it may be seen gone before its "stopped by" lands, or before rank 0 gets its own
+        SIGTERM (then nobody failed). Every other verdict stands at once."""
+        if found.rank is None or not found.reason.startswith(EXITED):
+            return True
+        first = self._silent_exit.setdefault(found.rank, time.monotonic())
+        return time.monotonic() - first >= 2 * self.interval_s
 
     def _overdue(self) -> RankFailure | None:
         """Rank 0 busy with no new collective for longer than `collective_timeout_s`.
@@ -361,12 +385,14 @@ class Health:
         """
         n, peers = self.world_size, sorted(self._peers.items())
         for r, p in peers:
+            if p.error is None and self._gone(p):  # its last word, written as it exited
+                p.error = self._get(f"err/{r}")  # after the refresh that found none
             if self._gone(p) and p.error and p.error.startswith("signal|"):
                 continue  # stopped from outside: blamed last, if no rank failed on its own
             if self._gone(p):
                 if p.error and p.error.startswith("fault|"):
                     return RankFailure(r, n, f"{p.error.split('|', 1)[1]}; then it exited")
-                return RankFailure(r, n, f"its process (pid {p.pid}) exited during {p.phase}")
+                return RankFailure(r, n, f"{EXITED} (pid {p.pid}) exited during {p.phase}")
             if self._stale(p):
                 return RankFailure(r, n, f"no heartbeat for {self.timeout_s:.0f} s during "
                                          f"{p.phase}: the process died, hangs or is unreachable")
@@ -376,8 +402,7 @@ class Health:
         if mine is not None:
             for r, p in peers:
                 if p.collectives < mine and (fresh_since is None or p.changed_at > fresh_since):
-                    return RankFailure(r, n, f"it hangs during {p.phase}: it never joined the "
-                                             "collective the other ranks waited in")
+                    return RankFailure(r, n, f"it hangs during {p.phase}: {HANGS}")
         if fresh_since is None and mine is not None:
             for r, p in peers:
                 if p.error:
