@@ -11,6 +11,7 @@ import pytest
 
 from tests import test_browser
 from tests.app_server import AppServer, start_app
+from tests.browser_kit import clear_chat
 from tests.conftest import SMOLLM2_GGUF, shared_file
 from tests.test_browser import (
     ARTIFACTS,
@@ -52,12 +53,20 @@ def test_smollm2_chat_and_every_view(page: Any) -> None:
     # A 30-layer model traces the chosen layer only: choose the last one before asking.
     pick(pg, "layer", "layer 29")
 
-    _, during, final = watch_reply(pg, "What is the capital of France?", "smollm2_streaming")
+    # Every view updates while a reply streams: a story long enough that the drawing process
+    # delivers figures before it ends (the 8-token answer below can end first).
+    set_number(pg, "max-new-tokens", 64)
+    lengths, during, _ = watch_reply(pg, "Write a short story about a cat.")
+    assert len(lengths) >= 2, "the story did not stream"
+    for key in FIGURES:
+        assert during[key], f"{key} not updated while the reply streamed"
+    clear_chat(pg)
+
+    _, _, final = watch_reply(pg, "What is the capital of France?", "smollm2_streaming")
     assert "Paris" in last_reply(pg)
     assert "finished: eos" in status(pg)  # stopped at <|im_end|>
     for key in FIGURES:
         assert final[key] not in (None, placeholders[key]), f"{key} never drawn"
-        assert during[key], f"{key} not updated while the reply streamed"
     assert "Layer 29" in final["attention"] and "3 groups of 3" in final["attention"]
     assert "GQA" in final["kv"]
     shot(pg, "smollm2_chat")
@@ -79,3 +88,4 @@ def test_smollm2_chat_and_every_view(page: Any) -> None:
     wait_until(lambda: figure_state(pg, "attention") != drawn, "head 8 drawn")
     for key in FIGURES:
         pg.locator(f"#plot-{key}").screenshot(path=str(ARTIFACTS / f"fig_smollm2_{key}.png"))
+
