@@ -149,13 +149,22 @@ RECORDER = """() => {
             window.__log.push({kind: 'status', finished: finished()});
         }
     }).observe(box, {subtree: true, childList: true, characterData: true});
-    for (const key of KEYS) {
+    // gradio may replace a plot's graph div on a later update: each new one is bound as it
+    // appears, or a later reply's redraws would go unnoted.
+    const bind = (key) => {
         const gd = document.querySelector(`#plot-${key} .js-plotly-plot`);
+        if (!gd || gd.__recorded) return;
+        gd.__recorded = true;
         gd.on('plotly_afterplot', () => {
             const title = (gd.layout.title && gd.layout.title.text) || '';
             const data = JSON.stringify(gd.data.map(d => [d.x, d.y, d.z && d.z.length, d.r]));
             window.__log.push({kind: key, state: title + '|' + data, finished: finished()});
         });
+    };
+    for (const key of KEYS) {
+        bind(key);
+        new MutationObserver(() => bind(key)).observe(
+            document.querySelector(`#plot-${key}`), {subtree: true, childList: true});
     }
 }""".replace("KEYS", json.dumps(FIGURES))
 
